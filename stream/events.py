@@ -1,0 +1,165 @@
+"""The event contract: what producers put on the `interactions` and `items` topics.
+
+Declared once here and imported everywhere (replay, agents, tests). JSON on the wire, UTF-8.
+
+    interaction: {"user_id": "196", "item_id": "242", "ts": 881250949000, "action": "click", "event_id": null}
+    item:        {"item_id": "242", "text": "Kolya (1996) | Comedy", "category": "Comedy", "ts": null}
+
+Ids that arrive as JSON integers are accepted and kept as strings, because many logs (MovieLens
+among them) number their users and items. Every rejection is an ``EventError`` whose ``reason`` is a
+short stable code (for dead-letter dashboards) and whose ``detail`` says what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+MAX_PAYLOAD_BYTES = 1 << 20
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 64 * 1024
+# Epoch milliseconds up to 2100-01-01: anything larger is a unit mistake (µs/ns) or garbage.
+MAX_TS_MS = 4_102_444_800_000
+ACTIONS = frozenset({"click", "view", "play", "like", "rate", "cart", "purchase", "share"})
+
+
+def _id_from_json(value: Any) -> Any:
+    # bool is an int subclass; `true` as an id is a producer bug, not the id "True".
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _ts_from_json(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("ts must be an integer (epoch milliseconds)")
+    return value
+
+
+EventId = Annotated[str, BeforeValidator(_id_from_json), Field(min_length=1, max_length=MAX_ID_CHARS)]
+EpochMillis = Annotated[int, BeforeValidator(_ts_from_json), Field(ge=0, le=MAX_TS_MS)]
+
+
+class Interaction(BaseModel):
+    """One user-item interaction (key on the topic: user_id)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    user_id: EventId
+    item_id: EventId
+    ts: EpochMillis
+    action: str = "click"
+    event_id: EventId | None = None
+
+    @field_validator("action")
+    @classmethod
+    def _known_action(cls, value: str) -> str:
+        if value not in ACTIONS:
+            raise ValueError(f"unknown action {value!r}; expected one of {sorted(ACTIONS)}")
+        return value
+
+
+class Item(BaseModel):
+    """An item of the catalogue, new or changed (key on the topic: item_id)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    item_id: EventId
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    category: str | None = Field(None, max_length=MAX_ID_CHARS)
+    ts: EpochMillis | None = None
+
+
+class EventError(ValueError):
+    """A payload that does not satisfy the contract.
+
+    ``reason`` is one of: ``empty``, ``too_large``, ``bad_encoding``, ``invalid_json``,
+    ``not_an_object``, ``invalid_fields``. ``fields`` names the offending fields for
+    ``invalid_fields``.
+    """
+
+    def __init__(self, reason: str, detail: str, fields: tuple[str, ...] = ()):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.fields = fields
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "detail": self.detail, "fields": list(self.fields)}
+
+
+def _decode(raw: bytes | str | dict) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, bytes):
+        if not raw:
+            raise EventError("empty", "empty payload")
+        if len(raw) > MAX_PAYLOAD_BYTES:
+            raise EventError("too_large", f"payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EventError("bad_encoding", f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not raw.strip():
+        raise EventError("empty", "empty payload")
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise EventError("too_large", f"payload of {len(raw)} characters exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise EventError("invalid_json", str(exc)) from None
+    if not isinstance(value, dict):
+        raise EventError("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _validate(model: type[BaseModel], raw: bytes | str | dict):
+    payload = _decode(raw)
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        fields = tuple(".".join(str(p) for p in err["loc"]) or "<root>" for err in errors)
+        detail = "; ".join(f"{field}: {err['msg']}" for field, err in zip(fields, errors))
+        raise EventError("invalid_fields", detail, fields) from None
+
+
+def parse_interaction(raw: bytes | str | dict) -> Interaction:
+    """Validate one `interactions` payload; raises ``EventError``."""
+    return _validate(Interaction, raw)
+
+
+def parse_item(raw: bytes | str | dict) -> Item:
+    """Validate one `items` payload; raises ``EventError``."""
+    return _validate(Item, raw)
+
+
+def to_json_bytes(event: BaseModel) -> bytes:
+    """The wire form of an event (compact JSON, UTF-8)."""
+    return event.model_dump_json().encode("utf-8")
+
+
+def dead_letter_record(
+    raw: bytes | str | None,
+    error: EventError,
+    *,
+    topic: str,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> dict[str, Any]:
+    """The JSON body put on the dead-letter topic: the raw payload kept losslessly plus why."""
+    if isinstance(raw, bytes):
+        try:
+            payload, encoding = raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = raw.hex(), "hex"
+    else:
+        payload, encoding = raw, "utf-8"
+    return {
+        **error.as_dict(),
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "payload": payload,
+        "payload_encoding": encoding,
+    }

@@ -1,0 +1,1 @@
+"""Offline and online training: data, metrics, evaluation harness, publishing versions."""
