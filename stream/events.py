@@ -38,7 +38,10 @@ def _ts_from_json(value: Any) -> Any:
     return value
 
 
-EventId = Annotated[str, BeforeValidator(_id_from_json), Field(min_length=1, max_length=MAX_ID_CHARS)]
+# Constraints before the validator: pydantic then checks the string natively ("String should have
+# at most 256 characters") and rejects lone surrogates ("\ud800" from JSON), which could not be
+# written as UTF-8 later; after it, they run as a generic length check that lets those through.
+EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), BeforeValidator(_id_from_json)]
 EpochMillis = Annotated[int, BeforeValidator(_ts_from_json), Field(ge=0, le=MAX_TS_MS)]
 
 
@@ -108,7 +111,8 @@ def _decode(raw: bytes | str | dict) -> dict:
         raise EventError("too_large", f"payload of {len(raw)} characters exceeds {MAX_PAYLOAD_BYTES}")
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    # ValueError beyond JSONDecodeError: an integer literal over 4300 digits (int max_str_digits).
+    except (ValueError, RecursionError) as exc:
         raise EventError("invalid_json", str(exc)) from None
     if not isinstance(value, dict):
         raise EventError("not_an_object", f"expected a JSON object, got {type(value).__name__}")

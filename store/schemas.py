@@ -1,0 +1,122 @@
+"""The LanceDB tables, declared once: names, key columns and pyarrow schemas.
+
+Layout (one writer per table, DESIGN §6 — concurrent ``merge_insert`` on one table can duplicate
+rows, lance #4585):
+
+- ``items`` — the catalogue; written only by the items agent.
+- ``user_histories_pNNN`` / ``user_interests_pNNN`` — user state *sharded by Kafka partition*
+  (``NNN`` = the partition of the ``interactions`` topic, keyed by user_id), so the one Faust
+  worker that owns a partition is the one writer of its shard. Adding partitions and workers is
+  then a setting, not a rewrite; readers look across all shards.
+- ``model_registry`` — published model versions; written only by the trainer.
+
+Code blobs (``items.codes``, ``user_histories.history_codes``) are the CSRC bytes that
+``model.codebook`` packs: per item its L codes, uint8 when the codebook has ≤ 256 centres per
+level, else uint16 little-endian (plus L scale bytes when that codebook stores scales); a history
+is its items' rows back to back, aligned with ``history_item_ids``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+ITEMS = "items"
+HISTORIES = "user_histories"
+INTERESTS = "user_interests"
+REGISTRY = "model_registry"
+SHARDED = (HISTORIES, INTERESTS)
+MAX_SHARD = 999  # three digits in the table name
+
+KEYS = {ITEMS: "item_id", HISTORIES: "user_id", INTERESTS: "user_id", REGISTRY: "version"}
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+
+def items_schema(dim: int) -> pa.Schema:
+    """One row per item. ``vector`` is null until a model version has embedded the item."""
+    return pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("ts", pa.int64()),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("codes", pa.binary()),
+        pa.field("model_version", pa.string()),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def histories_schema() -> pa.Schema:
+    """One row per user: long history (ids oldest first, codes aligned), recent ids, watermark.
+
+    ``watermark_partition``/``watermark_offset``: the highest Kafka offset applied for this user,
+    so a redelivered event (offset ≤ watermark) is skipped; ``recent_event_ids`` is a bounded
+    dedupe set for producers that resend the same event under a new offset.
+    """
+    return pa.schema([
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("history_item_ids", pa.list_(pa.string())),
+        pa.field("history_codes", pa.binary()),
+        pa.field("codebook_version", pa.string()),
+        pa.field("recent_item_ids", pa.list_(pa.string())),
+        pa.field("event_count", pa.int64()),
+        pa.field("last_ts", pa.int64()),
+        pa.field("watermark_partition", pa.int32()),
+        pa.field("watermark_offset", pa.int64()),
+        pa.field("recent_event_ids", pa.list_(pa.string())),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def interests_schema() -> pa.Schema:
+    """One row per user: K interest vectors (each of width embedding_dim, L2-normalised)."""
+    return pa.schema([
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("interests", pa.list_(pa.list_(pa.float32()))),
+        pa.field("model_version", pa.string()),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def registry_schema() -> pa.Schema:
+    """One row per published model version; the row is the commit point of a publish."""
+    return pa.schema([
+        pa.field("version", pa.string(), nullable=False),
+        pa.field("parent", pa.string()),
+        pa.field("created_at", TIMESTAMP, nullable=False),
+        pa.field("artifact_uri", pa.string(), nullable=False),
+        pa.field("manifest_sha256", pa.string(), nullable=False),
+        pa.field("manifest", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+    ])
+
+
+def schema_for(base: str, dim: int) -> pa.Schema:
+    """The schema of table family ``base`` (one of ITEMS, HISTORIES, INTERESTS, REGISTRY)."""
+    if base == ITEMS:
+        return items_schema(dim)
+    return {HISTORIES: histories_schema, INTERESTS: interests_schema, REGISTRY: registry_schema}[base]()
+
+
+def shard_table(base: str, shard: int) -> str:
+    """``user_histories``, 3 -> ``user_histories_p003``."""
+    if base not in SHARDED:
+        raise ValueError(f"{base} is not sharded")
+    if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard <= MAX_SHARD:
+        raise ValueError(f"shard must be an int in 0..{MAX_SHARD}, got {shard!r}")
+    return f"{base}_p{shard:03d}"
+
+
+_SHARD_NAME = re.compile(r"^(?P<base>[a-z_]+)_p(?P<shard>\d{3})$")
+
+
+def parse_table_name(name: str) -> tuple[str, int | None] | None:
+    """``user_interests_p012`` -> (INTERESTS, 12); ``items`` -> (ITEMS, None); foreign -> None."""
+    if name in (ITEMS, REGISTRY):
+        return name, None
+    match = _SHARD_NAME.match(name)
+    if match and match["base"] in SHARDED:
+        return match["base"], int(match["shard"])
+    return None
