@@ -8,8 +8,17 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings, load_settings
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (and a hint), not the whole usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -69,7 +78,7 @@ def _cmd_datasets(args: argparse.Namespace, settings: Settings) -> int:
     from stream import datasets
 
     if args.dataset == "ml-100k":
-        summary = datasets.export_ml100k(args.out)
+        summary = datasets.export_ml100k(args.out, settings)
     else:
         summary = datasets.export_synthetic(
             args.out,
@@ -138,7 +147,10 @@ def _add_model_args(parser: argparse.ArgumentParser, models: list[str], default:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hymirec", description=__doc__)
+    parser = _Parser(
+        prog="hymirec",
+        description="HyMiRec: streaming multi-interest recommender on Kafka, Faust and LanceDB.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -205,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         settings = load_settings()
-    except Exception as exc:  # pydantic's ValidationError: a bad HYMIREC_* variable
-        print(f"hymirec: error: bad settings: {exc}".splitlines()[0], file=sys.stderr)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        name = "HYMIREC_" + str(first["loc"][0]).upper() if first["loc"] else "HYMIREC_*"
+        print(f"hymirec: error: bad setting {name}: {first['msg']}", file=sys.stderr)
         return 2
     try:
         return args.func(args, settings)

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     lancedb_uri: str = Field(
         "data/lancedb", description="A local directory or an object-store URI such as s3://bucket/path."
     )
+    lancedb_read_consistency_s: float = Field(
+        0.0,
+        ge=0,
+        description="How stale a read may be w.r.t. other processes' writes (seconds). 0 checks for "
+        "a newer table version on every read: cheap on a local dir, one request on object storage.",
+    )
 
     # --- Worker ----------------------------------------------------------------------------------
     app_id: str = Field("hymirec", description="Faust app id (consumer group and table prefix).")
@@ -49,6 +55,20 @@ class Settings(BaseSettings):
     web_port: int = 6066
     history_max_len: int = Field(1000, ge=1, description="Longest kept per-user history (items).")
     recent_len: int = Field(50, ge=1, description="Recent items kept exactly (ids) per user.")
+    batch_size: int = Field(500, ge=1, description="Most events the worker applies in one micro-batch.")
+    batch_within_s: float = Field(
+        0.5, gt=0, description="Longest wait (seconds) to fill a micro-batch before applying what came."
+    )
+    dedupe_window: int = Field(
+        100, ge=0, description="Event ids kept per user to drop a producer's resent duplicates."
+    )
+    item_cache_refresh_s: float = Field(
+        60.0, gt=0, description="How often the worker reloads the known item ids from the items table."
+    )
+    worker_session_timeout_s: float = Field(
+        10.0, ge=6, description="Kafka consumer-group session timeout of the worker (faster failover, quick joins)."
+    )
+    worker_dir: Path = Field(Path("data/worker"), description="Faust's local state directory (per app id).")
 
     # --- Model -----------------------------------------------------------------------------------
     embedding_dim: int = Field(64, ge=1, description="Item/interest embedding width.")

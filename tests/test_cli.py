@@ -1,0 +1,42 @@
+"""Bad CLI arguments and bad settings: one line on stderr, non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hymirec.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, env, fragment",
+    [
+        (["nosuchcommand"], None, "invalid choice"),
+        (["replay", "/no/such/file.jsonl"], None, "no such file"),
+        (["replay", __file__, "--rate", "-5"], None, "positive"),
+        (["replay", __file__, "--rate", "3", "--speedup", "2"], None, "not allowed with"),
+        (["datasets", "export", "ml-1m", "--out", "x"], None, "invalid choice"),
+        (["eval", "--model", "sasrec"], None, "required"),
+        (["kafka", "status"], {"HYMIREC_PARTITIONS": "zero"}, "HYMIREC_PARTITIONS"),
+        (["kafka", "status"], {"HYMIREC_KAFKA_BOOTSTRAP": "nohostport"}, "HYMIREC_KAFKA_BOOTSTRAP"),
+    ],
+)
+def test_bad_input_is_one_line(args, env, fragment):
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("hymirec")
+    assert "error" in lines[0] and fragment in lines[0]
+    assert "Traceback" not in result.stderr

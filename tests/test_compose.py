@@ -1,0 +1,81 @@
+"""docker-compose.yml and the Dockerfile name the project's real commands and settings.
+
+There is no Docker engine here, so the file is checked statically: every HYMIREC_* variable is a
+Settings field that accepts the value given, every `hymirec` command parses with the real CLI
+parser, and `faust -A MODULE` names a module that defines the Faust app.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hymirec.cli import build_parser
+from hymirec.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+APP_SERVICES = {name: svc for name, svc in SERVICES.items() if "build" in svc}
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_kafka_service_is_official_image_in_kraft_mode():
+    kafka = SERVICES["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert int(kafka["image"].split(":")[1].split(".")[0]) >= 4
+    env = _env(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert "KAFKA_CONTROLLER_QUORUM_VOTERS" in env
+    advertised = env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert any("kafka:" in listener for listener in advertised), "no internal listener"
+    assert any("localhost:" in listener for listener in advertised), "no host listener"
+
+
+def test_project_services_exist():
+    assert {"worker", "trainer"} <= set(APP_SERVICES)
+    assert "lancedb" in COMPOSE["volumes"]
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_env_names_are_settings(name):
+    env = _env(APP_SERVICES[name])
+    fields = set(Settings.model_fields)
+    hymirec_env = {k: v for k, v in env.items() if k.startswith("HYMIREC_")}
+    assert hymirec_env, f"{name} sets no HYMIREC_* variable"
+    for key in hymirec_env:
+        assert key.removeprefix("HYMIREC_").lower() in fields, f"{name}: {key} is not a setting"
+    settings = Settings(**{k.removeprefix("HYMIREC_").lower(): v for k, v in hymirec_env.items()})
+    internal = [l for l in _env(SERVICES["kafka"])["KAFKA_ADVERTISED_LISTENERS"].split(",") if "kafka:" in l]
+    assert settings.kafka_bootstrap == internal[0].split("://", 1)[1]
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_commands_are_the_projects(name):
+    command = APP_SERVICES[name].get("command")
+    assert command, f"{name} has no command"
+    argv = command if isinstance(command, list) else command.split()
+    if argv[0] == "hymirec":
+        build_parser().parse_args(argv[1:])  # SystemExit on an unknown command fails the test
+    elif argv[0] == "faust":
+        module = argv[argv.index("-A") + 1]
+        assert importlib.util.find_spec(module) is not None, f"no module {module}"
+        assert "worker" in argv
+    else:
+        pytest.fail(f"{name} runs {argv[0]!r}, not a project command")
+
+
+def test_dockerfile_installs_every_package():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in ("hymirec", "stream", "store", "model", "trainer"):
+        assert f"COPY {package} " in dockerfile
+    assert "stream.app" in dockerfile
