@@ -106,7 +106,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         progress=not args.quiet,
     )
     print(summary)
-    return 0
+    return 130 if summary.interrupted else 0
 
 
 # --- store ----------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--items", type=_existing_file, help="item catalogue to produce first")
     pace = rp.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=_positive_float, help="events per second (default: as fast as possible)")
-    pace.add_argument("--speedup", type=_positive_float, help="replay at X times the log's own pace")
+    pace.add_argument("--speedup", type=_positive_float, help="replay at X times the log's own pace (gaps capped at 2 s)")
     rp.add_argument("--limit", type=_positive_int, help="send at most N interactions")
     rp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rp.set_defaults(func=_cmd_replay)
@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kafka-python logs every connection retry at ERROR; our own error says what failed.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         settings = load_settings()
     except ValidationError as exc:
