@@ -1,0 +1,111 @@
+"""Shared fixtures: a real local Kafka broker (the project's own `LocalKafka`) and temp LanceDB dirs.
+
+The broker starts lazily, once per session, only when a test asks for `broker_settings` (or
+`topic_settings`), so pure unit tests never pay for a JVM. If it cannot start, broker tests are
+skipped locally but FAIL in CI (CI=true), where a missing broker must not pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings
+
+BROKER_START_TIMEOUT_S = 120.0
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS reports free on 127.0.0.1 (held together while choosing, so they differ)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def local_broker_settings(kafka_home: Path, **overrides) -> Settings:
+    """Settings for a private test broker: free ports, its own kafka_home, the machine's jar cache."""
+    port, controller_port = free_ports(2)
+    values = dict(
+        kafka_bootstrap=f"127.0.0.1:{port}",
+        kafka_controller_port=controller_port,
+        kafka_home=kafka_home,
+        kafka_heap="512m",
+        partitions=2,
+        lancedb_uri=str(kafka_home.parent / "lancedb"),
+    )
+    # cache_dir keeps its default (or HYMIREC_CACHE_DIR): the jars are fetched once per machine.
+    return Settings(**(values | overrides))
+
+
+def broker_unavailable(reason: str) -> None:
+    """Skip a broker test locally; fail it in CI, where the broker must be there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"Kafka broker unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(f"Kafka broker unavailable: {reason}")
+
+
+def start_or_unavailable(local, timeout: float = BROKER_START_TIMEOUT_S):
+    """Start a `LocalKafka`; if it cannot start, skip (locally) or fail (CI) the test."""
+    try:
+        return local.start(timeout=timeout)
+    except (HymirecError, OSError) as exc:
+        reason = str(exc)
+    local.stop()
+    broker_unavailable(reason)  # outside the except: no chained traceback in the report
+
+
+@pytest.fixture(scope="session")
+def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings pointing at a real broker started (once per session) by `stream.broker.LocalKafka`."""
+    from stream.broker import LocalKafka
+
+    settings = local_broker_settings(tmp_path_factory.mktemp("kafka-session") / "kafka")
+    # die_with_parent: a pytest killed outright (no teardown) does not leave the JVM running.
+    local = LocalKafka(settings, die_with_parent=True)
+    start_or_unavailable(local)
+    try:
+        yield settings
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def make_broker_settings(tmp_path: Path):
+    """Factory for settings of a PRIVATE broker (own free ports, own kafka_home under tmp_path),
+    for tests that stop, kill or restart a broker without disturbing the session one."""
+    def make(**overrides) -> Settings:
+        home = Path(overrides.pop("kafka_home", tmp_path / f"kafka-{uuid.uuid4().hex[:6]}"))
+        return local_broker_settings(home, **overrides)
+    return make
+
+
+@pytest.fixture
+def topic_settings(broker_settings: Settings) -> Settings:
+    """broker_settings with this test's own four topics (created) and its own Faust app id."""
+    from stream.broker import create_topics
+
+    suffix = uuid.uuid4().hex[:10]
+    settings = broker_settings.model_copy(update={
+        "topic_interactions": f"interactions-{suffix}",
+        "topic_items": f"items-{suffix}",
+        "topic_model_versions": f"model-versions-{suffix}",
+        "topic_dead_letter": f"dead-letter-{suffix}",
+        "app_id": f"hymirec-test-{suffix}",
+    })
+    create_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def db_settings(tmp_path: Path) -> Settings:
+    """Settings with a fresh LanceDB directory and no broker."""
+    return Settings(lancedb_uri=str(tmp_path / "lancedb"), kafka_home=tmp_path / "kafka")
