@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     web_port: int = 6066
     history_max_len: int = Field(1000, ge=1, description="Longest kept per-user history (items).")
     recent_len: int = Field(50, ge=1, description="Recent items kept exactly (ids) per user.")
-    batch_size: int = Field(500, ge=1, description="Most events the worker applies in one micro-batch.")
+    batch_size: int = Field(1000, ge=1, description="Most events the worker applies in one micro-batch.")
     batch_within_s: float = Field(
         0.5, gt=0, description="Longest wait (seconds) to fill a micro-batch before applying what came."
     )
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     )
     item_cache_refresh_s: float = Field(
         60.0, gt=0, description="How often the worker reloads the known item ids from the items table."
+    )
+    optimize_interval_s: float = Field(
+        300.0, gt=0, description="How often the worker compacts the LanceDB tables it writes (its shards, items)."
     )
     worker_session_timeout_s: float = Field(
         10.0, ge=6, description="Kafka consumer-group session timeout of the worker (faster failover, quick joins)."
@@ -76,6 +79,32 @@ class Settings(BaseSettings):
     codebook_size: int = Field(256, ge=2, description="CSRC centres per level.")
     num_interests: int = Field(4, ge=1, description="K refined interests per user.")
     seed: int = 0
+
+    # --- Serving (retrieval side of the worker) ----------------------------------------------------
+    serving_refresh_s: float = Field(
+        0.25, gt=0, description="How often the worker looks for changed histories/items to re-encode (seconds)."
+    )
+    interest_batch_size: int = Field(256, ge=1, description="Users per interest-recompute micro-batch.")
+    ann_min_rows: int = Field(
+        10_000, ge=1, description="Item vectors a version needs before it gets an ANN index (flat search below)."
+    )
+    version_poll_s: float = Field(
+        30.0, gt=0, description="How often the worker checks the registry for a version it was not told about."
+    )
+    popularity_refresh_s: float = Field(
+        30.0, gt=0, description="How often the worker recounts item popularity (the no-model fallback)."
+    )
+
+    # --- Online trainer --------------------------------------------------------------------------
+    trainer_every_events: int = Field(5000, ge=1, description="Train after this many new events...")
+    trainer_every_seconds: float = Field(600.0, gt=0, description="...or after this many seconds with new events.")
+    trainer_margin: float = Field(
+        0.01, ge=0, description="Guardrail: publish unless the candidate's Recall@10 is below the live one's by more."
+    )
+    trainer_holdout: int = Field(
+        2, ge=1, description="Newest not-yet-trained events per user held out for the prequential evaluation."
+    )
+    trainer_steps: int = Field(200, ge=1, description="Optimiser steps per fine-tune (bootstrap: trainer_steps x 3).")
 
     @field_validator("kafka_bootstrap")
     @classmethod

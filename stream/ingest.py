@@ -1,0 +1,469 @@
+"""The worker's ingest path: validate → dedupe → append to the user's history, one micro-batch at a time.
+
+``apply_interactions`` and ``apply_items`` are plain functions over a ``store.Store`` (testable
+without a broker); ``Ingestor`` is what the agents of ``stream.app`` call: it adds the runtime — one
+store thread, retries, the dead-letter send, metrics, the item-id cache, the model-version hook.
+
+Decisions this module makes:
+
+- **Sharding.** A user's row lives in the shard of the Kafka partition its events arrive on (see
+  ``store.schemas``); the worker owning that partition is its only writer. That holds only if every
+  event of a user lands in one partition, i.e. if producers key interactions by ``user_id`` (and
+  items by ``item_id``). A payload whose key is missing or differs is dead-lettered with reason
+  ``key_mismatch``, rather than silently starting a second row for the user in another shard.
+- **Idempotency** (Faust's exactly-once is not relied on, DESIGN §5). Each row carries the highest
+  offset applied for it (``watermark_offset``; the partition is the shard): a redelivered event
+  (offset ≤ watermark, e.g. after a crash between the write and the offset commit) is skipped.
+  A producer's resend of the same event under a new offset is caught by ``event_id`` in the row's
+  bounded ``recent_event_ids`` (``settings.dedupe_window``). Events without an ``event_id`` are
+  deduplicated by offset only. Both kinds count as duplicates; the row is not rewritten for them.
+- **Unknown items are recorded**, by exact id, and counted (``unknown_items``). The ``items`` and
+  ``interactions`` topics are not ordered with respect to each other, so a catalogue event may
+  trail the first clicks on its item; parking those clicks would need a second store and a re-drive
+  path, while the id is already exact: the item gets its vector and codes when its catalogue event
+  arrives, and the re-encode pass below fills the row's codes.
+- **Ids and codes stay aligned** by one invariant: ``history_codes`` is either null (with
+  ``codebook_version`` null) or exactly one code block per id of ``history_item_ids``, all encoded
+  under ``codebook_version``. An append extends both when the encoder knows every new item under
+  the row's version; a row without codes (or of an older version) is re-encoded whole when the
+  encoder knows all its items; otherwise the row's codes become null, to be re-encoded later from the
+  ids. Without an encoder (no model published yet) histories are kept by id only.
+- **Nothing is lost.** Bad payloads go to the dead-letter topic (raw bytes, reason, source
+  partition/offset), and that send is acknowledged by the broker before the agent's iteration ends;
+  Faust's ``take_events`` acknowledges the batch's offsets only then. A failing write is retried with
+  backoff (writes are idempotent), stalling the partition instead of skipping events.
+- **One write per shard per batch** and one read of its touched users, so LanceDB sees few large
+  ``merge_insert`` calls (DESIGN §6); the items table is written only by the items agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from hymirec.settings import Settings
+from store.schemas import HISTORIES, ITEMS, shard_table
+from store.tables import Store, table_names
+from stream.events import EventError, Interaction, Item, dead_letter_record, parse_interaction, parse_item
+from stream.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WAITING_LOG_INTERVAL_S = 60.0
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+
+T = TypeVar("T")
+
+
+class Encoder(Protocol):
+    """What the model side hands the worker once a codebook version is published."""
+
+    version: str
+
+    def codes_for(self, item_ids: Sequence[str]) -> dict[str, bytes] | None:
+        """Packed codes of the items it knows (others absent); None while it has no codebook."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """One Kafka message as consumed: undecoded value and key, where it came from."""
+
+    value: bytes | None
+    key: bytes | None
+    partition: int
+    offset: int
+    timestamp: float | None = None  # Kafka message timestamp, seconds since the epoch
+
+
+@dataclass
+class BatchResult:
+    applied: int = 0
+    duplicate_offsets: int = 0
+    duplicate_event_ids: int = 0
+    unknown_items: int = 0
+    dead: list[dict] = field(default_factory=list)
+    touched: dict[int, list[str]] = field(default_factory=dict)  # shard -> user ids written
+    applied_timestamps: list[float] = field(default_factory=list)  # message timestamps, for freshness
+
+    @property
+    def duplicates(self) -> int:
+        return self.duplicate_offsets + self.duplicate_event_ids
+
+
+@dataclass
+class ItemsResult:
+    upserted: int = 0
+    unchanged: int = 0
+    dead: list[dict] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)  # every valid item of the batch
+
+
+class ItemCache:
+    """Ids of the catalogue's items, so that an interaction with an unknown item can be counted."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.loaded = False
+
+    def refresh(self, store: Store) -> None:
+        self.ids = set(store.all_items().column("item_id").to_pylist())
+        self.loaded = True
+
+    def add(self, ids: Iterable[str]) -> None:
+        self.ids.update(ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# --- validation ---------------------------------------------------------------------------------
+def _check_key(raw: RawEvent, expected: str, field_name: str) -> None:
+    key = None if raw.key is None else raw.key.decode("utf-8", "backslashreplace")
+    if key != expected:
+        raise EventError(
+            "key_mismatch",
+            f"message key {key!r} is not the event's {field_name} {expected!r}: producers must key by "
+            f"{field_name} so that all its events land in one partition",
+            (field_name,),
+        )
+
+
+def _validate(raw: RawEvent, parse: Callable[[bytes], T], key_field: str, topic: str) -> T | dict:
+    """The parsed event, or its dead-letter record."""
+    try:
+        event = parse(raw.value if raw.value is not None else b"")
+        _check_key(raw, getattr(event, key_field), key_field)
+        return event
+    except EventError as error:
+        return dead_letter_record(raw.value, error, topic=topic, partition=raw.partition, offset=raw.offset)
+
+
+# --- interactions -------------------------------------------------------------------------------
+def new_history_row(user_id: str, shard: int) -> dict:
+    return {
+        "user_id": user_id,
+        "history_item_ids": [],
+        "history_codes": None,
+        "codebook_version": None,
+        "recent_item_ids": [],
+        "event_count": 0,
+        "last_ts": None,
+        "watermark_partition": shard,
+        "watermark_offset": -1,
+        "recent_event_ids": [],
+        "updated_at": None,
+    }
+
+
+@dataclass
+class _Pending:
+    """A user's row while a batch is applied to it; lists are trimmed once, at the end."""
+
+    row: dict
+    old_len: int  # ids in the stored history (what its codes, if any, cover)
+    appended: list[str] = field(default_factory=list)
+    event_ids: set[str] = field(default_factory=set)
+
+
+def apply_interactions(
+    store: Store,
+    settings: Settings,
+    batch: Sequence[RawEvent],
+    *,
+    topic: str | None = None,
+    known_items: ItemCache | None = None,
+    encoder: Encoder | None = None,
+) -> BatchResult:
+    """Validate and apply one micro-batch of ``interactions`` messages; one read and one write per shard."""
+    topic = topic or settings.topic_interactions
+    result = BatchResult()
+    by_shard: dict[int, list[tuple[RawEvent, Interaction]]] = defaultdict(list)
+    for raw in batch:
+        event = _validate(raw, parse_interaction, "user_id", topic)
+        if isinstance(event, dict):
+            result.dead.append(event)
+        else:
+            by_shard[raw.partition].append((raw, event))
+
+    pending: dict[int, dict[str, _Pending]] = {}
+    for shard, events in sorted(by_shard.items()):
+        events.sort(key=lambda pair: pair[0].offset)
+        stored = store.get_histories(dict.fromkeys(ev.user_id for _, ev in events), shard=shard)
+        users: dict[str, _Pending] = {}
+        for raw, ev in events:
+            user = users.get(ev.user_id)
+            if user is None:
+                row = stored.get(ev.user_id) or new_history_row(ev.user_id, shard)
+                row = {**row, "history_item_ids": list(row["history_item_ids"] or []),
+                       "recent_event_ids": list(row["recent_event_ids"] or [])}
+                user = users[ev.user_id] = _Pending(row, len(row["history_item_ids"]), event_ids=set(row["recent_event_ids"]))
+            row = user.row
+            if raw.offset <= row["watermark_offset"]:
+                result.duplicate_offsets += 1
+                continue
+            if ev.event_id is not None and ev.event_id in user.event_ids:
+                result.duplicate_event_ids += 1
+                continue
+            user.appended.append(ev.item_id)
+            if ev.event_id is not None and settings.dedupe_window:
+                row["recent_event_ids"].append(ev.event_id)
+                user.event_ids.add(ev.event_id)
+            row["event_count"] += 1
+            row["last_ts"] = ev.ts if row["last_ts"] is None else max(row["last_ts"], ev.ts)
+            row["watermark_offset"] = raw.offset
+            result.applied += 1
+            if raw.timestamp is not None:
+                result.applied_timestamps.append(raw.timestamp)
+            if known_items is not None and ev.item_id not in known_items:
+                result.unknown_items += 1
+        pending[shard] = {uid: user for uid, user in users.items() if user.appended}
+
+    _finish_rows([u for users in pending.values() for u in users.values()], settings, encoder)
+    for shard, users in pending.items():
+        if users:
+            store.upsert_histories(shard, [u.row for u in users.values()])
+            result.touched[shard] = list(users)
+    return result
+
+
+def _finish_rows(users: list[_Pending], settings: Settings, encoder: Encoder | None) -> None:
+    """Append, bound the lists, and keep ``history_codes`` aligned with ``history_item_ids``."""
+    for user in users:
+        row = user.row
+        ids = row["history_item_ids"] + user.appended
+        row["history_item_ids"] = ids[-settings.history_max_len:]
+        row["recent_item_ids"] = ids[-settings.recent_len:]
+        row["recent_event_ids"] = row["recent_event_ids"][-settings.dedupe_window:] if settings.dedupe_window else []
+        row["updated_at"] = None  # the store stamps the write time
+
+    version = getattr(encoder, "version", None)
+    extend = {id(u) for u in users if _codes_cover(u, version)}
+    wanted = {i for u in users for i in (u.appended if id(u) in extend else u.row["history_item_ids"])}
+    codes = encoder.codes_for(sorted(wanted)) if encoder is not None and wanted else None
+    for user in users:
+        row = user.row
+        if codes is not None and id(user) in extend and all(i in codes for i in user.appended):
+            block = len(row["history_codes"]) // user.old_len
+            full = row["history_codes"] + b"".join(codes[i] for i in user.appended)
+            row["history_codes"] = full[len(full) - block * len(row["history_item_ids"]):]
+        elif codes is not None and all(i in codes for i in row["history_item_ids"]):
+            row["history_codes"] = b"".join(codes[i] for i in row["history_item_ids"])
+            row["codebook_version"] = version
+        else:
+            row["history_codes"], row["codebook_version"] = None, None
+
+
+def _codes_cover(user: _Pending, version: str | None) -> bool:
+    """True if the stored codes are of ``version`` and hold one block per stored id."""
+    codes = user.row["history_codes"]
+    return (
+        version is not None
+        and codes is not None
+        and user.row["codebook_version"] == version
+        and user.old_len > 0
+        and len(codes) % user.old_len == 0
+    )
+
+
+# --- items --------------------------------------------------------------------------------------
+def apply_items(store: Store, settings: Settings, batch: Sequence[RawEvent], *, topic: str | None = None) -> ItemsResult:
+    """Validate one micro-batch of ``items`` messages and write new or changed items in one upsert.
+
+    A changed text or category makes the item's vector and codes stale: they are written as null
+    for the model side to recompute. A resend of the same item writes nothing.
+    """
+    topic = topic or settings.topic_items
+    result = ItemsResult()
+    latest: dict[str, Item] = {}
+    for raw in sorted(batch, key=lambda r: (r.partition, r.offset)):
+        item = _validate(raw, parse_item, "item_id", topic)
+        if isinstance(item, dict):
+            result.dead.append(item)
+        else:
+            latest[item.item_id] = item
+    stored = store.get_items(latest) if latest else {}
+    rows = []
+    for item_id, item in latest.items():
+        old = stored.get(item_id)
+        same_content = old is not None and old["text"] == item.text and old["category"] == item.category
+        if same_content and old["ts"] == item.ts:
+            result.unchanged += 1
+            continue
+        keep = same_content  # only the timestamp changed: the embedding still holds
+        rows.append({
+            "item_id": item_id, "text": item.text, "category": item.category, "ts": item.ts,
+            "vector": old["vector"] if keep else None,
+            "codes": old["codes"] if keep else None,
+            "model_version": old["model_version"] if keep else None,
+            "updated_at": None,
+        })
+    if rows:
+        result.upserted = store.upsert_items(rows)
+    result.item_ids = list(latest)
+    return result
+
+
+# --- the worker's runtime -----------------------------------------------------------------------
+SendDead = Callable[[list[dict]], Awaitable[None]]
+
+
+class Ingestor:
+    """State the agents share: the store (used from one thread only), metrics, item cache, encoder."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, encoder: Encoder | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.known_items = ItemCache()
+        self.encoder: Encoder | None = None
+        self.set_encoder(encoder)
+        # LanceDB calls block: run them off the event loop (heartbeats, /metrics stay live), and on
+        # ONE thread so the store object and the cache are never used concurrently.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hymirec-store")
+        self._store: Store | None = None
+        self._waiting_logged_at: float | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.settings)
+        return self._store
+
+    def set_encoder(self, encoder: Encoder | None) -> None:
+        """Called by the model side when a codebook version is published (None: no model)."""
+        self.encoder = encoder
+        self.metrics.model.info({"version": encoder.version if encoder is not None else "none"})
+
+    def log_waiting_for_model(self) -> None:
+        """Say, at most once a minute, that histories are kept without codes until a model exists."""
+        now = time.monotonic()
+        if self.encoder is None and (self._waiting_logged_at is None or now - self._waiting_logged_at >= WAITING_LOG_INTERVAL_S):
+            self._waiting_logged_at = now
+            log.warning(
+                "waiting for a model version (none published on %r yet): recording interactions by item "
+                "id, without codebook codes; they are encoded once a version is published",
+                self.settings.topic_model_versions,
+            )
+
+    async def _in_store_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def refresh_items(self) -> None:
+        try:
+            await self._in_store_thread(self._refresh_items)
+        except Exception as exc:  # noqa: BLE001 — the cache only feeds a metric; the next refresh retries
+            log.warning("could not load the item ids from LanceDB at %s: %s: %s", self.settings.lancedb_uri,
+                        type(exc).__name__, exc)
+        self.metrics.known_items.set(len(self.known_items))
+
+    def _refresh_items(self) -> None:
+        self.known_items.refresh(self.store)
+
+    async def optimize(self, shards: Iterable[int], items: bool) -> None:
+        """Compact the tables this worker writes: each micro-batch adds a fragment, and reads slow down
+        as fragments pile up. Only the writer may do it (compaction races a concurrent merge_insert),
+        hence the shards of the partitions assigned now, on the store thread between batches."""
+        try:
+            for line in await self._in_store_thread(self._optimize, set(shards), items):
+                log.info("optimized %s", line)
+        except Exception as exc:  # noqa: BLE001 — compaction is an optimisation; the next timer retries
+            log.warning("optimizing LanceDB tables failed: %s: %s", type(exc).__name__, exc)
+
+    def _optimize(self, shards: set[int], items: bool) -> list[str]:
+        existing = set(table_names(self.store.db))
+        names = [shard_table(HISTORIES, shard) for shard in sorted(shards)] + ([ITEMS] if items else [])
+        return self.store.optimize([name for name in names if name in existing])
+
+    async def interactions(self, batch: Sequence[RawEvent], send_dead: SendDead) -> BatchResult:
+        return await _complete(self._interactions(batch, send_dead))
+
+    async def items(self, batch: Sequence[RawEvent], send_dead: SendDead) -> ItemsResult:
+        return await _complete(self._items(batch, send_dead))
+
+    async def _interactions(self, batch: Sequence[RawEvent], send_dead: SendDead) -> BatchResult:
+        topic, m = self.settings.topic_interactions, self.metrics
+        started = time.perf_counter()
+        self.log_waiting_for_model()
+        result = await self._retrying(topic, "applying interactions", self._apply_interactions, batch)
+        await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
+        now = time.time()
+        m.events_in.labels(topic).inc(len(batch))
+        m.applied.inc(result.applied)
+        m.duplicates.labels("offset").inc(result.duplicate_offsets)
+        m.duplicates.labels("event_id").inc(result.duplicate_event_ids)
+        m.unknown_items.inc(result.unknown_items)
+        for record in result.dead:
+            m.dead_lettered.labels(topic, record["reason"]).inc()
+        for ts in result.applied_timestamps:
+            m.freshness_lag.observe(max(0.0, now - ts))
+        m.batch_latency.labels(topic).observe(time.perf_counter() - started)
+        return result
+
+    def _apply_interactions(self, batch: Sequence[RawEvent]) -> BatchResult:
+        # Until the item ids are loaded (refresh_items, at start and on a timer) unknown items are not counted.
+        known = self.known_items if self.known_items.loaded else None
+        return apply_interactions(self.store, self.settings, batch, known_items=known, encoder=self.encoder)
+
+    async def _items(self, batch: Sequence[RawEvent], send_dead: SendDead) -> ItemsResult:
+        topic, m = self.settings.topic_items, self.metrics
+        started = time.perf_counter()
+        result = await self._retrying(topic, "writing items", self._apply_items, batch)
+        await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
+        m.events_in.labels(topic).inc(len(batch))
+        m.items_upserted.inc(result.upserted)
+        m.known_items.set(len(self.known_items))
+        for record in result.dead:
+            m.dead_lettered.labels(topic, record["reason"]).inc()
+        m.batch_latency.labels(topic).observe(time.perf_counter() - started)
+        return result
+
+    def _apply_items(self, batch: Sequence[RawEvent]) -> ItemsResult:
+        result = apply_items(self.store, self.settings, batch)
+        self.known_items.add(result.item_ids)
+        return result
+
+    async def _retrying(self, topic: str, what: str, fn: Callable[..., Any], *args: Any, sync: bool = True) -> Any:
+        """Run ``fn`` until it succeeds: the batch stays unacknowledged meanwhile, so nothing is lost."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                return await (self._in_store_thread(fn, *args) if sync else fn(*args))
+            except Exception as exc:  # noqa: BLE001 — any failure: retry, never drop the batch
+                self.metrics.retries.labels(topic).inc()
+                log.error("%s from %r failed (%s: %s); retrying in %.1f s", what, topic, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "app_id": self.settings.app_id,
+            "model_version": getattr(self.encoder, "version", None),
+            "known_items": len(self.known_items),
+            "counts": self.metrics.totals(),
+        }
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+async def _complete(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` to its end even if the caller is cancelled meanwhile.
+
+    Faust's ``take_events`` acknowledges a batch when the agent's loop is closed, cancelled or not:
+    a batch cut off half-way would be acknowledged without being applied.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
