@@ -1,0 +1,235 @@
+"""Training losses: DMIL's matching-based contrastive loss and the single-interest sampled softmax.
+
+Both score a user vector against its positive and a set of sampled negatives shared across the
+batch with InfoNCE on cosine logits (scale · cos), masking false negatives (a negative with cosine
+> ``fn_threshold`` to the positive, or the same item id). They share ``_info_nce`` so HyMiRec and
+the single-interest baselines (SASRec) train on exactly the same terms.
+
+DMIL (multi-interest, after RED-Rec's code): the last W items of a sequence are targets; cosine
+k-means clusters them into K groups; Hungarian matching pairs groups with the K interests; each
+target is scored against its matched interest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+
+class LogitScale(nn.Module):
+    """Learnable logit scale (CLIP-style): stored as a log, initialised to 1/0.07, clamped at 100.
+
+    forward() -> scalar tensor, the scale.
+    """
+
+    def __init__(self, init: float = 1 / 0.07, max_scale: float = 100.0):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.max_scale = max_scale
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+# --- the InfoNCE core shared by both losses --------------------------------------------------------
+def _false_negatives(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    fn_threshold: float,
+    pos_ids: torch.Tensor | None,
+    neg_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Unit pos [M, D], unit neg [N, D] -> bool [M, N], True where the negative must be ignored."""
+    mask = (pos @ neg.T) > fn_threshold
+    if pos_ids is not None and neg_ids is not None:
+        mask |= pos_ids[:, None] == neg_ids[None, :]
+    return mask
+
+
+def _info_nce(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    scale: torch.Tensor,
+    valid: torch.Tensor,
+    fn_threshold: float,
+    pos_ids: torch.Tensor | None,
+    neg_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Mean InfoNCE over valid rows.
+
+    user [M, D], pos [M, D], neg [N, D] (any norm; L2-normalised here), scale scalar, valid [M] bool
+    -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) for unmasked j) - s·cos(u, p).
+    A batch with no valid row gives 0 (still attached to the graph).
+    """
+    user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+    with torch.no_grad():
+        fn = _false_negatives(pos, neg, fn_threshold, pos_ids, neg_ids)
+    pos_logit = scale * (user * pos).sum(-1, keepdim=True)  # [M, 1]
+    neg_logit = (scale * (user @ neg.T)).masked_fill(fn, -math.inf)  # [M, N]
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    row = torch.logsumexp(logits, dim=1) - pos_logit[:, 0]
+    valid = valid.to(row.device, torch.bool)
+    # where(), not row * valid: a padded row may hold garbage (inf/NaN) that must not leak
+    return torch.where(valid, row, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    scale: torch.Tensor | float,
+    mask: torch.Tensor | None = None,
+    positive_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
+    fn_threshold: float = 0.99,
+) -> torch.Tensor:
+    """Single-interest InfoNCE with shared sampled negatives.
+
+    user [B, D] or [B, T, D]; positives of the same shape; negatives [N, D]; scale scalar;
+    mask [B] / [B, T] bool (True = count this position; default all); positive_ids [B] / [B, T],
+    negative_ids [N] for id-based false-negative masking -> scalar loss (mean over counted positions).
+    """
+    if user.shape != positives.shape:
+        raise ValueError(f"user {tuple(user.shape)} and positives {tuple(positives.shape)} differ")
+    d = user.shape[-1]
+    lead = user.shape[:-1]
+    valid = torch.ones(lead, dtype=torch.bool, device=user.device) if mask is None else mask
+    scale = torch.as_tensor(scale, device=user.device)
+    return _info_nce(
+        user.reshape(-1, d),
+        positives.reshape(-1, d),
+        negatives,
+        scale,
+        valid.reshape(-1),
+        fn_threshold,
+        None if positive_ids is None else positive_ids.reshape(-1),
+        negative_ids,
+    )
+
+
+# --- DMIL ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def cosine_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
+    """Batched spherical k-means. x [B, W, D], mask [B, W] bool (True = real target) -> assign [B, W].
+
+    assign[b, w] in 0..k-1 for real targets, -1 for masked ones. Init is farthest-point per user
+    (first real target, then repeatedly the real target least similar to the chosen centres), so
+    it is deterministic. With fewer than k real targets some groups stay empty (never assigned);
+    an empty group keeps its previous centre.
+    """
+    B, W, D = x.shape
+    xn = F.normalize(x.float(), dim=-1)
+    mask = mask.to(torch.bool)
+    big = torch.finfo(xn.dtype).max
+    rows = torch.arange(B, device=x.device)
+    first = mask.float().argmax(dim=1)  # first real target (0 when the user has none)
+    centres = [xn[rows, first]]
+    best_sim = torch.full((B, W), -big, device=x.device)
+    for _ in range(1, k):
+        best_sim = torch.maximum(best_sim, (xn @ centres[-1][:, :, None])[..., 0])
+        far = best_sim.masked_fill(~mask, big).argmin(dim=1)
+        centres.append(xn[rows, far])
+    c = torch.stack(centres, dim=1)  # [B, k, D]
+    for _ in range(iters):
+        assign = torch.einsum("bwd,bkd->bwk", xn, c).argmax(dim=-1)
+        onehot = F.one_hot(assign, k).to(xn.dtype) * mask[..., None]  # [B, W, k]
+        sums = torch.einsum("bwk,bwd->bkd", onehot, xn)
+        counts = onehot.sum(dim=1)  # [B, k]
+        c = torch.where((counts > 0)[..., None], F.normalize(sums, dim=-1), c)
+    assign = torch.einsum("bwd,bkd->bwk", xn, c).argmax(dim=-1)
+    return assign.masked_fill(~mask, -1)
+
+
+@torch.no_grad()
+def hungarian_match(
+    interests: torch.Tensor, group_centroids: torch.Tensor, group_valid: torch.Tensor
+) -> torch.Tensor:
+    """Pair groups with interests to maximise total cosine (scipy, on CPU, detached).
+
+    interests [B, K, D], group_centroids [B, K, D], group_valid [B, K] bool
+    -> perm LongTensor [B, K]: perm[b, g] = the interest matched to group g; each row is a
+    permutation of 0..K-1. Invalid (empty) groups cost nothing, so they take the leftover interests.
+    """
+    sim = torch.einsum(
+        "bgd,bkd->bgk", F.normalize(group_centroids.float(), dim=-1), F.normalize(interests.float(), dim=-1)
+    )
+    cost = (-sim * group_valid[..., None]).cpu().numpy()
+    perm = np.empty(cost.shape[:2], dtype=np.int64)
+    for b in range(cost.shape[0]):
+        rows, cols = linear_sum_assignment(cost[b])
+        perm[b, rows] = cols
+    return torch.from_numpy(perm).to(interests.device)
+
+
+def disentangle_penalty(interests: torch.Tensor) -> torch.Tensor:
+    """interests [B, K, D] -> mean over users of the mean squared off-diagonal cosine (0 when K = 1)."""
+    K = interests.shape[1]
+    if K < 2:
+        return interests.sum() * 0
+    z = F.normalize(interests, dim=-1)
+    cos = z @ z.transpose(1, 2)
+    off = ~torch.eye(K, dtype=torch.bool, device=z.device)
+    return cos[:, off].pow(2).mean()
+
+
+def dmil_loss(
+    interests: torch.Tensor,
+    targets: torch.Tensor,
+    target_mask: torch.Tensor,
+    negatives: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    target_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
+    disentangle_weight: float = 0.0,
+    fn_threshold: float = 0.99,
+    kmeans_iters: int = 10,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Matching-based multi-interest contrastive loss.
+
+    interests [B, K, D], targets [B, W, D] (the last W items), target_mask [B, W] bool,
+    negatives [N, D] shared by the batch, scale scalar; target_ids [B, W] / negative_ids [N] for
+    id-based false-negative masking -> (loss, stats).
+    stats: infonce, disentangle, groups (mean non-empty groups per user), matched_cos (mean cosine
+    of each target to its matched interest).
+    """
+    B, K, D = interests.shape
+    target_mask = target_mask.to(torch.bool)
+    assign = cosine_kmeans(targets.detach(), target_mask, K, kmeans_iters)  # [B, W]
+    with torch.no_grad():
+        tn = F.normalize(targets.detach().float(), dim=-1)
+        onehot = F.one_hot(assign.clamp(min=0), K).to(tn.dtype) * target_mask[..., None]
+        centroids = torch.einsum("bwk,bwd->bkd", onehot, tn)
+        group_valid = onehot.sum(dim=1) > 0  # [B, K]
+        perm = hungarian_match(interests.detach(), centroids, group_valid)
+        which = perm.gather(1, assign.clamp(min=0))  # [B, W]: interest of each target
+    matched = interests.gather(1, which[..., None].expand(-1, -1, D))  # [B, W, D]
+    scale = torch.as_tensor(scale, device=interests.device)
+    infonce = _info_nce(
+        matched.reshape(-1, D),
+        targets.reshape(-1, D),
+        negatives,
+        scale,
+        target_mask.reshape(-1),
+        fn_threshold,
+        None if target_ids is None else target_ids.reshape(-1),
+        negative_ids,
+    )
+    dis = disentangle_penalty(interests)
+    loss = infonce + disentangle_weight * dis if disentangle_weight > 0 else infonce
+    with torch.no_grad():
+        cos = F.cosine_similarity(matched.float(), targets.float(), dim=-1)
+        matched_cos = (cos * target_mask).sum() / target_mask.sum().clamp(min=1)
+    stats = {
+        "infonce": infonce.item(),
+        "disentangle": dis.item(),
+        "groups": group_valid.float().sum(1).mean().item(),
+        "matched_cos": matched_cos.item(),
+    }
+    return loss, stats

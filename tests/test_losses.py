@@ -1,0 +1,163 @@
+"""DMIL matching loss, the shared InfoNCE core, k-means grouping and Hungarian matching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.losses import (
+    LogitScale,
+    cosine_kmeans,
+    disentangle_penalty,
+    dmil_loss,
+    hungarian_match,
+    sampled_softmax_loss,
+)
+
+
+def three_clusters(batch: int = 4, per: int = 4, dim: int = 8, seed: int = 0):
+    """targets [B, 3·per, D] in 3 tight clusters along the first three axes, negatives [N, D]."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.eye(dim)[:3]
+    labels = torch.arange(3).repeat_interleave(per)
+    targets = axes[labels][None].repeat(batch, 1, 1) + 0.05 * torch.randn(batch, 3 * per, dim, generator=g)
+    negatives = torch.randn(64, dim, generator=g)
+    return targets, labels, negatives
+
+
+def test_logit_scale_init_and_clamp():
+    s = LogitScale()
+    assert s().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        s.log_scale.fill_(math.log(500.0))
+    assert s().item() == pytest.approx(100.0)
+
+
+def test_hungarian_match_is_optimal_permutation():
+    e = torch.eye(3)
+    interests = e[[2, 0, 1]][None]  # interest 0 ~ axis 2, interest 1 ~ axis 0, interest 2 ~ axis 1
+    groups = e[None]  # group g ~ axis g
+    perm = hungarian_match(interests, groups, torch.ones(1, 3, dtype=torch.bool))
+    assert perm.tolist() == [[1, 2, 0]]
+    # a case where greedy (group 0 first takes its best) is not optimal
+    interests = torch.tensor([[[1.0, 0.0], [0.8, 0.6]]])
+    groups = torch.tensor([[[0.9, 0.436], [1.0, 0.0]]])
+    perm = hungarian_match(interests, groups, torch.ones(1, 2, dtype=torch.bool))
+    assert perm.tolist() == [[1, 0]]
+
+
+def test_hungarian_match_each_row_a_permutation():
+    g = torch.Generator().manual_seed(1)
+    interests, groups = torch.randn(6, 4, 5, generator=g), torch.randn(6, 4, 5, generator=g)
+    valid = torch.rand(6, 4, generator=g) > 0.3
+    perm = hungarian_match(interests, groups, valid)
+    assert torch.equal(perm.sort(dim=1).values, torch.arange(4).expand(6, 4))
+
+
+def test_cosine_kmeans_separates_groups_and_masks():
+    targets, labels, _ = three_clusters(batch=2)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, -2:] = False
+    assign = cosine_kmeans(targets, mask, k=3)
+    for b in range(2):
+        real = mask[b]
+        a, lab = assign[b][real], labels[real]
+        # same cluster <=> same group
+        assert torch.equal(a[:, None] == a[None, :], lab[:, None] == lab[None, :])
+    assert (assign[1, -2:] == -1).all()
+
+
+def test_cosine_kmeans_fewer_targets_than_k():
+    x = torch.randn(1, 2, 4)
+    assign = cosine_kmeans(x, torch.ones(1, 2, dtype=torch.bool), k=5)
+    assert assign.shape == (1, 2) and ((assign >= 0) & (assign < 5)).all()
+
+
+def test_dmil_loss_trains_interests_onto_clusters():
+    torch.manual_seed(0)
+    targets, _, negatives = three_clusters(batch=4)
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    interests = torch.nn.Parameter(torch.randn(4, 3, 8))
+    opt = torch.optim.Adam([interests], lr=0.05)
+    first = None
+    for _ in range(100):
+        loss, stats = dmil_loss(interests, targets, mask, negatives, 1 / 0.07)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    assert stats["groups"] == 3
+    # each user's interests cover the three axes, one each
+    cos = F.normalize(interests.detach(), dim=-1)[..., :3]  # [B, K, 3]
+    assert (cos.max(dim=-1).values > 0.8).all()
+    assert torch.equal(cos.argmax(dim=-1).sort(dim=1).values, torch.arange(3).expand(4, 3))
+
+
+def test_false_negative_masking_changes_loss():
+    user = torch.tensor([[1.0, 0.2]])
+    pos = torch.tensor([[1.0, 0.0]])
+    negs = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # the first is the positive's direction
+    masked = sampled_softmax_loss(user, pos, negs, 10.0)
+    unmasked = sampled_softmax_loss(user, pos, negs, 10.0, fn_threshold=1.5)
+    only_second = sampled_softmax_loss(user, pos, negs[1:], 10.0, fn_threshold=1.5)
+    torch.testing.assert_close(masked, only_second)
+    assert unmasked > masked + 0.1
+    # id-based masking with a threshold that would not fire
+    by_id = sampled_softmax_loss(
+        user, pos, negs, 10.0, fn_threshold=1.5, positive_ids=torch.tensor([7]), negative_ids=torch.tensor([7, 3])
+    )
+    torch.testing.assert_close(by_id, only_second)
+
+
+def test_dmil_false_negative_masking():
+    targets, _, negatives = three_clusters(batch=2)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    interests = torch.randn(2, 3, 8)
+    with_dup = torch.cat([negatives, targets[0, :1] * 3.0])
+    base, _ = dmil_loss(interests, targets, mask, negatives, 10.0)
+    masked, _ = dmil_loss(interests, targets, mask, with_dup, 10.0)
+    unmasked, _ = dmil_loss(interests, targets, mask, with_dup, 10.0, fn_threshold=1.5)
+    # the duplicate is masked for the target it copies; other targets see a real extra negative
+    assert unmasked > masked > base
+
+
+def test_disentangle_penalty():
+    ortho = torch.eye(4)[None]
+    same = torch.ones(1, 4, 4)
+    assert disentangle_penalty(ortho).item() == pytest.approx(0.0, abs=1e-7)
+    assert disentangle_penalty(same).item() == pytest.approx(1.0, abs=1e-6)
+    targets, _, negatives = three_clusters(batch=1)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    interests = torch.ones(1, 3, 8)
+    plain, stats = dmil_loss(interests, targets, mask, negatives, 10.0)
+    weighted, _ = dmil_loss(interests, targets, mask, negatives, 10.0, disentangle_weight=0.5)
+    assert stats["disentangle"] == pytest.approx(1.0, abs=1e-6)
+    assert weighted.item() == pytest.approx(plain.item() + 0.5, abs=1e-5)
+
+
+def test_sampled_softmax_hand_computed():
+    user = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # unit: [0.6, 0.8], [0, 1]
+    pos = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
+    negs = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    s = 2.0
+    # row 0: pos cos 0.6, neg cos 0.8, -0.6 ; row 1: pos cos 1 -> neg [0,1] is a false negative
+    row0 = math.log(math.exp(s * 0.6) + math.exp(s * 0.8) + math.exp(-s * 0.6)) - s * 0.6
+    row1 = math.log(math.exp(s * 1.0) + math.exp(0.0)) - s * 1.0
+    loss = sampled_softmax_loss(user, pos, negs, torch.tensor(s))
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-5)
+    # per-position form with a mask: only row 0 counts
+    loss_t = sampled_softmax_loss(user[None], pos[None], negs, s, mask=torch.tensor([[True, False]]))
+    assert loss_t.item() == pytest.approx(row0, rel=1e-5)
+
+
+def test_losses_backprop_to_scale():
+    scale = LogitScale()
+    targets, _, negatives = three_clusters(batch=2)
+    interests = torch.randn(2, 3, 8, requires_grad=True)
+    loss, _ = dmil_loss(interests, targets, torch.ones(2, 12, dtype=torch.bool), negatives, scale())
+    loss.backward()
+    assert scale.log_scale.grad is not None and interests.grad.abs().sum() > 0
