@@ -136,6 +136,12 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return offline.train_command(args, settings)
 
 
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from hymirec.demo import run_demo
+
+    return run_demo(settings, dataset=args.dataset, limit=args.limit, rate=args.rate, timeout=args.timeout)
+
+
 def _add_model_args(parser: argparse.ArgumentParser, models: list[str], default: str | None) -> None:
     parser.add_argument("--interactions", type=_existing_file, required=True, help="interaction log (JSONL, CSV or Parquet)")
     parser.add_argument("--items", type=_existing_file, required=True, help="item catalogue (JSONL, CSV or Parquet)")
@@ -204,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train on the whole log and publish a model version")
     _add_model_args(tr, ["hymirec", "sasrec", "multi"], "hymirec")
     tr.set_defaults(func=_cmd_train)
+
+    demo = sub.add_parser("demo", help="run the whole loop on the embedded default (a few minutes)")
+    demo.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    demo.add_argument("--limit", type=_positive_int, default=20_000, help="interactions to replay")
+    demo.add_argument("--rate", type=_positive_float, default=2_000.0, help="replay rate (events/s)")
+    demo.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds to wait for each stage")
+    demo.set_defaults(func=_cmd_demo)
 
     return parser
 
