@@ -1,0 +1,17 @@
+"""Benchmarks apart from tests: `hymirec bench {ingest,freshness,topk,codebook,all} [--quick] [--out DIR]`.
+
+One module per benchmark, each with ``run(settings, options) -> bench.report.Result``; the runner
+(``bench.runner``) prints each result and writes it as JSON and Markdown, with the machine, the
+versions, the parameters and the DESIGN §7 targets (met / missed by how much).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool = False  # small sizes: every benchmark in a few minutes on 2 cores
+    full: bool = False  # the largest sizes (topk at 1M items, longer streams)
+    sizes: tuple[int, ...] | None = None  # topk: item counts instead of the defaults

@@ -1,0 +1,164 @@
+"""ingest: the worker's events/s into LanceDB next to the raw Kafka consume rate of the same topic.
+
+One synthetic log is replayed once (stream.replay) into fresh topics; then, for each batch size of
+the sweep, side by side on the same topic and data:
+
+1. raw: an aiokafka consumer (the client library under Faust) reads every message of every
+   partition from the beginning, doing nothing with them — the ceiling a consumer could reach;
+2. worker: a fresh `faust -A stream.app worker` (own consumer group, empty LanceDB directory,
+   HYMIREC_BATCH_SIZE set) reads the same messages from the beginning and applies them. Its rate is
+   timed from outside: /health is polled, and the rate counts the events applied between the first
+   completed batch and the last (so process start and group join are not in it). The worker's own
+   busy time (sum of its batch latencies) is reported too. A sampler thread records the worker's
+   peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from bench import Options
+from bench.harness import RssSampler, broker, counts, fresh, metrics, worker
+from bench.report import Result, not_measured, target
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings
+from stream.replay import replay
+
+TARGET_RATIO = 0.3
+EVENTS_PER_USER = 20
+ITEMS = 5000
+POLL_S = 0.1
+DEADLINE_S = 900.0
+
+
+def write_log(path: Path, events: int, seed: int) -> int:
+    """A synthetic interaction log (JSONL, an event_id on every event); returns the user count."""
+    rng = random.Random(seed)
+    users = max(1, events // EVENTS_PER_USER)
+    t0 = 1_700_000_000_000
+    with open(path, "w") as out:
+        for i in range(events):
+            out.write(json.dumps({"user_id": f"u{rng.randrange(users)}", "item_id": str(rng.randrange(ITEMS)),
+                                  "ts": t0 + i, "action": "click", "event_id": f"e{i}"}) + "\n")
+    return users
+
+
+async def _consume_all(settings: Settings, expected: int) -> dict:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(settings.topic_interactions, p) for p in range(settings.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        seen, nbytes = 0, 0
+        started = time.perf_counter()
+        deadline = started + DEADLINE_S
+        while seen < expected:
+            if time.perf_counter() > deadline:
+                raise HymirecError(f"raw consumer read {seen} of {expected} messages in {DEADLINE_S:.0f} s")
+            for records in (await consumer.getmany(timeout_ms=1000, max_records=10_000)).values():
+                seen += len(records)
+                nbytes += sum(len(r.value or b"") for r in records)
+        seconds = time.perf_counter() - started
+    finally:
+        await consumer.stop()
+    return {"events": seen, "seconds": seconds, "rate": seen / seconds, "mib": nbytes / 2**20}
+
+
+def raw_consume(settings: Settings, expected: int, repeats: int = 3) -> dict:
+    """The median of a few full reads (one read of a small topic takes a fraction of a second)."""
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    runs = sorted((asyncio.run(_consume_all(settings, expected)) for _ in range(repeats)), key=lambda r: r["rate"])
+    return runs[len(runs) // 2]
+
+
+def worker_ingest(settings: Settings, expected: int, log_path: Path) -> dict:
+    """Start a worker on the topic and time it from its first completed batch to the last event."""
+    with worker(settings, log_path) as proc, RssSampler(proc.proc.pid) as rss:
+        first_at, first_applied = None, 0
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            applied = counts(settings).get("events_applied", 0)
+            now = time.perf_counter()
+            if first_at is None and applied:
+                first_at, first_applied = now, applied
+            if applied >= expected:
+                done_at = now
+                break
+            if not proc.alive:
+                raise HymirecError(f"the worker exited; last lines of {proc.log_path}:\n{proc.tail()}")
+            if time.monotonic() > deadline:
+                raise HymirecError(f"the worker applied {applied} of {expected} events in {DEADLINE_S:.0f} s")
+            time.sleep(POLL_S)
+        samples = metrics(settings)
+    busy = sum(v for labels, v in samples.get("hymirec_batch_latency_seconds_sum", [])
+               if labels.get("topic") == settings.topic_interactions)
+    batches = sum(v for labels, v in samples.get("hymirec_batch_latency_seconds_count", [])
+                  if labels.get("topic") == settings.topic_interactions)
+    timed = expected - first_applied
+    return {
+        "rate": timed / (done_at - first_at) if timed and done_at > first_at else None,
+        "timed_events": timed,
+        "seconds": done_at - first_at,
+        "busy_rate": expected / busy if busy else None,
+        "batches": int(batches),
+        "peak_rss_mib": rss.peak / 2**20,
+    }
+
+
+def run(settings: Settings, opts: Options) -> Result:
+    events = 30_000 if opts.quick else (1_000_000 if opts.full else 200_000)
+    sweep = sorted({250, 1000, 4000, settings.batch_size})
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="hymirec-bench-ingest-") as tmp_name, \
+            broker(settings, Path(tmp_name)) as (live, how):
+        tmp = Path(tmp_name)
+        topic = fresh(live, tmp, "ingest")
+        users = write_log(tmp / "log.jsonl", events, settings.seed)
+        sent = replay(topic, tmp / "log.jsonl", progress=False)
+        for batch_size in sweep:
+            raw = raw_consume(topic, events)
+            run_settings = fresh(live, tmp, f"ingest-b{batch_size}", batch_size=batch_size,
+                                 topic_interactions=topic.topic_interactions)
+            w = worker_ingest(run_settings, events, tmp / f"worker-b{batch_size}.log")
+            rows.append({
+                "batch_size": batch_size, "raw_consume_ev_s": round(raw["rate"]),
+                "worker_ev_s": round(w["rate"]) if w["rate"] else None,
+                "ratio": round(w["rate"] / raw["rate"], 3) if w["rate"] else None,
+                "worker_busy_ev_s": round(w["busy_rate"]) if w["busy_rate"] else None,
+                "batches": w["batches"], "timed_events": w["timed_events"], "worker_s": round(w["seconds"], 2),
+                "raw_s": round(raw["seconds"], 2), "peak_rss_mib": round(w["peak_rss_mib"]),
+            })
+
+    default = next(r for r in rows if r["batch_size"] == settings.batch_size)
+    peak = max(r["peak_rss_mib"] for r in rows)
+    targets = [
+        target(f"ingest: worker / raw consume rate (batch size {settings.batch_size})", default["ratio"], TARGET_RATIO,
+               at_least=True, note=f"{default['worker_ev_s']:,} vs {default['raw_consume_ev_s']:,} events/s"),
+        not_measured("memory: worker peak RSS at 100k users × 1,000-item histories",
+                     f"peak RSS {peak} MiB here, at {users:,} users × {EVENTS_PER_USER} events without a model: "
+                     "far below the target's scale"),
+    ]
+    return Result(
+        name="ingest", title="Ingest: worker events/s into LanceDB vs raw Kafka consume rate",
+        params={"events": events, "users": users, "items": ITEMS, "partitions": settings.partitions,
+                "batch_sizes": sweep, "batch_within_s": settings.batch_within_s, "broker": how,
+                "producer_rate_ev_s": round(sent.rate), "poll_s": POLL_S, "seed": settings.seed},
+        rows=rows, targets=targets,
+        notes=["raw_consume_ev_s: aiokafka, all partitions assigned, from the beginning, values untouched; "
+               "the median of 3 reads right before each worker run, on the same topic.",
+               "worker_ev_s: events applied between the worker's first completed batch and the last event, "
+               "timed from outside by polling /health; ratio = worker_ev_s / raw_consume_ev_s.",
+               "worker_busy_ev_s: events / sum of the worker's batch latencies (its own view, without idle waits).",
+               "peak_rss_mib: resident memory of the worker process and its children, sampled every 0.1 s.",
+               "No model is published in this run: histories are kept by item id, without codes."],
+    )

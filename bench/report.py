@@ -1,0 +1,185 @@
+"""What every benchmark reports besides its numbers: the machine, the versions, its parameters, and
+each DESIGN §7 target as met / missed by how much. Written as JSON (for tools) and Markdown (for
+people) under the results directory, and printed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from hymirec.settings import Settings
+
+NOT_MEASURED = "not measured"
+
+
+def machine() -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": cores,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "load_average_1m": round(load[0], 2),
+        # Other processes competing for the cores make every timing slower and noisier.
+        "noisy": load[0] > cores,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions(settings: Settings) -> dict[str, str]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "lancedb": version("lancedb"),
+        "pyarrow": version("pyarrow"),
+        "numpy": version("numpy"),
+        "kafka_broker": settings.kafka_version,
+        "aiokafka": version("aiokafka"),
+        "kafka-python": version("kafka-python"),
+        "faust-streaming": version("faust-streaming"),
+        "hymirec": version("hymirec"),
+    }
+
+
+def percentiles(values, qs=(50, 95, 99)) -> dict[str, float | None]:
+    """{"p50": ..., ...} of ``values`` (None when there are none)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    return {f"p{q}": (float(np.percentile(arr, q)) if arr.size else None) for q in qs}
+
+
+def target(what: str, measured: float | None, bound: float, *, at_least: bool, unit: str = "",
+           note: str = "") -> dict[str, Any]:
+    """One DESIGN §7 target: met or missed, and by how much (relative to the bound)."""
+    row = {"what": what, "target": f"{'≥' if at_least else '≤'} {bound:g}{unit}", "measured": measured, "note": note}
+    if measured is None:
+        return row | {"met": None, "verdict": NOT_MEASURED}
+    met = measured >= bound if at_least else measured <= bound
+    gap = abs(measured - bound) / abs(bound) if bound else float("inf")
+    verdict = f"met (margin {gap:.0%})" if met else f"missed by {gap:.0%}"
+    return row | {"measured": round(measured, 4), "met": met, "verdict": verdict}
+
+
+def not_measured(what: str, why: str) -> dict[str, Any]:
+    return {"what": what, "target": "", "measured": None, "met": None, "verdict": NOT_MEASURED, "note": why}
+
+
+@dataclass
+class Result:
+    """One benchmark's output. ``rows`` is its table (the same keys in every row)."""
+
+    name: str
+    title: str
+    params: dict[str, Any]
+    rows: list[dict[str, Any]]
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # secondary measurements (shown as JSON)
+    machine: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    started_at: str = ""
+    seconds: float = 0.0
+
+
+def stamp(result: Result, settings: Settings, started: float) -> Result:
+    """Fill in machine, versions and timing (machine last: the load average of the run itself)."""
+    result.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
+    result.seconds = round(time.time() - started, 1)
+    result.machine = machine()
+    result.versions = versions(settings)
+    return result
+
+
+# --- output ---------------------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)]) + "\n"
+
+
+def header(result: Result) -> str:
+    m, v = result.machine, result.versions
+    lines = [
+        f"# {result.title}",
+        "",
+        f"Run {result.started_at}, {result.seconds:g} s. Machine: {m['cpu_model']}, {m['cores']} cores, "
+        f"{m['ram_gib']} GiB RAM, load average {m['load_average_1m']} ({m['os']}).",
+    ]
+    if m["noisy"]:
+        lines.append(f"**Noisy numbers:** the load average ({m['load_average_1m']}) exceeded the {m['cores']} "
+                     "cores during the run; other processes shared the CPU.")
+    lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+              "", "Parameters: " + ", ".join(f"{k}={val}" for k, val in result.params.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(result: Result) -> str:
+    parts = [header(result), "", markdown_table(result.rows)]
+    if result.targets:
+        parts += ["", "## Targets (DESIGN §7)", "", markdown_table(result.targets, ["what", "target", "measured", "verdict", "note"])]
+    if result.extra:
+        parts += ["", "## Also measured", "", "```json", json.dumps(result.extra, indent=2, default=str), "```"]
+    if result.notes:
+        parts += ["", "## Notes", "", *(f"- {n}" for n in result.notes)]
+    return "\n".join(parts) + "\n"
+
+
+def write(result: Result, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{result.name}.json", out_dir / f"{result.name}.md"
+    json_path.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    md_path.write_text(to_markdown(result))
+    return json_path, md_path
+
+
+def write_summary(results: list[Result], out_dir: Path) -> tuple[Path, Path]:
+    """Every benchmark's targets in one table (``hymirec bench all``)."""
+    rows = [{"benchmark": r.name, **t} for r in results for t in r.targets]
+    summary = {"machine": machine(), "results": [r.name for r in results], "targets": rows}
+    json_path, md_path = out_dir / "summary.json", out_dir / "summary.md"
+    json_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    noisy = " (noisy: load average above the core count)" if summary["machine"]["noisy"] else ""
+    md_path.write_text(f"# Benchmarks: DESIGN §7 targets{noisy}\n\n"
+                       + markdown_table(rows, ["benchmark", "what", "target", "measured", "verdict", "note"]))
+    return json_path, md_path

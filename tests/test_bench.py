@@ -1,0 +1,85 @@
+"""`hymirec bench`: the fast benchmarks run end to end and write what they promise (JSON + Markdown
+with machine, versions, parameters and DESIGN targets). Behaviour only: no speed thresholds here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.freshness import histogram_quantiles
+from bench.report import target
+
+MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "load_average_1m", "noisy"}
+VERSION_KEYS = {"python", "torch", "lancedb", "kafka_broker", "aiokafka", "faust-streaming"}
+
+
+def bench(*args: str, out: Path) -> dict:
+    """Run `hymirec bench ...` as a user would; the JSON it wrote."""
+    cmd = [str(Path(sys.executable).parent / "hymirec"), "bench", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = args[0]
+    assert (out / f"{name}.md").is_file()
+    result = json.loads((out / f"{name}.json").read_text())
+    assert result["name"] == name
+    assert MACHINE_KEYS <= set(result["machine"]) and VERSION_KEYS <= set(result["versions"])
+    markdown = (out / f"{name}.md").read_text()
+    assert markdown.startswith(f"# {result['title']}") and "## Targets (DESIGN §7)" in markdown
+    assert all(key in markdown for key in result["rows"][0])  # the table's columns
+    assert result["rows"][0]["data" if name == "codebook" else "index"] in proc.stdout  # and it was printed
+    return result
+
+
+def test_codebook_quick_reports_bytes_and_cosine(tmp_path: Path):
+    result = bench("codebook", "--quick", out=tmp_path)
+    synthetic = [r for r in result["rows"] if r["data"].startswith("clustered synthetic")]
+    assert len(synthetic) >= 3
+    for row in result["rows"]:
+        per_item = row["levels"] * (1 if row["size"] <= 256 else 2) + (row["levels"] if row["scale_bits"] else 0)
+        assert row["bytes_per_item"] == per_item
+        assert row["float32_bytes"] == 4 * 64 and row["x_smaller_than_float32"] == pytest.approx(256 / per_item, abs=0.05)
+        assert -1.0 <= row["cosine_heldout"] <= 1.0
+    # More levels reconstruct better on the same data.
+    by_levels = {r["levels"]: r["cosine_heldout"] for r in synthetic if r["size"] == 256 and r["scale_bits"] == 8}
+    assert by_levels[2] < by_levels[4] < by_levels[8]
+    verdicts = {t["what"]: t for t in result["targets"]}
+    assert any(t["verdict"] == "not measured" and "Recall@10" in t["what"] for t in verdicts.values())
+    ratio = next(t for w, t in verdicts.items() if "smaller than float32" in w)
+    assert ratio["met"] == (synthetic[0]["x_smaller_than_float32"] >= 32)
+
+
+def test_topk_tiny_compares_flat_and_indexed_against_exact(tmp_path: Path):
+    result = bench("topk", "--quick", "--sizes", "1500", out=tmp_path)
+    rows = result["rows"]
+    assert {r["items"] for r in rows} == {1500}
+    assert {r["index"] for r in rows} >= {"IVF_HNSW_SQ", "IVF_PQ"}
+    flat = next(r for r in rows if r["index"].startswith("flat"))
+    assert flat["recall@10"] >= 0.99  # a flat search is exact
+    for row in rows:
+        assert 0.0 <= row["recall@10"] <= 1.0 and 0 < row["p50_ms"] <= row["p95_ms"]
+    assert all(r["index_params"] for r in rows if r["index"].startswith("IVF"))
+    # 100k is not in this run: the target is reported as not measured, not guessed.
+    assert [t["verdict"] for t in result["targets"]] == ["not measured"]
+    assert result["params"]["sizes"] == [1500]
+
+
+def test_target_verdicts():
+    missed = target("ratio", 0.2, 0.3, at_least=True)
+    assert missed["met"] is False and missed["verdict"] == "missed by 33%"
+    met = target("p95", 1.5, 2.0, at_least=False, unit=" s")
+    assert met["met"] is True and met["verdict"] == "met (margin 25%)" and met["target"] == "≤ 2 s"
+    assert target("x", None, 1.0, at_least=True)["verdict"] == "not measured"
+
+
+def test_histogram_quantiles_interpolate_within_buckets():
+    # 100 observations: 50 in (0, 0.5], 40 in (0.5, 1], 10 in (1, 2].
+    samples = {"lag_bucket": [({"le": "0.5"}, 50.0), ({"le": "1.0"}, 90.0), ({"le": "2.0"}, 100.0), ({"le": "+Inf"}, 100.0)]}
+    q = histogram_quantiles(samples, "lag")
+    assert q["p50"] == pytest.approx(0.5)
+    assert q["p95"] == pytest.approx(1.5)
+    assert q["p99"] == pytest.approx(1.9)
+    assert histogram_quantiles({}, "lag") == {"p50": None, "p95": None, "p99": None}

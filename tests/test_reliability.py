@@ -1,0 +1,361 @@
+"""Reliability of the ingest worker under crashes, broker outages and bad input (real broker, real LanceDB).
+
+- kill -9 of the worker in the middle of a paced replay, then a restart: every user's history equals
+  the log exactly (count and order), with and without event ids, so no event is lost or applied twice;
+- the broker stopped and restarted while the worker runs: the same worker recovers on its own;
+- 30+ kinds of bad payload interleaved with good ones: each is dead-lettered with its reason and
+  source partition/offset, duplicates and unknown items are counted (not dead-lettered), every good
+  event is applied and the worker keeps answering.
+
+Every wait has a deadline; every worker is stopped SIGTERM → SIGKILL (hymirec.procs.ManagedProcess).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+from hymirec.procs import ManagedProcess
+from hymirec.settings import Settings
+from store import Store
+from stream.broker import LocalKafka, create_topics
+from stream.replay import replay
+
+from conftest import free_ports, start_or_unavailable
+from test_worker import http_get, read_dead_letters, scrape, tail, wait_for, worker_env
+
+pytestmark = [pytest.mark.broker, pytest.mark.reliability]
+
+STOP_GRACE_S = 30.0
+DEADLINE_S = 180.0  # a restarted worker waits out the dead member's session timeout first
+BIG_LIMIT = 4 << 20  # max.message.bytes / max_request_size for the > 1 MiB payload
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+@contextmanager
+def worker(settings: Settings, log_path: Path, **faust_env: str) -> Iterator[ManagedProcess]:
+    """`faust -A stream.app worker` as a subprocess; SIGTERM, then SIGKILL, however the block ends."""
+    faust = str(Path(sys.executable).parent / "faust")
+    proc = ManagedProcess([faust, "-A", "stream.app", "worker", "-l", "info"], log_path=log_path,
+                          env=worker_env(settings) | faust_env)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop(STOP_GRACE_S)
+
+
+def wait(what: str, check, proc: ManagedProcess, deadline_s: float = DEADLINE_S):
+    return wait_for(what, check, proc.proc, proc.log_path, deadline_s)
+
+
+def applied(settings: Settings) -> int:
+    return int(scrape(settings).get(("hymirec_events_applied_total", ()), 0))
+
+
+def produce(settings: Settings, records: list[tuple], **config) -> list:
+    """Send (topic, key, value[, partition]) records in order; their RecordMetadata."""
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", **config)
+    try:
+        futures = [producer.send(r[0], key=r[1], value=r[2], partition=r[3] if len(r) > 3 else None) for r in records]
+        producer.flush(timeout=60)
+        return [f.get(timeout=60) for f in futures]
+    finally:
+        producer.close()
+
+
+def event(user: str, item: str, ts: int, event_id: str | None = None, **extra) -> dict:
+    body = {"user_id": user, "item_id": item, "ts": ts, "action": "click", **extra}
+    if event_id is not None:
+        body["event_id"] = event_id
+    return body
+
+
+def expected_histories(events: list[dict]) -> dict[str, list[str]]:
+    history: dict[str, list[str]] = defaultdict(list)
+    for e in events:
+        history[e["user_id"]].append(e["item_id"])
+    return dict(history)
+
+
+def matches(store: Store, expected: dict[str, list[str]]) -> dict | None:
+    """The users' rows once every one of them has exactly its expected event count, else None."""
+    rows = store.get_histories(list(expected))
+    if {u: r["event_count"] for u, r in rows.items()} != {u: len(h) for u, h in expected.items()}:
+        return None
+    return rows
+
+
+def assert_exact(store: Store, expected: dict[str, list[str]]) -> None:
+    rows = store.get_histories(list(expected))
+    assert set(rows) == set(expected)
+    for user, items in expected.items():
+        assert rows[user]["event_count"] == len(items), user
+        assert rows[user]["history_item_ids"] == items, user
+
+
+def drain(settings: Settings, proc: ManagedProcess, store: Store, expected: dict[str, list[str]]) -> None:
+    """Wait until every expected event is applied, then push one sentinel through every partition and
+    wait for those too: whatever the worker still had to (re)read of the log is then behind it, so a
+    late double application would show in the final comparison."""
+    wait("every logged event applied", lambda: matches(store, expected), proc)
+    sentinels = [event(f"sentinel-{uuid.uuid4().hex[:6]}-p{p}", "0", 1) for p in range(settings.partitions)]
+    produce(settings, [(settings.topic_interactions, e["user_id"].encode(), json.dumps(e).encode(), p)
+                       for p, e in enumerate(sentinels)])
+    wait("the sentinels", lambda: matches(store, expected_histories(sentinels)), proc)
+    assert_exact(store, expected)
+
+
+def worker_settings(base: Settings, tmp_path: Path, **overrides) -> Settings:
+    return base.model_copy(update={
+        "lancedb_uri": str(tmp_path / "lancedb"),
+        "web_port": free_ports(1)[0],
+        "worker_dir": tmp_path / "worker",
+        "batch_size": 100,  # many batches, so a kill or an outage falls between and inside them
+        "batch_within_s": 0.2,
+        "worker_session_timeout_s": 6.0,  # the dead member of a killed worker expires sooner
+        **overrides,
+    })
+
+
+def synthetic_log(n: int, users: int, items: int, seed: int) -> list[dict]:
+    """n events; every other one without an event_id (deduplicated by offset watermark only)."""
+    rng = random.Random(seed)
+    return [event(f"u{rng.randrange(users)}", str(rng.randrange(items)), 1_700_000_000_000 + i,
+                  f"e{i}" if i % 2 == 0 else None) for i in range(n)]
+
+
+# --- 1. kill -9 mid-replay --------------------------------------------------------------------------------
+def test_worker_killed_mid_replay_loses_and_repeats_nothing(topic_settings: Settings, tmp_path: Path):
+    s = worker_settings(topic_settings, tmp_path)
+    log_path = tmp_path / "worker.log"
+    warm = [event("u-warm", "0", 1, "warm-0")]
+    events = warm + synthetic_log(3000, users=40, items=150, seed=1)
+    log_file = tmp_path / "log.jsonl"
+    log_file.write_text("".join(json.dumps(e) + "\n" for e in events[1:]))
+    expected = expected_histories(events)
+    store = Store(s)
+
+    with worker(s, log_path) as first:
+        # The group is joined once the warm-up event is applied: the replay then meets a live worker.
+        produce(s, [(s.topic_interactions, b"u-warm", json.dumps(warm[0]).encode())])
+        wait("the warm-up event", lambda: matches(store, expected_histories(warm)), first)
+
+        summary: list = []
+        sender = threading.Thread(target=lambda: summary.append(replay(s, log_file, rate=600, progress=False)))
+        sender.start()
+        try:
+            wait("a third of the replay applied", lambda: applied(s) >= len(events) // 3, first)
+            os.killpg(first.proc.pid, signal.SIGKILL)
+            first.proc.wait(10)
+            at_kill = sum(r["event_count"] for r in store.get_histories(list(expected)).values())
+        finally:
+            sender.join(120)
+    assert not sender.is_alive() and summary and summary[0].failed == 0
+    assert 0 < at_kill < len(events), "the kill did not land mid-stream"
+
+    with worker(s, log_path) as second:
+        drain(s, second, store, expected)
+        metrics = scrape(s)
+        # Everything the first worker applied but had not committed is redelivered and skipped.
+        redelivered = metrics.get(("hymirec_duplicates_skipped_total", (("kind", "offset"),)), 0)
+        # ...and the rest applied once: the second worker's count is exactly what the first left.
+        assert metrics[("hymirec_events_applied_total", ())] == len(events) - at_kill + s.partitions  # + sentinels
+        print(f"applied before the kill: {at_kill}; redelivered and skipped after it: {redelivered:.0f}")
+        assert second.alive, tail(log_path)
+
+
+# --- 2. broker stopped and restarted mid-stream ------------------------------------------------------------
+def test_worker_recovers_by_itself_from_a_broker_restart(make_broker_settings, tmp_path: Path):
+    s = worker_settings(make_broker_settings(), tmp_path, app_id=f"hymirec-outage-{uuid.uuid4().hex[:6]}")
+    local = LocalKafka(s, die_with_parent=True)
+    start_or_unavailable(local)
+    log_path = tmp_path / "worker.log"
+    events = synthetic_log(3000, users=30, items=100, seed=2)
+    log_file = tmp_path / "log.jsonl"
+    log_file.write_text("".join(json.dumps(e) + "\n" for e in events))
+    store = Store(s)
+    try:
+        create_topics(s)
+        with worker(s, log_path) as proc:
+            wait("the worker's /health", lambda: http_get(s, "/health"), proc)
+            pid = proc.proc.pid
+            # A paced replay runs across the outage: its producer holds and retries what it cannot send.
+            summary: list = []
+            sender = threading.Thread(target=lambda: summary.append(replay(s, log_file, rate=300, progress=False)))
+            sender.start()
+            try:
+                wait("a fifth of the replay applied", lambda: applied(s) >= len(events) // 5, proc)
+                assert local.stop()
+                at_stop = applied(s)
+                time.sleep(8)
+                # While the broker is away the worker stays up and keeps answering.
+                assert proc.alive, tail(log_path)
+                health = wait("/health during the outage", lambda: http_get(s, "/health"), proc)
+                assert json.loads(health)["status"] == "ok"
+                start_or_unavailable(local)
+            finally:
+                sender.join(180)
+            assert not sender.is_alive() and summary and summary[0].failed == 0
+            assert at_stop < len(events), "the broker stopped after the stream had ended"
+            drain(s, proc, store, expected_histories(events))
+            assert proc.alive and proc.proc.pid == pid, tail(log_path)
+    finally:
+        local.stop()
+
+
+# --- 3. bad input -----------------------------------------------------------------------------------------
+def bad_interactions() -> dict[str, tuple[bytes | None, bytes | None, str]]:
+    """name -> (key, value, expected dead-letter reason), for the interactions topic."""
+    def obj(body, key: bytes | None = b"u1") -> tuple[bytes | None, bytes, str]:
+        return key, json.dumps(body).encode(), "invalid_fields"
+
+    ok = {"user_id": "u1", "item_id": "1", "ts": 1_700_000_000_000}
+    return {
+        "truncated json": (b"u1", b'{"user_id": "u1", "item_id": ', "invalid_json"),
+        "not json at all": (b"u1", b"user=u1&item=1", "invalid_json"),
+        "json with a BOM": (b"u1", b"\xef\xbb\xbf" + json.dumps(ok).encode(), "invalid_json"),
+        "nested 100k deep": (b"u1", b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+        "5000-digit integer ts": (b"u1", b'{"user_id": "u1", "item_id": "1", "ts": 1' + b"0" * 5000 + b"}", "invalid_json"),
+        "empty payload": (b"u1", b"", "empty"),
+        "tombstone (null value)": (b"u1", None, "empty"),
+        "whitespace only": (b"u1", b" \n\t\r ", "empty"),
+        "huge payload (> 1 MiB)": (b"u1", json.dumps({**ok, "pad": "x" * (1 << 20)}).encode(), "too_large"),
+        "not UTF-8": (b"u1", b'{"user_id": "u1", "item_id": "\xff\xfe"}', "bad_encoding"),
+        "json array": (b"u1", json.dumps([ok]).encode(), "not_an_object"),
+        "json number": (b"u1", b"42", "not_an_object"),
+        "json null": (b"u1", b"null", "not_an_object"),
+        "json string": (b"u1", b'"u1 clicked 1"', "not_an_object"),
+        "missing user_id": obj({"item_id": "1", "ts": 5}),
+        "missing item_id": obj({"user_id": "u1", "ts": 5}),
+        "missing ts": obj({"user_id": "u1", "item_id": "1"}),
+        "ts as a string": obj({**ok, "ts": "2024-01-01T00:00:00Z"}),
+        "ts as NaN": (b"u1", b'{"user_id": "u1", "item_id": "1", "ts": NaN}', "invalid_fields"),
+        "user_id bool": obj({**ok, "user_id": True}),
+        "user_id object": obj({**ok, "user_id": {"id": "u1"}}),
+        "item_id list": obj({**ok, "item_id": ["1"]}),
+        "negative ts": obj({**ok, "ts": -1}),
+        "float ts": obj({**ok, "ts": 1_700_000_000_000.5}),
+        "ts after 2100": obj({**ok, "ts": 4_200_000_000_000}),
+        "ts over 2^63": obj({**ok, "ts": 2**63 + 7}),
+        "unknown action": obj({**ok, "action": "teleport"}),
+        "empty user_id": obj({**ok, "user_id": ""}, key=b""),
+        "too-long item_id": obj({**ok, "item_id": "i" * 300}),
+        "lone surrogate in user_id": (b"u1", b'{"user_id": "\\ud800", "item_id": "1", "ts": 5}', "invalid_fields"),
+        "empty event_id": obj({**ok, "event_id": ""}),
+        "key is not the user_id": (b"u2", json.dumps(ok).encode(), "key_mismatch"),
+        "no key": (None, json.dumps(ok).encode(), "key_mismatch"),
+    }
+
+
+def bad_items() -> dict[str, tuple[bytes | None, bytes | None, str]]:
+    return {
+        "item: invalid json": (b"i1", b'{"item_id": "i1", "text": ', "invalid_json"),
+        "item: missing text": (b"i1", b'{"item_id": "i1"}', "invalid_fields"),
+        "item: text is a number": (b"i1", b'{"item_id": "i1", "text": 7}', "invalid_fields"),
+        "item: text over 64 KiB": (b"i1", json.dumps({"item_id": "i1", "text": "t" * 70_000}).encode(), "invalid_fields"),
+        "item: category object": (b"i1", json.dumps({"item_id": "i1", "text": "x", "category": {}}).encode(), "invalid_fields"),
+        "item: key is not the item_id": (b"i2", json.dumps({"item_id": "i1", "text": "x"}).encode(), "key_mismatch"),
+        "item: json list": (b"i1", b"[]", "not_an_object"),
+    }
+
+
+def raise_message_limit(settings: Settings, topics: list[str]) -> None:
+    """Let these topics hold the > 1 MiB payload (and its dead-letter record, which carries it)."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t, configs={"max.message.bytes": str(BIG_LIMIT)})
+                             for t in topics])
+    finally:
+        admin.close()
+
+
+def test_bad_input_is_dead_lettered_and_good_input_around_it_applied(topic_settings: Settings, tmp_path: Path):
+    s = worker_settings(topic_settings, tmp_path)
+    raise_message_limit(s, [s.topic_interactions, s.topic_dead_letter])
+    catalogue = [str(i) for i in range(20)]
+    items = [(s.topic_items, i.encode(), json.dumps({"item_id": i, "text": f"item {i}"}).encode()) for i in catalogue]
+    bad_i = bad_items()
+    # Good items first, each bad one after the good item of its position, so they interleave.
+    item_records = []
+    for n, record in enumerate(items):
+        item_records.append(record)
+        if n < len(bad_i):
+            name = list(bad_i)[n]
+            item_records.append((s.topic_items, *bad_i[name][:2], name))
+
+    bad = bad_interactions()
+    good: list[dict] = []
+    records: list[tuple] = []
+    rng = random.Random(3)
+    for n, name in enumerate([None, *bad]):
+        for _ in range(3):
+            e = event(f"u{rng.randrange(6)}", rng.choice(catalogue), 1_700_000_000_000 + len(good), f"g{len(good)}")
+            good.append(e)
+            records.append((s.topic_interactions, e["user_id"].encode(), json.dumps(e).encode(), None))
+        if name is not None:
+            records.append((s.topic_interactions, *bad[name][:2], name))
+    # A producer's resend (same event_id, new offset): skipped as a duplicate, not dead-lettered.
+    resent = good[5]
+    records.insert(len(records) // 2, (s.topic_interactions, resent["user_id"].encode(), json.dumps(resent).encode(), None))
+    # Items not in the catalogue: recorded by id and counted, not dead-lettered.
+    unknown = [event("u1", "not-in-catalogue-1", 1_800_000_000_000, "unk-1"), event("u2", "not-in-catalogue-2", 1_800_000_000_001)]
+    for e in unknown:
+        good.append(e)
+        records.append((s.topic_interactions, e["user_id"].encode(), json.dumps(e).encode(), None))
+    tail_events = [event("u3", "1", 1_900_000_000_000, "last")]  # after every bad one: the worker still applies
+    good += tail_events
+    records += [(s.topic_interactions, e["user_id"].encode(), json.dumps(e).encode(), None) for e in tail_events]
+
+    store = Store(s)
+    # Faust's producer refuses requests over 1 MB unless told (the dead-letter record of the huge payload).
+    with worker(s, tmp_path / "worker.log", PRODUCER_MAX_REQUEST_SIZE=str(BIG_LIMIT)) as proc:
+        item_meta = produce(s, [r[:3] for r in item_records])
+        wait("the catalogue", lambda: scrape(s).get(("hymirec_items_upserted_total", ())) == len(catalogue), proc)
+        meta = produce(s, [r[:3] for r in records], max_request_size=BIG_LIMIT)
+
+        drain(s, proc, store, expected_histories(good))
+
+        sources = {}
+        for record, m in [*zip(item_records, item_meta), *zip(records, meta)]:
+            if len(record) == 4 and record[3] is not None:
+                sources[(m.topic, m.partition, m.offset)] = record
+        dead = read_dead_letters(s, len(bad) + len(bad_i))
+        by_source = {(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]): d for d in dead}
+        assert set(by_source) == set(sources)
+        for where, (_, key, value, name) in sources.items():
+            record = by_source[where]
+            expected_reason = (bad | bad_i)[name][2]
+            assert record["reason"] == expected_reason, (name, record["reason"], record["detail"])
+            payload = record["payload"]
+            if payload is not None:
+                payload = bytes.fromhex(payload) if record["payload_encoding"] == "hex" else payload.encode()
+            assert payload == value, name
+
+        metrics = wait("metrics", lambda: scrape(s) or None, proc)
+        reasons = defaultdict(int)
+        for name, (_, _, reason) in bad.items():
+            reasons[(s.topic_interactions, reason)] += 1
+        for name, (_, _, reason) in bad_i.items():
+            reasons[(s.topic_items, reason)] += 1
+        for (topic, reason), count in reasons.items():
+            assert metrics[("hymirec_dead_lettered_total", (("reason", reason), ("topic", topic)))] == count, reason
+        assert metrics[("hymirec_events_applied_total", ())] == len(good) + s.partitions  # + the sentinels
+        assert metrics[("hymirec_duplicates_skipped_total", (("kind", "event_id"),))] == 1
+        assert metrics[("hymirec_unknown_items_total", ())] == len(unknown)  # the sentinels click item "0", known
+        health = json.loads(http_get(s, "/health"))
+        assert health["status"] == "ok" and proc.alive, tail(proc.log_path)
