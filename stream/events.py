@@ -12,6 +12,7 @@ short stable code (for dead-letter dashboards) and whose ``detail`` says what wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_ID_CHARS = 256
+DEAD_LETTER_PAYLOAD_BYTES = 256 * 1024
 MAX_TEXT_CHARS = 64 * 1024
 # Epoch milliseconds up to 2100-01-01: anything larger is a unit mistake (µs/ns) or garbage.
 MAX_TS_MS = 4_102_444_800_000
@@ -153,17 +155,28 @@ def dead_letter_record(
     partition: int | None = None,
     offset: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON body put on the dead-letter topic: the raw payload kept losslessly plus why."""
-    if isinstance(raw, bytes):
-        try:
-            payload, encoding = raw.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            payload, encoding = raw.hex(), "hex"
-    else:
-        payload, encoding = raw, "utf-8"
-    return {
-        **error.as_dict(),
-        "source": {"topic": topic, "partition": partition, "offset": offset},
-        "payload": payload,
-        "payload_encoding": encoding,
-    }
+    """The JSON body put on the dead-letter topic: the raw payload plus why, and where it came from.
+
+    The payload is kept byte for byte (hex when it is not UTF-8) up to ``DEAD_LETTER_PAYLOAD_BYTES``.
+    A larger one keeps that prefix with its full length and sha256: the whole record must stay under
+    the broker's default 1 MB message limit, or the dead-letter send itself would fail and stall the
+    partition; the full payload is still at the recorded source offset.
+    """
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    record: dict[str, Any] = {**error.as_dict(), "source": {"topic": topic, "partition": partition, "offset": offset}}
+    if data is None:
+        return {**record, "payload": None, "payload_encoding": None}
+    kept = data[:DEAD_LETTER_PAYLOAD_BYTES]
+    try:
+        payload, encoding = kept.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as exc:
+        # A prefix may cut a multi-byte character: that alone does not make the payload binary.
+        if exc.start >= len(kept) - 3 and len(kept) < len(data):
+            kept = kept[: exc.start]
+            payload, encoding = kept.decode("utf-8"), "utf-8"
+        else:
+            payload, encoding = kept.hex(), "hex"
+    record.update(payload=payload, payload_encoding=encoding)
+    if len(kept) < len(data):
+        record.update(payload_truncated=True, payload_bytes=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
+    return record

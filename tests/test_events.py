@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -221,3 +222,16 @@ def test_dead_letter_without_position():
     record = dead_letter_record("[]", error, topic="items")
     assert record["source"] == {"topic": "items", "partition": None, "offset": None}
     assert record["payload"] == "[]"
+
+
+def test_dead_letter_record_of_a_huge_payload_stays_small_and_identifies_it():
+    raw = b'{"user_id": "u1", "pad": "x' + "é".encode() * (1 << 20) + b'"}'
+    error = reject(parse_interaction, raw)
+    assert error.reason == "too_large"
+    record = dead_letter_record(raw, error, topic="interactions", partition=1, offset=7)
+    assert record["payload_truncated"] is True
+    assert record["payload_bytes"] == len(raw)
+    assert record["payload_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert record["payload_encoding"] == "utf-8"  # the cut fell inside a 2-byte character
+    assert raw.startswith(record["payload"].encode("utf-8"))
+    assert len(json.dumps(record).encode()) < 1_000_000  # fits the broker's default message limit
