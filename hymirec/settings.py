@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     codebook_levels: int = Field(4, ge=1, description="CSRC residual levels (codes per item).")
     codebook_size: int = Field(256, ge=2, description="CSRC centres per level.")
     num_interests: int = Field(4, ge=1, description="K refined interests per user.")
+    item_encoder: str = Field(
+        "", description="Backbone of HyMiRec's frozen item content encoder ('smollm2', 'tiny', a path or "
+        "hub id); empty = the same as --backbone (the user LLM). Pretrained encoders' item embeddings "
+        "are cached under cache_dir/item_embeddings.",
+    )
     seed: int = 0
 
     # --- Serving (retrieval side of the worker) ----------------------------------------------------
@@ -104,7 +109,10 @@ class Settings(BaseSettings):
     trainer_holdout: int = Field(
         2, ge=1, description="Newest not-yet-trained events per user held out for the prequential evaluation."
     )
-    trainer_steps: int = Field(200, ge=1, description="Optimiser steps per fine-tune (bootstrap: trainer_steps x 3).")
+    trainer_epochs: int = Field(5, ge=1, description="Epochs per training cycle (fine-tune, or the bootstrap model).")
+    trainer_backbone: str = Field(
+        "tiny", description="Backbone of a bootstrap model (later versions keep their parent's): tiny, smollm2, a path."
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod

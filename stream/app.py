@@ -103,3 +103,6 @@ async def metrics(web, request):
 @app.page("/health")
 async def health(web, request):
     return web.json(ingestor.health())
+
+# The retrieval side (hot-swap, interest refresh, GET /recommend) registers on this app.
+from stream import serving_agents  # noqa: E402,F401
