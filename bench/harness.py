@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for
+from hymirec.procs import ManagedProcess, wait_for, worker_get, worker_health
 from hymirec.settings import Settings
 
 WORKER_START_S = 180.0
@@ -76,23 +75,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {f"HYMIREC_{name.upper()}": str(getattr(settings, name)) for name in Settings.model_fields}
 
 
-def http_get(settings: Settings, path: str) -> bytes | None:
-    try:
-        with urllib.request.urlopen(f"http://{settings.web_host}:{settings.web_port}{path}", timeout=5) as resp:
-            return resp.read()
-    except OSError:
-        return None
-
-
-def health(settings: Settings) -> dict | None:
-    body = http_get(settings, "/health")
-    return json.loads(body) if body else None
+health = worker_health
 
 
 def metrics(settings: Settings) -> dict[str, list]:
     """{sample name: [(labels, value), ...]} from the worker's GET /metrics."""
     out: dict[str, list] = {}
-    for family in text_string_to_metric_families((http_get(settings, "/metrics") or b"").decode()):
+    for family in text_string_to_metric_families((worker_get(settings, "/metrics") or b"").decode()):
         for sample in family.samples:
             out.setdefault(sample.name, []).append((sample.labels, sample.value))
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -139,7 +140,38 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from hymirec.demo import run_demo
 
-    return run_demo(settings, dataset=args.dataset, limit=args.limit, rate=args.rate, timeout=args.timeout)
+    return run_demo(settings, dataset=args.dataset, limit=args.limit, rate=args.rate, timeout=args.timeout,
+                    epochs=args.epochs)
+
+
+def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    for name, field in Settings.model_fields.items():
+        print(f"HYMIREC_{name.upper()}={getattr(settings, name)}" + (f"  # {field.description}" if field.description else ""))
+    return 0
+
+
+# --- online loop ----------------------------------------------------------------------------------
+def _cmd_topk(args: argparse.Namespace, settings: Settings) -> int:
+    from stream import serving
+
+    return serving.topk_command(args, settings)
+
+
+def _cmd_trainer(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer import online
+
+    return online.trainer_command(args, settings)
+
+
+# --- benchmarks -----------------------------------------------------------------------------------
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import runner
+
+    return runner.bench_command(args, settings)
+
+
+def _sizes(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()]
 
 
 def _add_model_args(parser: argparse.ArgumentParser, models: list[str], default: str | None) -> None:
@@ -147,6 +179,7 @@ def _add_model_args(parser: argparse.ArgumentParser, models: list[str], default:
     parser.add_argument("--items", type=_existing_file, required=True, help="item catalogue (JSONL, CSV or Parquet)")
     parser.add_argument("--model", choices=models, default=default, required=default is None)
     parser.add_argument("--backbone", help="HF hub id, local path, 'smollm2' (bundled GGUF) or 'tiny' (random, default)")
+    parser.add_argument("--item-encoder", help="HyMiRec's item content encoder, same choices (default HYMIREC_ITEM_ENCODER, else --backbone)")
     parser.add_argument("--epochs", type=_positive_int, help="training epochs (default: the model's own)")
     parser.add_argument("--seed", type=int, help="random seed (default HYMIREC_SEED)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -211,10 +244,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tr, ["hymirec", "sasrec", "multi"], "hymirec")
     tr.set_defaults(func=_cmd_train)
 
+    tk = sub.add_parser("topk", help="top-k items for a user from the live model (popular items without one)")
+    tk.add_argument("user_id")
+    tk.add_argument("--k", type=_positive_int, default=10, help="how many items (default 10)")
+    tk.add_argument("--json", action="store_true", help='print {"user_id", "model_version", "items": [...]}')
+    tk.add_argument("--include-seen", action="store_true", help="also return items the user already interacted with")
+    tk.set_defaults(func=_cmd_topk)
+
+    on = sub.add_parser("trainer", help="online trainer: fine-tune on the stream, evaluate prequentially, publish")
+    on.add_argument("--every-events", type=_positive_int, help="cycle after N new events (default HYMIREC_TRAINER_EVERY_EVENTS)")
+    on.add_argument("--every-seconds", type=_positive_float, help="...or after T seconds (default HYMIREC_TRAINER_EVERY_SECONDS)")
+    on.add_argument("--once", action="store_true", help="run one cycle now and exit")
+    on.add_argument("--margin", type=float, help="publish unless Recall@10 drops by more than this (default HYMIREC_TRAINER_MARGIN)")
+    on.add_argument("--epochs", type=_positive_int, help="epochs per cycle (default HYMIREC_TRAINER_EPOCHS)")
+    on.add_argument("--backbone", help="backbone of a bootstrap model (default HYMIREC_TRAINER_BACKBONE)")
+    on.set_defaults(func=_cmd_trainer)
+
+    bn = sub.add_parser("bench", help="benchmarks against the DESIGN targets; tables, JSON and Markdown")
+    bn.add_argument("which", choices=["ingest", "freshness", "topk", "codebook", "all"])
+    size = bn.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes: all of them in a few minutes")
+    size.add_argument("--full", action="store_true", help="largest sizes (topk at 1M items, longer streams)")
+    bn.add_argument("--sizes", type=_sizes, help="topk: comma-separated item counts (default 10000,100000)")
+    bn.add_argument("--out", type=Path, default=Path("results"), help="results directory (default results/)")
+    bn.set_defaults(func=_cmd_bench)
+
+    sub.add_parser("settings", help="every HYMIREC_* setting with its current value").set_defaults(func=_cmd_settings)
+
     demo = sub.add_parser("demo", help="run the whole loop on the embedded default (a few minutes)")
     demo.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
     demo.add_argument("--limit", type=_positive_int, default=20_000, help="interactions to replay")
     demo.add_argument("--rate", type=_positive_float, default=2_000.0, help="replay rate (events/s)")
+    demo.add_argument("--epochs", type=_positive_int, default=1, help="epochs of the demo's training cycle")
     demo.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds to wait for each stage")
     demo.set_defaults(func=_cmd_demo)
 
@@ -246,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hymirec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hymirec ... | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -10,25 +10,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for
+from hymirec.procs import ManagedProcess, wait_for, worker_health
 from hymirec.settings import Settings
 
 
 def _step(number: int, total: int, text: str) -> None:
     print(f"\n[{number}/{total}] {text}", flush=True)
-
-
-def _health(settings: Settings) -> dict | None:
-    url = f"http://{settings.web_host}:{settings.web_port}/health"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
 
 
 def _processed(health: dict | None) -> int:
@@ -39,11 +29,14 @@ def _processed(health: dict | None) -> int:
     return int(counts.get("events_applied", 0) + counts.get("duplicates_skipped", 0))
 
 
-def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeout: float) -> int:
-    from stream import broker, datasets, replay
+def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeout: float, epochs: int,
+             users_shown: int = 3) -> int:
     from store import Store
+    from store.registry import ModelRegistry
+    from stream import broker, datasets, replay
+    from stream.serving import format_recommendation, recommend
 
-    steps = 6
+    steps = 8
     data_dir = Path(settings.kafka_home).parent
     logs = data_dir / "logs"
     local = broker.LocalKafka(settings)
@@ -71,7 +64,7 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
 
         _step(3, steps, f"faust worker (log: {worker.log_path})")
         worker.start()
-        before = _processed(wait_for(lambda: _health(settings) if worker.alive else _dead(worker),
+        before = _processed(wait_for(lambda: worker_health(settings) if worker.alive else _dead(worker),
                                      timeout=120, what="the worker's /health"))
         print(f"worker up: http://{settings.web_host}:{settings.web_port}/metrics")
 
@@ -82,14 +75,47 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
 
         _step(5, steps, "waiting until the worker has applied every event")
         t0 = time.monotonic()
-        wait_for(lambda: (_processed(_health(settings)) - before >= summary.interactions) if worker.alive
+        wait_for(lambda: (_processed(worker_health(settings)) - before >= summary.interactions) if worker.alive
                  else _dead(worker), timeout=timeout, what="the worker to apply the replay")
         print(f"all {summary.interactions} events processed {time.monotonic() - t0:.1f}s after the replay ended")
 
-        _step(6, steps, "what the system did")
-        health = _health(settings) or {}
-        print(json.dumps(health.get("counts", {}), indent=None))
+        _step(6, steps, f"trainer: one cycle ({epochs} epoch(s), log: {logs / 'trainer.log'})")
+        # A margin of 1 publishes whatever the guardrail measures, so the demo always shows a
+        # hot-swap; the live and candidate scores are still printed. The service default is
+        # HYMIREC_TRAINER_MARGIN.
+        trainer = ManagedProcess(
+            [str(Path(sys.executable).with_name("hymirec")), "trainer", "--once", "--margin", "1",
+             "--epochs", str(epochs)],
+            log_path=logs / "trainer.log",
+        )
+        t0 = time.monotonic()
+        with trainer:
+            wait_for(lambda: not trainer.alive, timeout=timeout * 4, interval=1.0, what="the trainer cycle")
+        if trainer.proc.returncode != 0:
+            raise HymirecError(f"the trainer failed; last log lines:\n{trainer.tail()}")
+        print(trainer.tail(1), f"({time.monotonic() - t0:.0f} s)")
+        for line in trainer.tail(40).splitlines():
+            if "guardrail:" in line:
+                print(line.split("guardrail:", 1)[1].strip())
+        latest = ModelRegistry(settings).latest()
+        if latest is None:
+            raise HymirecError("the trainer published no version")
+
+        _step(7, steps, f"worker hot-swaps to {latest.version}")
+        t0 = time.monotonic()
+        wait_for(lambda: ((worker_health(settings) or {}).get("model_version") == latest.version) if worker.alive
+                 else _dead(worker), timeout=timeout, what=f"the worker to serve {latest.version}")
+        print(f"serving {latest.version} {time.monotonic() - t0:.1f}s after it was published")
+
+        _step(8, steps, "what the system did")
         store = Store(settings)
+        users = _sample_users(out / "interactions.jsonl", limit, users_shown)
+        for user_id in users:
+            rec = wait_for(lambda: (r := recommend(store, user_id, 5)).model_version == latest.version and r,
+                           timeout=timeout, what=f"interests of user {user_id} under {latest.version}")
+            print(format_recommendation(rec))
+        health = worker_health(settings) or {}
+        print("worker counters:", json.dumps(health.get("counts", {})))
         for name, rows in store.table_counts().items():
             print(f"  {name:<24} {rows:>8} rows")
         return 0
@@ -98,6 +124,14 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
         if started_broker:
             local.stop()
             print("broker stopped")
+
+
+def _sample_users(path: Path, limit: int, count: int) -> list[str]:
+    """The users with the most events among the first ``limit`` of the log (the ones replayed)."""
+    from stream.io import read_interactions
+
+    replayed = read_interactions(path, limit=limit)
+    return replayed["user_id"].value_counts().index[:count].tolist()
 
 
 def _dead(process: ManagedProcess):

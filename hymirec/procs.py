@@ -6,13 +6,16 @@ a bounded wait, then SIGKILL of the whole process group.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from hymirec.errors import HymirecError
+from hymirec.settings import Settings
 
 
 class WaitTimeout(HymirecError, TimeoutError):
@@ -89,3 +92,18 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "c
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def worker_get(settings: Settings, path: str) -> bytes | None:
+    """GET ``path`` from the worker's web server; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{settings.web_host}:{settings.web_port}{path}", timeout=5) as response:
+            return response.read()
+    except OSError:
+        return None
+
+
+def worker_health(settings: Settings) -> dict | None:
+    """The worker's ``GET /health`` JSON; None while it does not answer."""
+    body = worker_get(settings, "/health")
+    return json.loads(body) if body else None

@@ -210,17 +210,9 @@ def dmil_loss(
         perm = hungarian_match(interests.detach(), centroids, group_valid)
         which = perm.gather(1, assign.clamp(min=0))  # [B, W]: interest of each target
     matched = interests.gather(1, which[..., None].expand(-1, -1, D))  # [B, W, D]
-    scale = torch.as_tensor(scale, device=interests.device)
-    infonce = _info_nce(
-        matched.reshape(-1, D),
-        targets.reshape(-1, D),
-        negatives,
-        scale,
-        target_mask.reshape(-1),
-        fn_threshold,
-        None if target_ids is None else target_ids.reshape(-1),
-        negative_ids,
-    )
+    # Each target against its matched interest is the single-interest loss over [B, W] pairs.
+    infonce = sampled_softmax_loss(matched, targets, negatives, scale, mask=target_mask,
+                                   positive_ids=target_ids, negative_ids=negative_ids, fn_threshold=fn_threshold)
     dis = disentangle_penalty(interests)
     loss = infonce + disentangle_weight * dis if disentangle_weight > 0 else infonce
     with torch.no_grad():

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
+from hymirec.procs import worker_get
 from hymirec.settings import Settings
 from store import Store
 from stream.broker import LocalKafka
@@ -82,7 +82,8 @@ def running_worker(settings: Settings, log_file: Path):
                 proc.wait(10)
 
 
-def wait_for(what: str, check, proc: subprocess.Popen, log_file: Path, deadline_s: float = DEADLINE_S):
+def wait_for(what: str, check, proc: subprocess.Popen, log_file: Path, deadline_s: float = DEADLINE_S,
+             interval: float = 0.5):
     deadline = time.monotonic() + deadline_s
     while True:
         assert proc.poll() is None, f"worker exited ({proc.returncode}) while waiting for {what}:\n{tail(log_file)}"
@@ -90,20 +91,15 @@ def wait_for(what: str, check, proc: subprocess.Popen, log_file: Path, deadline_
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; worker log:\n{tail(log_file)}")
-        time.sleep(0.5)
+            pytest.fail(f"timed out waiting for {what}; worker log:\n{tail(log_file, 80)}")
+        time.sleep(interval)
 
 
 def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def http_get(settings: Settings, path: str) -> bytes | None:
-    try:
-        with urllib.request.urlopen(f"http://{settings.web_host}:{settings.web_port}{path}", timeout=5) as resp:
-            return resp.read()
-    except OSError:
-        return None
+http_get = worker_get
 
 
 def scrape(settings: Settings) -> dict[tuple[str, tuple], float]:
