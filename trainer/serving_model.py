@@ -173,7 +173,7 @@ class HyMiRecServing:
     def _upsert_items(self, ids: list[str], texts: list[str]) -> None:
         """Give new items (appended, no ID embedding) and changed ones their content and codes."""
         items, cat = self.module.items, self.catalogue
-        content = encode_content(self.encoder, texts)
+        content = items.standardise(encode_content(self.encoder, texts))  # stored content is standardised
         new = [i for i in dict.fromkeys(ids) if i not in cat.index]
         if new:
             n = len(new)
@@ -184,7 +184,8 @@ class HyMiRecServing:
             grow = {"content": torch.zeros(n, items.content.size(1)), "has_content": torch.zeros(n, 1)}
             if items.codebook is not None:
                 grow |= {"codes": torch.zeros(n, items.codes.size(1), dtype=torch.long),
-                         "scales": torch.zeros(n, items.scales.size(1), dtype=torch.uint8)}
+                         "scales": torch.zeros(n, items.scales.size(1), dtype=torch.uint8),
+                         "history_table": torch.zeros(n, items.history_table.size(1))}
             for name, extra in grow.items():
                 setattr(items, name, torch.cat([getattr(items, name), extra]))  # buffers stay buffers
             if items.id_emb is not None:
@@ -197,10 +198,12 @@ class HyMiRecServing:
         items.content[rows] = content
         items.has_content[rows] = (content.abs().sum(-1, keepdim=True) > 0).float()
         if items.codebook is not None:
-            codes, scales = items.codebook.encode(content)
+            # The codebook quantises item vectors (what fit_codebook saw), not raw content.
+            codes, scales = items.codebook.encode(items.vectors()[rows])
             items.codes[rows] = codes
             if scales is not None:
                 items.scales[rows] = scales
+            items.history_table[rows] = items.codebook.decode(codes, scales)
         self._vectors = None
 
     @torch.no_grad()
@@ -226,7 +229,8 @@ class HyMiRecServing:
         changed = [j for j, i in enumerate(cat.item_ids)
                    if j >= len(self.catalogue.item_ids) or self.catalogue.texts[j] != cat.texts[j]]
         if changed and self.encoder is not None:
-            content[torch.as_tensor(changed) + 1] = encode_content(self.encoder, [cat.texts[j] for j in changed])
+            content[torch.as_tensor(changed) + 1] = old.items.standardise(
+                encode_content(self.encoder, [cat.texts[j] for j in changed]))
         config = asdict(old.config)
         overrides = {k: v for k, v in config.items() if k not in ("num_items", "content_dim", "codebook")}
         overrides["codebook"] = CodebookConfig(**config["codebook"])
@@ -347,7 +351,7 @@ def _verified_rebuild(loaded: LoadedModel, recipe: dict) -> ItemEncoder | None:
         return None
     sample = [j for j, t in enumerate(loaded.catalogue.texts) if t.strip()][:VERIFY_ITEMS]
     if sample:
-        again = encode_content(encoder, [loaded.catalogue.texts[j] for j in sample])
+        again = loaded.module.items.standardise(encode_content(encoder, [loaded.catalogue.texts[j] for j in sample]))
         stored = loaded.module.items.content[torch.as_tensor(sample) + 1]
         cosine = torch.nn.functional.cosine_similarity(again, stored, dim=-1).min().item()
         if cosine < VERIFY_COSINE:

@@ -1,0 +1,381 @@
+"""HyMiRec: a lightweight coarse branch over the long history + an LLM refined branch (DESIGN §2).
+
+    item i ─► content_i (frozen item-encoder embedding, standardised)
+           ─► item vector e_i = proj(content_i) + id_i ─────────────► scoring table, recent inputs
+                     │ (after training phase 1: frozen into CSRC codes, a few bytes per item)
+                     ▼
+    long history ─► codes ─► decoded ê_i ─► CoarseBranch: causal transformer over ≤ 1,000 items
+                                            → last state + M attention-pooled coarse interests
+                                                          │
+    RefinedBranch (user LLM, inputs_embeds): [coarse ; recent N exact e's ; K query tokens]
+        → outputs at the K query positions → head (+ skip from the coarse state)
+        → L2-normalised interests [B, K, D]
+
+An item's score for a user is the max cosine over the K interests. The coarse branch reads only what
+a stored history holds: each item's CSRC codes (plus quantised scales), decoded. The recent items
+are read exactly (their ids are kept, DESIGN §1).
+
+Training runs in two phases (trainer.offline.HyMiRecModel drives them):
+1. ``coarse_loss``: the item table and the coarse branch learn next-item prediction at (up to 200
+   random) positions of every user's long history, SASRec's objective, over the exact item
+   vectors. Then ``ItemTable.fit_codebook`` freezes the item vectors into codes and the coarse
+   branch adapts briefly to reading their reconstruction.
+2. ``loss``: with the item table and coarse branch frozen, the refined branch learns, at C random
+   cut points per user, to predict the next W items with the DMIL loss. It starts as an identity
+   map of the coarse branch's last state (see ``RefinedBranch``), so it refines a trained model.
+
+Flags for the ablations: ``num_interests=1``; ``use_codebook=False`` (the coarse branch reads the
+exact item vectors); ``use_coarse=False`` (= the "multi" baseline: HLLM-like user LLM over the
+recent items + K queries, trained in one phase); ``disentangle_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.backbone import Backbone, load_backbone
+from model.codebook import CodebookConfig, ResidualCodebook
+from model.losses import LogitScale, dmil_loss, sampled_softmax_loss
+from model.sasrec import CausalBlock, causal_mask
+
+
+@dataclass
+class HyMiRecConfig:
+    num_items: int  # N; item indices 1..N, 0 is padding
+    content_dim: int  # width of the frozen content embeddings
+    dim: int = 64  # item / interest width
+    use_id_embedding: bool = True  # learned ID embedding added to exact item vectors
+    # coarse branch over the long history
+    use_coarse: bool = True
+    use_codebook: bool = True
+    history_len: int = 1000
+    coarse_layers: int = 2
+    coarse_heads: int = 1
+    coarse_interests: int = 4  # M attention-pooled interests (plus the last state)
+    dropout: float = 0.2
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    # refined branch
+    user_backbone: str = "tiny"
+    user_hidden: int = 64  # width of a tiny user backbone
+    recent_len: int = 50  # N recent items, read exactly
+    num_interests: int = 4  # K
+    # training objective
+    targets: int = 4  # W: next items each cut point predicts
+    cuts: int = 8  # C cut points per user per step
+    aux_weight: float = 1.0  # coarse next-item loss in phase 2 ...
+    aux_positions: int = 50  # ... at this many random positions per user per step (0 = all)
+    disentangle_weight: float = 0.0
+    fn_threshold: float = 0.99
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HyMiRecConfig:
+        d = dict(d)
+        d["codebook"] = CodebookConfig(**d["codebook"])
+        return cls(**d)
+
+
+class ItemTable(nn.Module):
+    """Item vectors e [N+1, D] = proj(content) + ID embedding (row 0 = padding = 0), and the
+    coarse branch's inputs from codes.
+
+    content: frozen [N+1, C] (row 0 and items without text = 0; those rely on their ID embedding).
+    It is stored standardised per dimension: LLM hidden states share one dominant direction (mean
+    pairwise cosine ≈ 0.96 for SmolLM2), which would make the codebook's reconstruction cosine
+    meaningless and drown the differences between items. ``standardise`` applies the same shift and
+    scale to items added later.
+    """
+
+    def __init__(self, config: HyMiRecConfig, content: torch.Tensor) -> None:
+        super().__init__()
+        self.config = config
+        N, D = config.num_items, config.dim
+        content = content.float()
+        present = content.abs().sum(-1) > 0
+        rows = content[present] if present.any() else torch.zeros(1, content.size(1))
+        self.register_buffer("content_shift", rows.mean(0))
+        self.register_buffer("content_scale", rows.std(0, unbiased=False).clamp(min=1e-6) if len(rows) > 1
+                             else torch.ones(content.size(1)))
+        self.register_buffer("has_content", present.float()[:, None])
+        self.register_buffer("content", self.standardise(content))
+        self.content_norm = nn.LayerNorm(config.content_dim)
+        self.proj = nn.Linear(config.content_dim, D)
+        self.id_emb = nn.Embedding(N + 1, D, padding_idx=0) if config.use_id_embedding else None
+        if self.id_emb is not None:
+            nn.init.normal_(self.id_emb.weight, std=0.02)
+            with torch.no_grad():
+                self.id_emb.weight[0].zero_()
+        self.codebook = ResidualCodebook(config.codebook, D) if config.use_codebook else None
+        if self.codebook is not None:
+            L = config.codebook.levels
+            self.register_buffer("codes", torch.zeros(N + 1, L, dtype=torch.long))
+            self.register_buffer("scales", torch.zeros(N + 1, L, dtype=torch.uint8))
+            self.register_buffer("history_table", torch.zeros(N + 1, D))  # decoded codes, row 0 = 0
+
+    def standardise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw encoder outputs [..., C] → stored content; all-zero rows (no text) stay zero."""
+        present = (raw.abs().sum(-1, keepdim=True) > 0).to(raw.dtype)
+        return (raw - self.content_shift) / self.content_scale * present
+
+    def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
+        """content [..., C] → [..., D]; zero content (no text / padding) stays zero."""
+        present = (content.abs().sum(-1, keepdim=True) > 0).to(content.dtype)
+        return self.proj(self.content_norm(content)) * present
+
+    def vectors(self) -> torch.Tensor:
+        """[N+1, D] exact item vectors (the scoring table and the refined branch's recent inputs)."""
+        e = self.content_vectors(self.content)
+        if self.id_emb is not None:
+            e = e + self.id_emb.weight
+        return e
+
+    @property
+    def codebook_ready(self) -> bool:
+        return self.codebook is not None and bool(self.codebook.fitted)
+
+    @torch.no_grad()
+    def fit_codebook(self) -> dict:
+        """Freeze the current item vectors into CSRC codes: fit the codebook on them, store every
+        item's codes and their reconstruction, which the coarse branch reads from now on."""
+        e = self.vectors().detach()
+        self.codebook.fit(e[1:])
+        codes, scales = self.codebook.encode(e)
+        self.codes.copy_(codes)
+        if scales is not None:
+            self.scales.copy_(scales)
+        self.history_table.copy_(self.codebook.decode(codes, scales))
+        self.history_table[0].zero_()
+        return {
+            "bytes_per_item": self.codebook.bytes_per_item,
+            "reconstruction_cosine": self.codebook.reconstruction_cosine(e[1:]),
+        }
+
+    def from_codes(self, codes: torch.Tensor, scales: torch.Tensor | None, pad: torch.Tensor) -> torch.Tensor:
+        """What the coarse branch reads of a stored history: codes [B, T, L] (+ scales) → [B, T, D]."""
+        decoded = self.codebook.decode(codes, scales if self.config.codebook.scale_bits else None)
+        return decoded.masked_fill(pad.unsqueeze(-1), 0.0)
+
+    def history_inputs(self, seq: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        """seq [B, T] item indices (0 = pad) → coarse inputs [B, T, D]: the items' reconstruction
+        from their codes once the codebook is fitted, else the exact vectors ``exact`` [N+1, D]."""
+        return self.history_table[seq] if self.codebook_ready else exact[seq]
+
+
+class CoarseBranch(nn.Module):
+    """SASRec-style causal transformer over the long history plus M attention-pooling queries.
+
+    forward: x [B, T, D], pad [B, T] → states [B, T, D] (state t summarises items ≤ t).
+    interests: states, pad, ends [B, C] (the last history position of each cut) → [B, C, M+1, D]:
+    the state at ``end`` and M pooled vectors over states ≤ end.
+    """
+
+    def __init__(self, config: HyMiRecConfig) -> None:
+        super().__init__()
+        D, M = config.dim, config.coarse_interests
+        self.config = config
+        self.pos_emb = nn.Embedding(config.history_len, D)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(CausalBlock(D, config.coarse_heads, config.dropout) for _ in range(config.coarse_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.queries = nn.Parameter(torch.randn(M, D) * D**-0.5)
+        self.key = nn.Linear(D, D)
+        self.value = nn.Linear(D, D)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        T = x.size(1)
+        # Positions count back from the newest item, so the same item gets the same position
+        # whatever the padded length of its batch.
+        pos = torch.arange(T - 1, -1, -1, device=x.device).clamp(max=self.config.history_len - 1)
+        x = self.drop(x + self.pos_emb(pos)).masked_fill(pad.unsqueeze(-1), 0.0)
+        mask = causal_mask(pad, self.config.coarse_heads)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x).masked_fill(pad.unsqueeze(-1), 0.0)
+
+    def interests(self, states: torch.Tensor, pad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        B, T, D = states.shape
+        last = states.gather(1, ends[..., None].expand(-1, -1, D))  # [B, C, D]
+        scores = torch.einsum("md,btd->bmt", self.queries, self.key(states)) / D**0.5  # [B, M, T]
+        t = torch.arange(T, device=states.device)
+        blocked = (t[None, None, :] > ends[..., None]) | pad[:, None, :]  # [B, C, T]
+        scores = scores[:, None].masked_fill(blocked[:, :, None], -math.inf)  # [B, C, M, T]
+        pooled = torch.einsum("bcmt,btd->bcmd", scores.softmax(-1), self.value(states))
+        return torch.cat([last[:, :, None], pooled], dim=2)
+
+
+class RefinedBranch(nn.Module):
+    """The user LLM over ``[coarse ; recent ; K queries]`` as inputs_embeds.
+
+    coarse [B, M', D] or None, recent [B, N, D], recent_pad [B, N] bool → interests [B, K, D],
+    L2-normalised. Padding may sit anywhere; position ids count real tokens only, and padded keys
+    are masked, so padded slots do not change the outputs. Each interest also gets a learned map of
+    the coarse branch's last state (a skip path), so the LLM learns a refinement of it.
+    """
+
+    def __init__(self, config: HyMiRecConfig, backbone: Backbone) -> None:
+        super().__init__()
+        H, D, K = backbone.hidden, config.dim, config.num_interests
+        self.llm = backbone.decoder
+        self.inp = nn.Linear(D, H)
+        self.segment = nn.Parameter(torch.zeros(3, H))  # coarse / recent / query
+        self.queries = nn.Parameter(torch.randn(K, H) * 0.02)
+        self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, D))
+        self.skip = nn.Linear(D, D) if config.use_coarse else None
+        if self.skip is not None:
+            # Start as the coarse branch's prediction (identity skip, silent LLM head): after the
+            # coarse phase, training refines a good recommender instead of a random one.
+            with torch.no_grad():
+                self.skip.weight.copy_(torch.eye(D))
+                self.skip.bias.zero_()
+                self.head[-1].weight.zero_()
+                self.head[-1].bias.zero_()
+
+    def forward(self, coarse: torch.Tensor | None, recent: torch.Tensor, recent_pad: torch.Tensor) -> torch.Tensor:
+        B = recent.size(0)
+        K = self.queries.size(0)
+        parts = [self.inp(recent) + self.segment[1]]
+        masks = [~recent_pad]
+        if coarse is not None:
+            parts.insert(0, self.inp(coarse) + self.segment[0])
+            masks.insert(0, torch.ones(coarse.shape[:2], dtype=torch.bool, device=recent.device))
+        parts.append((self.queries + self.segment[2]).expand(B, -1, -1))
+        masks.append(torch.ones(B, K, dtype=torch.bool, device=recent.device))
+        x = torch.cat(parts, dim=1)
+        mask = torch.cat(masks, dim=1).long()
+        x = x * mask[..., None]  # padded slots hold zeros, so nothing leaks even if unmasked
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        dtype = next(self.llm.parameters()).dtype
+        out = self.llm(inputs_embeds=x.to(dtype), attention_mask=mask, position_ids=positions).last_hidden_state
+        interests = self.head(out[:, -K:].float())
+        if self.skip is not None:
+            interests = interests + self.skip(coarse[:, :1])
+        return F.normalize(interests, dim=-1)
+
+
+def window(seq: torch.Tensor, ends: torch.Tensor, size: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items seq[b, end + offset - size + 1 ... end + offset] for every cut.
+
+    seq [B, T], ends [B, C] → (items [B, C, size], pad [B, C, size]); outside the sequence = pad.
+    """
+    T = seq.size(1)
+    idx = ends[..., None] + offset - size + 1 + torch.arange(size, device=seq.device)
+    inside = (idx >= 0) & (idx < T)
+    items = seq[:, None, :].expand(-1, ends.size(1), -1).gather(2, idx.clamp(0, T - 1))
+    items = items.masked_fill(~inside, 0)
+    return items, items == 0
+
+
+class HyMiRec(nn.Module):
+    def __init__(self, config: HyMiRecConfig, content: torch.Tensor, user_backbone: Backbone | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.items = ItemTable(config, content)
+        self.coarse = CoarseBranch(config) if config.use_coarse else None
+        backbone = user_backbone or load_backbone(config.user_backbone, hidden=config.user_hidden)
+        self.refined = RefinedBranch(config, backbone)
+        self.scale = LogitScale()
+
+    def item_vectors(self) -> torch.Tensor:
+        """[N+1, D] scoring table (row 0 = padding)."""
+        return self.items.vectors()
+
+    def freeze_coarse(self) -> None:
+        """After phase 1: the item table and the coarse branch stay as they are; phase 2 trains the
+        refined branch on top of them (and skips their backward pass)."""
+        for module in (self.items, self.coarse):
+            module.requires_grad_(False)
+
+    @property
+    def coarse_frozen(self) -> bool:
+        return self.coarse is not None and not any(p.requires_grad for p in self.coarse.parameters())
+
+    def _interests_at(self, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """seq [B, T] left-padded, ends [B, C] → (interests [B, C, K, D], coarse states [B, T, D] | None)."""
+        B, C = ends.shape
+        recent, recent_pad = window(seq, ends, self.config.recent_len, 0)
+        coarse = states = None
+        if self.coarse is not None:
+            pad = seq == 0
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
+                states = self.coarse(self.items.history_inputs(seq, exact), pad)
+                coarse = self.coarse.interests(states, pad, ends).flatten(0, 1)
+        recent_vecs = exact[recent.flatten(0, 1)]
+        interests = self.refined(coarse, recent_vecs, recent_pad.flatten(0, 1))
+        return interests.view(B, C, *interests.shape[1:]), states
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [B, T] left-padded histories (the whole history; the coarse branch reads its last
+        ``history_len`` items, the refined branch the last ``recent_len``) → interests [B, K, D]."""
+        seq = seq[:, -self.config.history_len :]
+        ends = torch.full((seq.size(0), 1), seq.size(1) - 1, device=seq.device)
+        return self._interests_at(seq, ends, self.item_vectors())[0][:, 0]
+
+    @torch.no_grad()
+    def coarse_user(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [B, T] left-padded → the coarse branch's last state as one interest [B, 1, D] (what
+        the coarse phase of training is validated on)."""
+        seq = seq[:, -self.config.history_len :]
+        states = self.coarse(self.items.history_inputs(seq, self.item_vectors()), seq == 0)
+        return F.normalize(states[:, -1:], dim=-1)
+
+    def _negatives(self, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item is a negative (full softmax; the positive itself is masked by id)."""
+        return exact[1:], torch.arange(1, self.config.num_items + 1, device=exact.device)
+
+    def _next_item_loss(self, seq: torch.Tensor, states: torch.Tensor, exact: torch.Tensor, positions: int) -> torch.Tensor:
+        """SASRec's objective on the coarse states: state t predicts item t+1, at up to ``positions``
+        random positions per user (0 = all). The same number per user, so heavy users do not
+        dominate the loss (SASRec caps each user at its window for the same reason)."""
+        nxt = F.pad(seq[:, 1:], (0, 1))
+        valid = (seq != 0) & (nxt != 0)
+        if positions and seq.size(1) > positions:
+            noise = torch.rand(seq.shape, device=seq.device).masked_fill(~valid, -1.0)
+            keep = noise.topk(positions, dim=1).indices
+            valid = valid & torch.zeros_like(valid).scatter_(1, keep, True)
+        negatives, negative_ids = self._negatives(exact)
+        return sampled_softmax_loss(
+            states[valid], exact[nxt[valid]], negatives, self.scale(),
+            positive_ids=nxt[valid], negative_ids=negative_ids, fn_threshold=self.config.fn_threshold,
+        )
+
+    def coarse_loss(self, seq: torch.Tensor, positions: int = 200) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training phase 1: the item table and coarse branch alone, on next-item prediction.
+        seq [B, T] left-padded training sequences → (loss, stats)."""
+        exact = self.item_vectors()
+        states = self.coarse(self.items.history_inputs(seq, exact), seq == 0)
+        loss = self._next_item_loss(seq, states, exact, positions)
+        return loss, {"aux": loss.item(), "scale": self.scale().item()}
+
+    def loss(self, seq: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training phase 2 (or the only phase without a coarse branch): DMIL at the cut points,
+        plus the coarse next-item loss unless the coarse branch is frozen. seq [B, T] left-padded
+        training sequences, ends [B, C] cut positions (each with at least one history item before
+        and one target after) → (loss, stats)."""
+        cfg = self.config
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
+            exact = self.item_vectors()
+        interests, states = self._interests_at(seq, ends, exact)
+        targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
+        negatives, negative_ids = self._negatives(exact)
+        loss, stats = dmil_loss(
+            interests.flatten(0, 1),
+            exact[targets.flatten(0, 1)],
+            ~target_pad.flatten(0, 1),
+            negatives,
+            self.scale(),
+            target_ids=targets.flatten(0, 1),
+            negative_ids=negative_ids,
+            disentangle_weight=cfg.disentangle_weight,
+            fn_threshold=cfg.fn_threshold,
+        )
+        if states is not None and cfg.aux_weight > 0 and not self.coarse_frozen:
+            aux = self._next_item_loss(seq, states, exact, cfg.aux_positions)
+            stats["aux"] = aux.item()
+            loss = loss + cfg.aux_weight * aux
+        stats["scale"] = self.scale().item()
+        return loss, stats

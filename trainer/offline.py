@@ -1,0 +1,596 @@
+"""Offline training and evaluation: `hymirec eval` and `hymirec train`.
+
+    eval:  leave-one-out split (trainer.data) → fit each model on the training part with early
+           stopping on validation Recall@10 → full-ranking test metrics, top-10 diversity, timings
+    train: fit on the whole log for a fixed number of epochs → publish a registry version
+
+Every model is a ``Recommender``: ``fit`` on sequences, then ``interests(histories)`` [B, K, D] and
+``item_vectors()`` [N+1, D], scored by max cosine over interests (model.retrieval), so all models
+are ranked by the same code. Models and ablations are named ``RUNS`` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings
+from model.codebook import CodebookConfig
+from model.hymirec import HyMiRec, HyMiRecConfig
+from model.item_encoder import cached_item_embeddings, frozen_encoder
+from model.losses import LogitScale, sampled_softmax_loss
+from model.retrieval import rank_of_targets, topk_items
+from model.sasrec import SASRec, SASRecConfig
+from trainer.data import Catalogue, EvalCase, Sequences, Split, item_popularity, leave_one_out, pad_left
+from trainer.metrics import category_coverage, intra_list_distance, summarise
+
+log = logging.getLogger(__name__)
+
+
+# --- training loop --------------------------------------------------------------------------------
+@dataclass
+class FitConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # share of steps with linear warm-up, then cosine decay
+    schedule: str = "cosine"  # or "constant" (SASRec's published setting)
+    patience: int = 5  # evaluations without a better validation Recall@10
+    eval_every: int = 1  # epochs
+    grad_clip: float = 1.0
+
+
+@dataclass
+class FitReport:
+    epochs: int = 0
+    best_epoch: int = 0
+    valid_recall10: float = float("nan")
+    train_seconds: float = 0.0
+    items_seen: int = 0  # training interactions read (summed over epochs)
+    final_loss: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def _schedule(cfg: FitConfig, total_steps: int):
+    warm = max(1, int(cfg.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return factor
+
+
+def fit_loop(module: nn.Module, batches, loss_fn, cfg: FitConfig, validate=None, progress: bool = False,
+             desc: str = "train") -> FitReport:
+    """Generic loop: ``batches(epoch)`` → list of (batch, n_items); ``loss_fn(batch)`` → (loss, stats);
+    ``validate()`` → valid Recall@10 (None: no early stopping, keep the last weights)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    first = batches(0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, cfg.epochs * len(first)))
+    report, best_state, bad = FitReport(), None, 0
+    started = time.perf_counter()
+    if validate is not None:
+        # The starting point is a candidate too: a phase that starts from a trained model (the
+        # refined branch starts as the coarse branch) can then only keep or improve it.
+        module.eval()
+        report.valid_recall10 = validate()
+        best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        module.train()
+        losses = []
+        for batch, n_items in first if epoch == 0 else batches(epoch):
+            loss, stats = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            report.items_seen += n_items
+        report.epochs, report.final_loss = epoch + 1, float(np.mean(losses))
+        if validate is not None and (epoch + 1) % cfg.eval_every == 0:
+            module.eval()
+            score = validate()
+            bar.set_postfix(loss=f"{report.final_loss:.3f}", valid_r10=f"{score:.4f}")
+            if score > report.valid_recall10:
+                report.valid_recall10, report.best_epoch, bad = score, epoch + 1, 0
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+        else:
+            bar.set_postfix(loss=f"{report.final_loss:.3f}")
+    report.train_seconds = time.perf_counter() - started
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return report
+
+
+# --- models ---------------------------------------------------------------------------------------
+class Recommender:
+    """Interface every evaluated model implements."""
+
+    name: str
+    report: FitReport
+
+    def fit(self, train: Sequences, valid: EvalCase | None, progress: bool) -> FitReport:
+        raise NotImplementedError
+
+    def interests(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """Per-user histories (item indices, oldest first) → [B, K, D]."""
+        raise NotImplementedError
+
+    def item_vectors(self) -> torch.Tensor:
+        """[N+1, D] (row 0 = padding)."""
+        raise NotImplementedError
+
+
+class Popularity(Recommender):
+    """Most-popular baseline. Scores are encoded as angles so the shared cosine ranking applies:
+    item i is (cos θ_i, sin θ_i) with θ_i decreasing in its count, and every user is (1, 0)."""
+
+    def __init__(self, catalogue: Catalogue, **_) -> None:
+        self.num_items = catalogue.num_items
+        self.counts = np.zeros(self.num_items + 1)
+
+    def fit(self, train, valid, progress):
+        started = time.perf_counter()
+        self.counts = item_popularity(train.items, self.num_items)
+        self.report = FitReport(epochs=1, train_seconds=time.perf_counter() - started,
+                                items_seen=int(sum(len(s) for s in train.items)))
+        return self.report
+
+    def item_vectors(self):
+        theta = torch.as_tensor(1.0 - self.counts / max(1.0, self.counts.max()), dtype=torch.float64) * (math.pi / 2)
+        return torch.stack([theta.cos(), theta.sin()], dim=1).float()
+
+    def interests(self, histories):
+        return torch.tensor([[[1.0, 0.0]]]).expand(len(histories), 1, 2)
+
+
+class _TorchRecommender(Recommender):
+    device: torch.device
+    eval_batch: int = 128
+
+    def _eval_len(self) -> int:
+        raise NotImplementedError
+
+    def _user_vectors(self, seq: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def interests(self, histories):
+        self.model.eval()
+        order = np.argsort([len(h) for h in histories], kind="stable")
+        out = [None] * len(histories)
+        for start in range(0, len(order), self.eval_batch):
+            idx = order[start : start + self.eval_batch]
+            longest = max(1, max(len(histories[i]) for i in idx))
+            seq = torch.as_tensor(pad_left([histories[i] for i in idx], min(longest, self._eval_len())), device=self.device)
+            vecs = self._user_vectors(seq).float().cpu()
+            for row, i in enumerate(idx):
+                out[i] = vecs[row]
+        return torch.stack(out)
+
+    def validation(self, valid: EvalCase):
+        return lambda: evaluate(self, valid, ks=(10,))["recall@10"]
+
+
+SASREC_DEFAULTS = dict(dim=50, layers=2, heads=1, dropout=0.2, max_len=50)
+
+
+class SASRecModel(_TorchRecommender):
+    """SASRec trained on every position with InfoNCE over all items (the loss HyMiRec uses)."""
+
+    def __init__(self, catalogue: Catalogue, device: torch.device, epochs: int | None = None, **overrides) -> None:
+        self.config = SASRecConfig(num_items=catalogue.num_items, **{**SASREC_DEFAULTS, **overrides})
+        self.model = SASRec(self.config).to(device)
+        self.scale = LogitScale().to(device)
+        self.device = device
+        # pmixer's published optimiser: Adam, constant lr 1e-3, batch 128; early stopping decides.
+        self.fit_config = FitConfig(epochs=epochs or 200, batch_size=128, lr=1e-3, weight_decay=0.0,
+                                    schedule="constant", patience=4, eval_every=5)
+
+    def _eval_len(self):
+        return self.config.max_len
+
+    def _user_vectors(self, seq):
+        return self.model.user_vectors(seq)
+
+    def item_vectors(self):
+        return self.model.item_vectors().detach().float().cpu()
+
+    def fit(self, train, valid, progress):
+        L = self.config.max_len
+        seqs = [s for s in train.items if len(s) >= 2]
+        inputs = torch.as_tensor(pad_left([s[:-1] for s in seqs], L))
+        labels = torch.as_tensor(pad_left([s[1:] for s in seqs], L))
+        all_ids = torch.arange(1, self.config.num_items + 1, device=self.device)
+        bs = self.fit_config.batch_size
+
+        def batches(epoch):
+            perm = torch.randperm(len(seqs))
+            return [((inputs[perm[i : i + bs]], labels[perm[i : i + bs]]), int((labels[perm[i : i + bs]] > 0).sum()))
+                    for i in range(0, len(seqs), bs)]
+
+        def loss_fn(batch):
+            x, y = (t.to(self.device) for t in batch)
+            h = self.model(x)
+            table = self.model.item_vectors()
+            valid_pos = y > 0
+            loss = sampled_softmax_loss(h[valid_pos], table[y[valid_pos]], table[1:], self.scale(),
+                                        positive_ids=y[valid_pos], negative_ids=all_ids)
+            return loss, {}
+
+        module = nn.ModuleList([self.model, self.scale])
+        self.report = fit_loop(module, batches, loss_fn, self.fit_config,
+                               self.validation(valid) if valid else None, progress, desc=self.name)
+        return self.report
+
+
+# Phase 1 (coarse branch alone, SASRec's objective) and phase 2 (refined branch + DMIL).
+COARSE_FIT = dict(batch_size=64, lr=2e-3, weight_decay=0.01, warmup=0.1, patience=5, eval_every=2)
+HYMIREC_FIT = dict(batch_size=32, lr=5e-4, weight_decay=0.01, warmup=0.1, patience=4, eval_every=1)
+HYMIREC_EPOCHS = 60  # split 2:1 between the phases (the coarse phase has no refined branch to run)
+# Fields phase 2 alone uses: runs that differ only in these share one phase-1 result.
+PHASE2_FIELDS = ("num_interests", "targets", "cuts", "user_backbone", "user_hidden", "recent_len", "aux_weight",
+                 "aux_positions", "disentangle_weight")
+
+
+class HyMiRecModel(_TorchRecommender):
+    """HyMiRec (and its ablations, and the "multi" baseline = no coarse branch)."""
+
+    eval_batch = 64
+
+    def __init__(self, catalogue: Catalogue, device: torch.device, settings: Settings, backbone: str = "tiny",
+                 item_encoder: str | None = None, epochs: int | None = None, content: torch.Tensor | None = None,
+                 progress: bool = False, phase1_cache: dict | None = None, **overrides) -> None:
+        self.device = device
+        self.item_encoder = item_encoder or backbone
+        if content is None:
+            content = item_content(catalogue, self.item_encoder, settings, progress)
+        config = HyMiRecConfig(
+            num_items=catalogue.num_items,
+            content_dim=content.size(1),
+            dim=settings.embedding_dim,
+            num_interests=settings.num_interests,
+            history_len=settings.history_max_len,
+            recent_len=settings.recent_len,
+            codebook=CodebookConfig(levels=settings.codebook_levels, size=settings.codebook_size, seed=settings.seed),
+            user_backbone="tiny" if backbone in ("tiny", "tiny-llama") else backbone,
+        )
+        self.config = replace(config, **overrides)
+        self.model = HyMiRec(self.config, content).to(device)
+        total = epochs or HYMIREC_EPOCHS
+        coarse_epochs = max(1, round(total * 2 / 3)) if self.config.use_coarse else 0
+        self.coarse_fit = FitConfig(epochs=coarse_epochs, **COARSE_FIT)
+        self.fit_config = FitConfig(epochs=max(1, total - coarse_epochs), **HYMIREC_FIT)
+        self.phase1_cache = phase1_cache
+        self.scoring = "refined"
+
+    def _eval_len(self):
+        return self.config.history_len
+
+    def _user_vectors(self, seq):
+        return self.model.coarse_user(seq) if self.scoring == "coarse" else self.model(seq)
+
+    def item_vectors(self):
+        with torch.no_grad():
+            return self.model.item_vectors().float().cpu()
+
+    def _batches(self, seqs: list[np.ndarray], bs: int):
+        def batches(epoch):
+            rng = np.random.default_rng(epoch)
+            order = rng.permutation(len(seqs))
+            # Sort within chunks by length: batches of similar lengths waste little padding.
+            chunks = [sorted(order[i : i + bs * 8], key=lambda j: len(seqs[j])) for i in range(0, len(order), bs * 8)]
+            groups = [c[i : i + bs] for c in chunks for i in range(0, len(c), bs)]
+            rng.shuffle(groups)
+            return [([seqs[j] for j in g], sum(len(seqs[j]) for j in g)) for g in groups]
+
+        return batches
+
+    def _phase1_key(self) -> str:
+        fields = {k: v for k, v in asdict(self.config).items() if k not in PHASE2_FIELDS}
+        return json.dumps([fields, self.coarse_fit.epochs, torch.initial_seed()], sort_keys=True, default=str)
+
+    def _fit_coarse(self, seqs, valid, progress) -> FitReport:
+        """Phase 1: item table + coarse branch on next-item prediction, first over the exact item
+        vectors, then (with a codebook) briefly over their CSRC reconstruction, which is what the
+        coarse branch reads from then on. Cached per coarse configuration within one eval."""
+        key = self._phase1_key()
+        if self.phase1_cache is not None and key in self.phase1_cache:
+            state, report = self.phase1_cache[key]
+            self.model.load_state_dict(state, strict=False)
+            return report
+        modules = nn.ModuleList([self.model.items, self.model.coarse, self.model.scale])
+        self.scoring = "coarse"
+
+        def loss_fn(batch):
+            seq = torch.as_tensor(pad_left(batch, max(len(s) for s in batch)), device=self.device)
+            return self.model.coarse_loss(seq)
+
+        validate = self.validation(valid) if valid else None
+        batches = self._batches(seqs, self.coarse_fit.batch_size)
+        report = fit_loop(modules, batches, loss_fn, self.coarse_fit, validate, progress, desc=f"{self.name} coarse")
+        if self.config.use_codebook:
+            report.extra.update(self.model.items.fit_codebook())
+            adapt = replace(self.coarse_fit, epochs=max(1, self.coarse_fit.epochs // 4), lr=self.coarse_fit.lr / 2)
+            more = fit_loop(modules, batches, loss_fn, adapt, validate, progress, desc=f"{self.name} coarse/codes")
+            report.epochs += more.epochs
+            report.train_seconds += more.train_seconds
+            report.items_seen += more.items_seen
+            report.valid_recall10 = more.valid_recall10
+        self.scoring = "refined"
+        if self.phase1_cache is not None:
+            keep = ("items.", "coarse.", "scale.")
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k.startswith(keep)}
+            self.phase1_cache[key] = (state, report)
+        return report
+
+    def fit(self, train, valid, progress):
+        cfg = self.config
+        seqs = [s[-cfg.history_len :] for s in train.items if len(s) >= 2]
+        coarse = self._fit_coarse(seqs, valid, progress) if cfg.use_coarse else FitReport()
+        if cfg.use_coarse:
+            self.model.freeze_coarse()
+
+        def loss_fn(batch):
+            T = max(len(s) for s in batch)
+            seq = torch.as_tensor(pad_left(batch, T), device=self.device)
+            lengths = torch.as_tensor([len(s) for s in batch], device=self.device)
+            # Cut ends: at least one history item before, one target after.
+            lo = T - lengths
+            span = (lengths - 1).clamp(min=1)
+            ends = lo[:, None] + (torch.rand(len(batch), cfg.cuts, device=self.device) * span[:, None]).long()
+            return self.model.loss(seq, ends)
+
+        self.report = fit_loop(self.model, self._batches(seqs, self.fit_config.batch_size), loss_fn, self.fit_config,
+                               self.validation(valid) if valid else None, progress, desc=self.name)
+        if cfg.use_coarse:
+            self.report.extra.update(coarse.extra)
+            self.report.extra.update(coarse_epochs=coarse.epochs, coarse_valid_recall10=coarse.valid_recall10)
+            self.report.epochs += coarse.epochs
+            self.report.train_seconds += coarse.train_seconds
+            self.report.items_seen += coarse.items_seen
+        return self.report
+
+
+def item_content(catalogue: Catalogue, backbone: str, settings: Settings, progress: bool = False) -> torch.Tensor:
+    """Frozen content embeddings [N+1, C] of every item (row 0 and items without text = 0): the
+    [ITEM]-token states of the item encoder. Pretrained backbones are cached on disk."""
+    texts = catalogue.texts
+
+    def compute() -> torch.Tensor:
+        encoder = frozen_encoder(backbone, texts, settings.embedding_dim, settings.seed)
+        return encoder.encode_all(texts, progress=progress)
+
+    if backbone.startswith("tiny"):
+        vectors = compute()
+    else:
+        vectors = cached_item_embeddings(settings.cache_dir, backbone, texts, compute, progress)
+    has_text = torch.as_tensor([bool(t.strip()) for t in texts])[:, None]
+    return torch.cat([torch.zeros(1, vectors.size(1)), vectors * has_text], dim=0)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+def reference_vectors(train: Sequences, num_items: int, dim: int = 32) -> torch.Tensor:
+    """Model-independent item vectors for intra-list distance: a truncated SVD of the training
+    item-user matrix, so every model's top-10 is measured in the same space. → [N+1, dim]."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.linalg import svds
+
+    rows = np.concatenate([s for s in train.items])
+    cols = np.concatenate([np.full(len(s), u) for u, s in enumerate(train.items)])
+    m = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(num_items + 1, max(1, len(train.items))))
+    k = max(1, min(dim, min(m.shape) - 1))
+    u, s, _ = svds(m.astype(np.float64), k=k, random_state=0)
+    return torch.as_tensor(u * s, dtype=torch.float32)
+
+
+def evaluate(model: Recommender, case: EvalCase, ks=(10, 50, 200), reference: torch.Tensor | None = None,
+             category: np.ndarray | None = None, batch: int = 256) -> dict[str, float]:
+    """Full-ranking metrics of ``case``; with ``reference``/``category`` also top-10 diversity."""
+    vectors = model.item_vectors()[1:]  # rows = item index - 1
+    ranks, tops = [], []
+    for start in range(0, len(case.target), batch):
+        stop = start + batch
+        interests = model.interests(case.history[start:stop])
+        exclude = [torch.as_tensor(e - 1) for e in case.exclude[start:stop]]
+        targets = torch.as_tensor(case.target[start:stop] - 1)
+        ranks.append(rank_of_targets(interests, vectors, targets, exclude))
+        if reference is not None:
+            tops.append(topk_items(interests, vectors, 10, exclude).items + 1)
+    out = summarise(torch.cat(ranks), ks)
+    if reference is not None:
+        top = torch.cat(tops)
+        out["ild@10"] = intra_list_distance(reference[top.clamp(min=0)])
+        if category is not None and (category > 0).any():
+            out["coverage@10"] = category_coverage(top, torch.as_tensor(category - 1))
+    return out
+
+
+# --- runs -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    name: str
+    kind: str  # hymirec | sasrec | pop
+    overrides: dict = field(default_factory=dict)
+
+
+RUNS = {
+    "hymirec": Run("hymirec", "hymirec"),
+    "hymirec-k1": Run("hymirec-k1", "hymirec", {"num_interests": 1}),
+    "hymirec-nocodebook": Run("hymirec-nocodebook", "hymirec", {"use_codebook": False}),
+    "multi": Run("multi", "hymirec", {"use_coarse": False, "use_codebook": False}),
+    "sasrec": Run("sasrec", "sasrec"),
+    "sasrec-200": Run("sasrec-200", "sasrec", {"max_len": 200}),
+    "pop": Run("pop", "pop"),
+}
+ALL = ["hymirec", "hymirec-k1", "hymirec-nocodebook", "multi", "sasrec", "sasrec-200", "pop"]
+
+
+def build(run: Run, catalogue: Catalogue, settings: Settings, device: torch.device, backbone: str,
+          item_encoder: str, epochs: int | None, content: torch.Tensor | None = None,
+          progress: bool = False, phase1_cache: dict | None = None) -> Recommender:
+    if run.kind == "pop":
+        model = Popularity(catalogue)
+    elif run.kind == "sasrec":
+        model = SASRecModel(catalogue, device, epochs=epochs, **run.overrides)
+    elif run.kind == "hymirec":
+        model = HyMiRecModel(catalogue, device, settings, backbone=backbone, item_encoder=item_encoder,
+                             epochs=epochs, content=content, progress=progress, phase1_cache=phase1_cache,
+                             **run.overrides)
+    else:
+        raise HymirecError(f"unknown model {run.kind!r}; expected one of {', '.join(RUNS)}")
+    model.name = run.name
+    return model
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        try:
+            return torch.device(name)
+        except RuntimeError as exc:
+            raise HymirecError(f"bad --device {name!r}: {exc}") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def read_log(interactions: Path, items: Path):
+    from stream.io import read_interactions, read_items
+
+    return read_interactions(interactions), read_items(items)
+
+
+def run_eval(split: Split, names: list[str], settings: Settings, *, backbone: str = "tiny",
+             item_encoder: str | None = None, epochs: int | None = None, seed: int = 0,
+             device: torch.device | None = None, progress: bool = False) -> list[dict]:
+    """Fit and test every named run on one split → one result dict per run."""
+    device = device or _device(None)
+    item_encoder = item_encoder or backbone
+    reference = reference_vectors(split.train, split.catalogue.num_items)
+    content = None
+    phase1_cache: dict = {}
+    results = []
+    for name in names:
+        run = RUNS[name]
+        _seed(seed)
+        if run.kind == "hymirec" and content is None:
+            content = item_content(split.catalogue, item_encoder, settings, progress)
+        model = build(run, split.catalogue, settings, device, backbone, item_encoder, epochs, content, progress,
+                      phase1_cache)
+        report = model.fit(split.train, split.valid, progress)
+        started = time.perf_counter()
+        metrics = evaluate(model, split.test, reference=reference, category=split.catalogue.category)
+        results.append({
+            "model": name,
+            **{k: round(v, 4) for k, v in metrics.items()},
+            "valid_recall@10": round(report.valid_recall10, 4),
+            "epochs": report.epochs,
+            "best_epoch": report.best_epoch,
+            "train_s": round(report.train_seconds, 1),
+            "train_items_per_s": round(report.items_per_second),
+            "eval_users_per_s": round(len(split.test.target) / max(1e-9, time.perf_counter() - started)),
+            "seed": seed,
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in report.extra.items()},
+        })
+        log.info("%s", json.dumps(results[-1]))
+    return results
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+METRIC_COLUMNS = ["recall@10", "ndcg@10", "recall@50", "ndcg@50", "recall@200", "ndcg@200", "ild@10", "coverage@10",
+                  "train_s", "train_items_per_s"]
+
+
+def markdown_table(results: list[dict]) -> str:
+    cols = [c for c in METRIC_COLUMNS if any(c in r for r in results)]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in results:
+        lines.append(f"| {r['model']} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("recall@10", "ndcg@10")):
+        ax.bar(names, [r[metric] for r in results], color=["C0" if n.startswith("hymirec") else "C7" for n in names])
+        ax.set_title(metric)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def item_encoder_name(args, settings: Settings) -> str:
+    return getattr(args, "item_encoder", None) or settings.item_encoder or args.backbone or "tiny"
+
+
+def eval_command(args, settings: Settings) -> int:
+    names = ALL if args.model == "all" else [args.model]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise HymirecError(f"unknown model {unknown[0]!r}; expected one of {', '.join(RUNS)} or all")
+    interactions, items = read_log(args.interactions, args.items)
+    split = leave_one_out(interactions, items)
+    seed = args.seed if args.seed is not None else settings.seed
+    backbone = args.backbone or "tiny"
+    results = run_eval(split, names, settings, backbone=backbone, item_encoder=item_encoder_name(args, settings),
+                       epochs=args.epochs, seed=seed, device=_device(args.device), progress=not args.json)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['model']}: " + "  ".join(f"{k} {r[k]}" for k in METRIC_COLUMNS if k in r))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "results.md").write_text(markdown_table(results) + "\n")
+        plot_results(results, out / "results.png")
+        if not args.json:
+            print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
+    return 0
+
+
+def train_command(args, settings: Settings) -> int:
+    from trainer.publish import train_and_publish
+
+    version, _ = train_and_publish(args, settings)
+    print(f"published {version.version} (parent {version.parent or '-'}) at {version.path}")
+    return 0
