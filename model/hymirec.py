@@ -67,8 +67,7 @@ class HyMiRecConfig:
     # training objective
     targets: int = 4  # W: next items each cut point predicts
     cuts: int = 8  # C cut points per user per step
-    aux_weight: float = 1.0  # coarse next-item loss in phase 2 ...
-    aux_positions: int = 50  # ... at this many random positions per user per step (0 = all)
+    coarse_positions: int = 200  # phase 1: next-item loss at up to this many positions per user per step
     disentangle_weight: float = 0.0
     fn_threshold: float = 0.99
 
@@ -343,19 +342,18 @@ class HyMiRec(nn.Module):
             positive_ids=nxt[valid], negative_ids=negative_ids, fn_threshold=self.config.fn_threshold,
         )
 
-    def coarse_loss(self, seq: torch.Tensor, positions: int = 200) -> tuple[torch.Tensor, dict[str, float]]:
+    def coarse_loss(self, seq: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Training phase 1: the item table and coarse branch alone, on next-item prediction.
         seq [B, T] left-padded training sequences → (loss, stats)."""
         exact = self.item_vectors()
         states = self.coarse(self.items.history_inputs(seq, exact), seq == 0)
-        loss = self._next_item_loss(seq, states, exact, positions)
+        loss = self._next_item_loss(seq, states, exact, self.config.coarse_positions)
         return loss, {"aux": loss.item(), "scale": self.scale().item()}
 
     def loss(self, seq: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training phase 2 (or the only phase without a coarse branch): DMIL at the cut points,
-        plus the coarse next-item loss unless the coarse branch is frozen. seq [B, T] left-padded
-        training sequences, ends [B, C] cut positions (each with at least one history item before
-        and one target after) → (loss, stats)."""
+        """Training phase 2 (or the only phase without a coarse branch): DMIL at the cut points.
+        seq [B, T] left-padded training sequences, ends [B, C] cut positions (each with at least one
+        history item before and one target after) → (loss, stats)."""
         cfg = self.config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
             exact = self.item_vectors()
@@ -373,9 +371,5 @@ class HyMiRec(nn.Module):
             disentangle_weight=cfg.disentangle_weight,
             fn_threshold=cfg.fn_threshold,
         )
-        if states is not None and cfg.aux_weight > 0 and not self.coarse_frozen:
-            aux = self._next_item_loss(seq, states, exact, cfg.aux_positions)
-            stats["aux"] = aux.item()
-            loss = loss + cfg.aux_weight * aux
         stats["scale"] = self.scale().item()
         return loss, stats

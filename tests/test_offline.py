@@ -94,12 +94,14 @@ def test_train_publishes_versions_and_load_reproduces_scores(tmp_path, monkeypat
     from trainer.publish import load_version, train_and_publish
 
     inter, items = synthetic
-    uri = str(tmp_path / "lancedb")
-    monkeypatch.setenv("HYMIREC_LANCEDB_URI", uri)
+    small = {"HYMIREC_LANCEDB_URI": str(tmp_path / "lancedb"), "HYMIREC_CODEBOOK_SIZE": "16",
+             "HYMIREC_EMBEDDING_DIM": "32", "HYMIREC_HISTORY_MAX_LEN": "40"}
+    for name, value in small.items():
+        monkeypatch.setenv(name, value)
     assert main(["train", "--interactions", str(inter), "--items", str(items), "--epochs", "1"]) == 0
     assert "published v0001" in capsys.readouterr().out
 
-    settings = Settings(lancedb_uri=uri)
+    settings = Settings()  # the same environment
     args = argparse.Namespace(interactions=inter, items=items, model="hymirec", backbone=None, item_encoder=None, epochs=1,
                               seed=2, device="cpu")
     version, trained = train_and_publish(args, settings)

@@ -257,8 +257,8 @@ COARSE_FIT = dict(batch_size=64, lr=2e-3, weight_decay=0.01, warmup=0.1, patienc
 HYMIREC_FIT = dict(batch_size=32, lr=5e-4, weight_decay=0.01, warmup=0.1, patience=4, eval_every=1)
 HYMIREC_EPOCHS = 60  # split 2:1 between the phases (the coarse phase has no refined branch to run)
 # Fields phase 2 alone uses: runs that differ only in these share one phase-1 result.
-PHASE2_FIELDS = ("num_interests", "targets", "cuts", "user_backbone", "user_hidden", "recent_len", "aux_weight",
-                 "aux_positions", "disentangle_weight")
+PHASE2_FIELDS = ("num_interests", "targets", "cuts", "user_backbone", "user_hidden", "recent_len",
+                 "disentangle_weight")
 
 
 class HyMiRecModel(_TorchRecommender):
