@@ -3,6 +3,7 @@
     export_ml100k("data/ml-100k", settings)        # MovieLens-100k, from the recbole wheel
     export_synthetic("data/syn", users=1000, items=2000, interests=20,
                      events_per_user=60, drift=0.0, seed=0)   # planted multi-interest users
+    export_synthetic(..., fresh_items=0.3)   # catalogue drift: 30% of the items released over time
 
 Both write the interaction log time-ordered (a stable sort: ties keep their source order, which
 decides the leave-one-out test item, DESIGN §3) and a small ``meta.json`` with the counts; the
@@ -147,6 +148,8 @@ WORDS_PER_TOPIC = 12
 TOPIC_WORDS_PER_ITEM = 3
 FILLER = ("classic", "new", "deluxe", "edition", "collection", "original", "special", "series", "premium",
           "essential", "ultimate", "volume", "select", "signature", "complete", "limited")
+FRESH_BOOST = 3.0  # a just-released item's log-popularity bonus (x20: the hit of its topic for a while)...
+FRESH_DECAY_MS = 3 * 24 * 3600 * 1000  # ...fading with this time constant
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
@@ -213,8 +216,39 @@ def _topic_sequence(rng: np.random.Generator, n: int, start: np.ndarray, w_start
     return union[drawn[last]]
 
 
+def _release_times(rng: np.random.Generator, members: list[np.ndarray], items: int, fresh_items: float,
+                   span_ms: int) -> np.ndarray:
+    """Release time (ms) of every item: the floor of ``fresh_items`` × each topic's items are released
+    at uniform times over the log's span, the rest exist from the start (-1: always available)."""
+    release = np.full(items, -1, dtype=np.int64)
+    for pool in members:
+        fresh = rng.choice(pool, size=int(fresh_items * len(pool)), replace=False)
+        release[fresh] = BASE_TS_MS + rng.integers(span_ms, size=len(fresh))
+    return release
+
+
+def _choose_released(rng: np.random.Generator, seq: np.ndarray, ts: np.ndarray, members: list[np.ndarray],
+                     log_popularity: list[np.ndarray], release: np.ndarray) -> np.ndarray:
+    """Item of each of a user's events, in time order: among its topic's items released by then and
+    not yet seen by the user (seen ones only when none is left), by popularity plus a bonus for
+    recent releases (Gumbel-max sampling)."""
+    chosen = np.empty(len(seq), dtype=np.int64)
+    seen: set[int] = set()
+    for i, (t, now) in enumerate(zip(seq, ts)):
+        pool = members[t]
+        out = release[pool] > now
+        age = np.maximum(now - release[pool], 0)
+        logits = log_popularity[t] + np.where(release[pool] >= 0, FRESH_BOOST * np.exp(-age / FRESH_DECAY_MS), 0.0)
+        unseen = ~out & ~np.isin(pool, list(seen))
+        allowed = unseen if unseen.any() else ~out
+        j = pool[np.argmax(np.where(allowed, logits + rng.gumbel(size=len(pool)), -np.inf))]
+        chosen[i] = j
+        seen.add(int(j))
+    return chosen
+
+
 def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, interests: int,
-                     events_per_user: int, drift: float, seed: int) -> str:
+                     events_per_user: int, drift: float, seed: int, fresh_items: float = 0.0) -> str:
     """Write a planted multi-interest dataset; returns a summary line. Same seed, same bytes.
 
     ``interests`` latent topics each own a vocabulary and a share of the items (item text: three of
@@ -222,8 +256,13 @@ def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, inte
     their topic. Each user mixes 2-5 topics (Dirichlet weights, half of the mass spread evenly so
     every planted topic shows) and interleaves them in time, with short same-topic runs;
     ``drift`` in [0, 1] shifts that mix over the user's timeline (see ``_user_mix``). Events per
-    user vary log-normally around ``events_per_user`` (at least 5); a user never repeats an item
+    user vary log-normally around ``events_per_user`` (at least 5); a user never repeats an item    user never repeats an item
     while their topics still have unseen ones. Users overlap in time; the log is time-ordered.
+
+    ``fresh_items`` in [0, 1) adds catalogue drift: that share of each topic's items is released at
+    a uniform time over the log (the item's ``ts``; truth.json lists them), cannot be chosen before
+    it and is boosted for a few days after (FRESH_BOOST, FRESH_DECAY_MS), so what is popular moves
+    to new items over time. 0 keeps the output byte-identical to a generator without the option.
     """
     started = time.perf_counter()
     if interests < 2:
@@ -232,6 +271,8 @@ def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, inte
         raise HymirecError(f"--items ({items}) must be at least --interests ({interests}): every topic needs items")
     if not 0.0 <= drift <= 1.0:
         raise HymirecError(f"--drift must be within 0..1, got {drift}")
+    if not 0.0 <= fresh_items < 1.0:
+        raise HymirecError(f"--fresh-items must be within 0..1 (1 excluded), got {fresh_items}")
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,12 +289,14 @@ def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, inte
     picks = np.argsort(rng.random((items, WORDS_PER_TOPIC)), axis=1)[:, :TOPIC_WORDS_PER_ITEM]
     filler = rng.integers(len(FILLER), size=items)
     shuffle = np.argsort(rng.random((items, TOPIC_WORDS_PER_ITEM + 1)), axis=1)
+    release = (_release_times(rng, members, items, fresh_items, USER_START_SPREAD_MS + events_per_user * MEAN_GAP_MS)
+               if fresh_items > 0 else np.full(items, -1, dtype=np.int64))
     catalogue = []
     for j in range(items):
         t = item_topic[j]
         words = [vocab[t][w] for w in picks[j]] + [FILLER[filler[j]]]
         catalogue.append({"item_id": item_ids[j], "text": " ".join(words[w] for w in shuffle[j]).capitalize(),
-                          "category": topic_names[t], "ts": None})
+                          "category": topic_names[t], "ts": int(release[j]) if release[j] >= 0 else None})
 
     # Users: a topic per event, then distinct items per topic (popular ones likelier), shuffled.
     # Gumbel top-k on log-popularity draws without replacement in proportion to popularity.
@@ -265,18 +308,23 @@ def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, inte
         n = int(counts[u])
         start, w_start, end, w_end = _user_mix(rng, interests, drift)
         seq = _topic_sequence(rng, n, start, w_start, end, w_end, drift)
-        chosen = np.empty(n, dtype=np.int64)
-        for t in np.unique(seq):
-            slots = np.flatnonzero(seq == t)
-            pool = members[t]
-            ranked = pool[np.argsort(-(log_popularity[t] + rng.gumbel(size=len(pool))))]
-            picks = ranked[:len(slots)]
-            if len(picks) < len(slots):  # the topic ran out of unseen items: repeats, still by popularity
-                p = np.exp(log_popularity[t])
-                picks = np.concatenate([picks, rng.choice(pool, size=len(slots) - len(picks), p=p / p.sum())])
-            chosen[slots] = rng.permutation(picks)
-        gaps = rng.exponential(MEAN_GAP_MS, size=n).astype(np.int64) + 1  # strictly increasing per user
-        ts = BASE_TS_MS + int(rng.integers(USER_START_SPREAD_MS)) + np.cumsum(gaps)
+        if fresh_items > 0:  # an event's item depends on its time: times first
+            gaps = rng.exponential(MEAN_GAP_MS, size=n).astype(np.int64) + 1
+            ts = BASE_TS_MS + int(rng.integers(USER_START_SPREAD_MS)) + np.cumsum(gaps)
+            chosen = _choose_released(rng, seq, ts, members, log_popularity, release)
+        else:
+            chosen = np.empty(n, dtype=np.int64)
+            for t in np.unique(seq):
+                slots = np.flatnonzero(seq == t)
+                pool = members[t]
+                ranked = pool[np.argsort(-(log_popularity[t] + rng.gumbel(size=len(pool))))]
+                picks = ranked[:len(slots)]
+                if len(picks) < len(slots):  # the topic ran out of unseen items: repeats, still by popularity
+                    p = np.exp(log_popularity[t])
+                    picks = np.concatenate([picks, rng.choice(pool, size=len(slots) - len(picks), p=p / p.sum())])
+                chosen[slots] = rng.permutation(picks)
+            gaps = rng.exponential(MEAN_GAP_MS, size=n).astype(np.int64) + 1  # strictly increasing per user
+            ts = BASE_TS_MS + int(rng.integers(USER_START_SPREAD_MS)) + np.cumsum(gaps)
         user_col.append(np.full(n, u))
         item_col.append(chosen)
         ts_col.append(ts)
@@ -294,11 +342,16 @@ def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, inte
     ))
     write_jsonl(out / "items.jsonl", catalogue)
     params = dict(users=users, items=items, interests=interests, events_per_user=events_per_user, drift=drift, seed=seed)
+    fresh = {}
+    if fresh_items > 0:  # only then: the files of fresh_items=0 stay those of the generator without it
+        params["fresh_items"] = fresh_items
+        fresh = {"releases": {item_ids[j]: int(release[j]) for j in np.argsort(release, kind="stable") if release[j] >= 0}}
     (out / "truth.json").write_text(json.dumps({
         "params": params,
         "topics": {name: words for name, words in zip(topic_names, vocab)},
         "users": truth,
+        **fresh,
     }, indent=1) + "\n")
     _write_meta(out, {"dataset": "synthetic", **params, "interactions": n_events})
     return (f"synthetic: {n_events:,} interactions, {users:,} users, {items:,} items, {interests} topics "
-            f"(drift {drift}, seed {seed}) -> {out} ({time.perf_counter() - started:.1f} s)")
+            f"(drift {drift}{f', fresh items {fresh_items}' if fresh_items > 0 else ''}, seed {seed}) -> {out} ({time.perf_counter() - started:.1f} s)")

@@ -166,3 +166,36 @@ def test_synthetic_bad_parameters(tmp_path: Path):
         export_synthetic(tmp_path, users=5, items=10, interests=1, events_per_user=5, drift=0, seed=0)
     with pytest.raises(HymirecError, match="drift"):
         export_synthetic(tmp_path, users=5, items=10, interests=3, events_per_user=5, drift=1.5, seed=0)
+
+
+def test_fresh_items_are_released_over_time_and_taken_up(tmp_path: Path):
+    out = tmp_path / "fresh"
+    export_synthetic(out, drift=0.0, seed=0, fresh_items=0.3, **PARAMS)
+    truth = json.loads((out / "truth.json").read_text())
+    releases = truth["releases"]
+    items = {i.item_id: i for i in parse_lines(out / "items.jsonl", parse_item)}
+    per_topic = defaultdict(int)
+    for item in items.values():
+        per_topic[item.category] += 1
+    assert len(releases) == sum(int(0.3 * n) for n in per_topic.values())
+    assert all(items[i].ts == t for i, t in releases.items()) and sum(i.ts is not None for i in items.values()) == len(releases)
+    events = parse_lines(out / "interactions.jsonl", parse_interaction)
+    assert all(e.ts >= releases[e.item_id] for e in events if e.item_id in releases)  # never before its release
+    third = len(events) // 3
+    early = np.mean([e.item_id in releases for e in events[:third]])
+    late = np.mean([e.item_id in releases for e in events[-third:]])
+    assert late > early + 0.1  # the popular items move to the released ones
+    # A just-released item draws more events than the old item it displaces: the first day after a
+    # release holds more of its events than a uniform spread over the rest of the log would.
+    span = events[-1].ts - events[0].ts
+    first_day = np.mean([e.ts - releases[e.item_id] < 24 * 3600 * 1000 for e in events if e.item_id in releases])
+    assert first_day > 2 * (24 * 3600 * 1000) / span
+    assert (json.loads((out / "meta.json").read_text())["fresh_items"]) == 0.3
+    again = tmp_path / "again"
+    export_synthetic(again, drift=0.0, seed=0, fresh_items=0.3, **PARAMS)
+    assert (again / "interactions.jsonl").read_bytes() == (out / "interactions.jsonl").read_bytes()
+    plain = synthetic(tmp_path / "plain")
+    assert "fresh_items" not in json.loads((plain / "meta.json").read_text())
+    assert (plain / "interactions.jsonl").read_bytes() != (out / "interactions.jsonl").read_bytes()
+    with pytest.raises(HymirecError, match="fresh-items"):
+        export_synthetic(tmp_path / "bad", drift=0.0, seed=0, fresh_items=1.0, **PARAMS)

@@ -1,0 +1,180 @@
+"""`hymirec simulate`: the pure parts (scoring, windows, summary, plot) and, against the real broker,
+both arms through a small drifting log."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hymirec.settings import Settings
+from store import Store
+from stream.datasets import export_synthetic
+from stream.io import read_interactions
+from stream.serving import Recommender, ServingRuntime, recommend
+from trainer.simulate import (SimConfig, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk, score_event,
+                              summarise, summary_markdown, thirds, windows)
+
+from helpers import publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+def test_score_event_known_ranks():
+    assert score_event(0) == (1, 1.0)
+    hit, ndcg = score_event(2)
+    assert hit == 1 and ndcg == pytest.approx(1 / math.log2(4))
+    assert score_event(9) == (1, pytest.approx(1 / math.log2(11)))
+    assert score_event(10) == (0, 0.0)  # outside the top 10
+    assert score_event(-1) == (0, 0.0)  # not in the answer
+    assert rank_of("b", ["a", "b", "c"]) == 1 and rank_of("z", ["a"]) == -1
+
+
+def test_score_chunk_separates_cold_users_and_reads_the_history():
+    events = pd.DataFrame({"position": [7, 8, 9], "user_id": ["u1", "u2", "u1"], "item_id": ["x", "y", "q"]})
+    answers = {"u1": ("v0002", ["a", "x", "b"]), "u2": (None, ["y"])}
+    records = score_chunk(events, answers, {"u1": ["a", "q"]}, applied=7, bootstrap_items={"x", "q"})
+    first, cold, repeat = records
+    assert (first["hit"], first["rank"], first["cold"], first["history_len"], first["model_version"]) == (1, 1, False, 2, "v0002")
+    assert first["ndcg"] == pytest.approx(1 / math.log2(3))
+    assert cold["cold"] and cold["history_len"] == 0 and cold["hit"] == 1  # scored, but counted apart
+    assert repeat["in_history"] and repeat["hit"] == 0
+    assert [r["new_item"] for r in records] == [False, True, False]
+    assert {r["applied"] for r in records} == {7}
+
+
+def records_of(hits: list[int], start: int = 100, cold_every: int = 0) -> list[dict]:
+    return [{"position": start + i, "hit": h, "ndcg": float(h) * 0.5, "cold": bool(cold_every) and i % cold_every == 0,
+             "new_item": i % 4 == 1,
+             "model_version": "v0001" if i < len(hits) // 2 else "v0002"} for i, h in enumerate(hits)]
+
+
+def test_windows_rolling_and_thirds():
+    recs = records_of([1, 0, 0, 0] * 5 + [1, 1, 0, 0] * 5, cold_every=0)
+    wins = windows(recs, 8)
+    assert [w["events"] for w in wins] == [8, 8, 8, 8, 8]
+    assert wins[0]["recall@10"] == pytest.approx(0.25) and wins[-1]["recall@10"] == pytest.approx(0.5)
+    assert wins[0]["first_position"] == 100 and wins[-1]["last_position"] == 139
+    assert wins[2]["versions"] == ["v0001", "v0002"]
+    curve = rolling(recs, 4)
+    assert curve["recall"].iloc[-1] == pytest.approx(0.5) and curve["ndcg"].iloc[-1] == pytest.approx(0.25)
+    parts = thirds(recs, 100, 140)
+    assert sum(p["events"] for p in parts) == 40 and parts[0]["recall@10"] < parts[2]["recall@10"]
+    # Cold events are left out of every windowed metric.
+    with_cold = records_of([1] * 10, cold_every=2)
+    assert sum(w["events"] for w in windows(with_cold, 3)) == 5
+
+
+def test_summary_and_paired_gap():
+    frozen = records_of([1, 0, 0, 0] * 10)
+    online = records_of([1, 1, 0, 0] * 10)
+    mean, se = paired_gap(frozen, online)
+    assert mean == pytest.approx(0.25) and se > 0
+    cycles = {"frozen": [{"position": 100, "published": "v0001", "train_s": 3.0}],
+              "online": [{"position": 100, "published": "v0001", "train_s": 3.0},
+                         {"position": 120, "published": "v0002", "train_s": 2.0},
+                         {"position": 130, "published": None, "train_s": 2.0}]}
+    summary = summarise({"frozen": frozen, "online": online}, cycles, dataset="toy", log_events=140,
+                        bootstrap_events=100, config=SimConfig())
+    arms = summary["arms"]
+    assert arms["frozen"]["recall@10"] == pytest.approx(0.25) and arms["online"]["recall@10"] == pytest.approx(0.5)
+    assert arms["online"]["versions"] == ["v0001", "v0002"] and arms["online"]["rejected"] == 1
+    assert arms["online"]["switch_positions"] == [100, 120] and arms["online"]["train_s"] == 7.0
+    assert summary["gap"]["recall@10"]["online_minus_frozen"] == pytest.approx(0.25)
+    # Every fourth event (i % 4 == 1) is of a new item: the online arm hits exactly those, the frozen one none.
+    assert arms["online"]["new_items"] == {"events": 10, "recall@10": 1.0, "ndcg@10": 0.5}
+    assert arms["frozen"]["new_items"]["recall@10"] == 0.0 and arms["frozen"]["old_items"]["events"] == 30
+    table = summary_markdown(summary)
+    assert "| online | 40 | 0.5000 |" in table and "+0.2500" in table
+    json.dumps(summary)  # the summary is written as JSON
+
+
+def test_plot_writes_a_png(tmp_path: Path):
+    recs = {"frozen": records_of([1, 0] * 50), "online": records_of([1, 1, 0] * 33)}
+    path = plot(recs, [120, 160], [180], tmp_path / "p" / "plot.png", window=10, bootstrap_events=100, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_cli_bad_arguments_are_one_line(tmp_path: Path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hymirec.cli", "simulate", *args], capture_output=True, text=True)
+
+    for args, why in ((["--dataset", "ml-100k", "--frozen-after", "1.5"], "fraction"),
+                      (["--dataset", "nope"], "invalid choice"),
+                      (["--interactions", str(tmp_path / "missing.jsonl")], "no such file"),
+                      ([], "required")):
+        proc = run(*args)
+        assert proc.returncode == 2 and why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"user_id": "u", "item_id": "i", "ts": 1}\n')
+    proc = run("--interactions", str(log))
+    assert proc.returncode == 1 and proc.stderr.startswith("hymirec: error: --interactions needs --items"), proc.stderr
+
+
+# --- the batched top-k the simulation scores with ---------------------------------------------------------
+def test_batched_topk_gives_the_single_user_answers(world, world_settings):
+    """Recommender.many (one search per group of users) answers exactly as `hymirec topk` does per user:
+    model users, a user whose interests are missing (popular fallback) and an unknown one."""
+    store = Store(world_settings)
+    publish(world_settings, world["m1"])
+    ServingRuntime(world_settings).start()
+    users = users_of(store)
+    for shard in store.shards("user_interests"):  # one user loses its interests row: popular items
+        store.table(f"user_interests_p{shard:03d}").delete(f"user_id = '{users[3]}'")
+    asked = users + ["nobody", users[0]]
+    batched = Recommender(store).many(asked, 10)
+    single = [recommend(store, u, 10) for u in asked]
+    assert [b.to_json() for b in batched] == [s.to_json() for s in single]
+    assert {(b.model_version, b.fallback) for b in batched[: len(users)] if b.user_id != users[3]} == {("v0001", None)}
+    assert batched[3].fallback.startswith("no interests") and batched[len(users)].fallback.startswith("unknown user")
+    seen = set(store.get_histories([users[0]])[users[0]]["history_item_ids"])
+    assert len(batched[0].items) == 10 and not seen & {s.item_id for s in batched[0].items}
+
+
+# --- through the live system -------------------------------------------------------------------------
+@pytest.mark.broker
+def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
+    data = tmp_path / "data"
+    export_synthetic(data, users=100, items=300, interests=10, events_per_user=25, drift=0.5, seed=1, fresh_items=0.3)
+    settings = broker_settings.model_copy(update={"codebook_size": 16, "codebook_levels": 2})
+    config = SimConfig(frozen_after=0.3, every_events=600, chunk=250, epochs=1, bootstrap_epochs=1, window=200, timeout=180)
+    out = tmp_path / "out"
+    summary = run_simulation(settings, data / "interactions.jsonl", data / "items.jsonl", config=config, out=out,
+                             dataset="tiny", progress=False)
+
+    log = read_interactions(data / "interactions.jsonl")
+    boot = summary["bootstrap_events"]
+    assert boot == round(0.3 * len(log))
+    frozen = pd.read_csv(out / "frozen_events.csv", dtype={"user_id": str, "item_id": str})
+    online = pd.read_csv(out / "online_events.csv", dtype={"user_id": str, "item_id": str})
+    # Both arms scored exactly the same events: every event after the bootstrap, once.
+    assert frozen["position"].tolist() == online["position"].tolist() == list(range(boot, len(log)))
+    assert (frozen["user_id"] == online["user_id"]).all() and (frozen["cold"] == online["cold"]).all()
+    for events in (frozen, online):
+        assert events["hit"].isin([0, 1]).all() and events["ndcg"].between(0, 1).all()
+        # Test-then-train: the stored history at scoring time held exactly the user's events before
+        # the event's chunk, so not the event itself (nor any later one).
+        for position, user, history_len, applied, in_history in zip(
+                events["position"], events["user_id"], events["history_len"], events["applied"], events["in_history"]):
+            earlier = log.iloc[:applied]
+            assert applied <= position
+            assert history_len == int((earlier["user_id"] == user).sum())
+            first_time = not ((log.iloc[:position]["user_id"] == user) & (log.iloc[:position]["item_id"] == log.iloc[position]["item_id"])).any()
+            assert not (first_time and in_history)
+    for arm in summary["arms"].values():
+        for metric in ("recall@10", "ndcg@10"):
+            assert 0 <= arm[metric] <= 1
+    assert summary["arms"]["frozen"]["versions"] == ["v0001"] and summary["arms"]["frozen"]["cycles"] == 1
+    assert set(frozen["model_version"].dropna()) == {"v0001"}
+    assert summary["arms"]["online"]["cycles"] > 1
+    cycles = [json.loads(line) for line in (out / "online_cycles.jsonl").read_text().splitlines()]
+    assert len(cycles) == summary["arms"]["online"]["cycles"] and all(c["decision"] for c in cycles)
+    # The online arm's answers carry the versions it switched to, in publishing order.
+    served = online["model_version"].dropna().tolist()
+    assert set(served) <= set(summary["arms"]["online"]["versions"]) and served == sorted(served)
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| frozen |" in (out / "summary.md").read_text() and json.loads((out / "summary.json").read_text())["arms"]

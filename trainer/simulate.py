@@ -1,0 +1,514 @@
+"""`hymirec simulate`: prequential evaluation (test-then-train, DESIGN §3) of a frozen model against
+the online loop, through the live system.
+
+One time-ordered log is replayed through two copies of the system side by side — each its own
+topics, LanceDB directory and faust worker, on one broker — in lock-step:
+
+1. **Bootstrap** (both arms alike). The first ``frozen_after`` share of the log is replayed and
+   applied; one trainer cycle (``OnlineTrainer``, guardrail margin 1 so that it always publishes)
+   trains v0001 on the online arm, and the same artefact is published to the frozen arm; both
+   workers switch to it.
+2. **The rest, chunk by chunk.** Before a chunk is produced, every event of it is *scored*: the
+   live top-10 of its user — ``Recommender.many``, the code path of `hymirec topk` and GET
+   /recommend, read once the worker has recomputed that user's interests after its last applied
+   event — is checked for the event's item (hit@10, NDCG@10). Then the chunk is produced to both
+   arms and the simulation waits until both workers have applied it. Events of users with no
+   history yet are answered by the popular items and counted apart ("cold": that answer comes from
+   the worker's popularity table, recounted on a timer, so it is the one number not in lock-step).
+3. **Training.** The frozen arm never trains again. The online arm runs a trainer cycle (the
+   service's, with its guardrail) whenever ``every_events`` events were applied since the last
+   one, then waits for its worker to switch (or records the refusal) before the next chunk.
+
+Nothing races the wall clock: both arms score exactly the same events against the same applied
+prefix of the log. The one coarsening is the chunk: an event is scored against the state before its
+chunk, so a user's second event within one chunk does not see the first (the same for both arms;
+smaller ``chunk`` = finer, slower). A bursty log feels it most: a new user's first session falls
+into one chunk and is scored cold.
+
+Reported per arm: Recall@10 / NDCG@10 of the warm events overall, per third of the scored part and
+split by item (*new*: no event in the bootstrap part), the cold events, the cycles and their
+decisions, and the paired online − frozen gap with its standard error (over events: it does not
+include the run-to-run spread of training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hymirec.errors import HymirecError
+from hymirec.procs import ManagedProcess, wait_for
+from hymirec.settings import Settings
+
+K = 10
+ARMS = ("frozen", "online")
+# The workers' timers, shortened so a chunk is applied and its users' interests are fresh quickly.
+WORKER_OVERRIDES = {"batch_within_s": 0.2, "serving_refresh_s": 0.2, "popularity_refresh_s": 5.0}
+
+
+@dataclass
+class SimConfig:
+    frozen_after: float = 0.3
+    every_events: int = 5000
+    chunk: int = 500
+    epochs: int = 1  # per online cycle (a fine-tune)
+    bootstrap_epochs: int = 30  # v0001, which the frozen arm keeps (the service's trainer_bootstrap_epochs)
+    backbone: str = "tiny"
+    margin: float = 0.01
+    window: int = 1000
+    timeout: float = 300.0  # longest wait for one worker step (apply a chunk, switch a version)
+
+
+# --- the pure parts: scoring, windows, summary, plot ------------------------------------------------
+def rank_of(item_id: str, answer: list[str]) -> int:
+    """0-based position of ``item_id`` in ``answer``; -1 when it is not there."""
+    try:
+        return answer.index(item_id)
+    except ValueError:
+        return -1
+
+
+def score_event(rank: int, k: int = K) -> tuple[int, float]:
+    """(hit@k, NDCG@k) of one event whose item sits at ``rank`` (-1: absent): one relevant item."""
+    if 0 <= rank < k:
+        return 1, 1.0 / math.log2(rank + 2)
+    return 0, 0.0
+
+
+def score_chunk(events: pd.DataFrame, answers: dict[str, tuple[str | None, list[str]]],
+                histories: dict[str, list[str]], applied: int, bootstrap_items: set[str], k: int = K) -> list[dict]:
+    """One record per event (``events``: position, user_id, item_id): scored against its user's
+    answer (model version, item ids) and stored history, both read with ``applied`` events applied.
+    ``new_item``: the item had no event in the bootstrap part (v0001, the frozen model, never saw it used)."""
+    records = []
+    for position, user, item in zip(events["position"].tolist(), events["user_id"].tolist(), events["item_id"].tolist()):
+        version, items = answers[user]
+        history = histories.get(user)
+        rank = rank_of(item, items)
+        hit, ndcg = score_event(rank, k)
+        records.append({"position": int(position), "user_id": user, "item_id": item, "applied": applied,
+                        "cold": history is None, "history_len": len(history or []),
+                        "in_history": bool(history) and item in history, "new_item": item not in bootstrap_items,
+                        "model_version": version,
+                        "rank": rank, "hit": hit, "ndcg": ndcg})
+    return records
+
+
+def warm(records: list[dict]) -> list[dict]:
+    return [r for r in records if not r["cold"]]
+
+
+def metrics_of(records: list[dict]) -> dict:
+    n = len(records)
+    return {"events": n, f"recall@{K}": sum(r["hit"] for r in records) / n if n else None,
+            f"ndcg@{K}": sum(r["ndcg"] for r in records) / n if n else None}
+
+
+def windows(records: list[dict], size: int) -> list[dict]:
+    """Consecutive windows of ``size`` warm scored events (the last one may be shorter)."""
+    scored = warm(records)
+    out = []
+    for i, start in enumerate(range(0, len(scored), size)):
+        part = scored[start : start + size]
+        out.append({"window": i, "first_position": part[0]["position"], "last_position": part[-1]["position"],
+                    **metrics_of(part), "versions": sorted({r["model_version"] or "popular" for r in part})})
+    return out
+
+
+def rolling(records: list[dict], size: int) -> pd.DataFrame:
+    """position, recall, ndcg: the mean over the last ``size`` warm events at each warm event
+    (from a quarter window on, so the curve does not start on a handful of events)."""
+    frame = pd.DataFrame(warm(records), columns=["position", "hit", "ndcg"])
+    roll = frame[["hit", "ndcg"]].rolling(size, min_periods=max(1, size // 4)).mean()
+    return pd.DataFrame({"position": frame["position"], "recall": roll["hit"], "ndcg": roll["ndcg"]}).dropna()
+
+
+def thirds(records: list[dict], first: int, last: int) -> list[dict]:
+    """Metrics of the warm events in each third of the scored log positions [first, last)."""
+    edges = np.linspace(first, last, 4)
+    scored = warm(records)
+    return [metrics_of([r for r in scored if edges[i] <= r["position"] < edges[i + 1] or (i == 2 and r["position"] == last)])
+            for i in range(3)]
+
+
+def paired_gap(a: list[dict], b: list[dict], key: str = "hit") -> tuple[float, float]:
+    """(mean of b − a, its standard error) over the same warm events, paired by position."""
+    pa = {r["position"]: r[key] for r in warm(a)}
+    diff = np.array([r[key] - pa[r["position"]] for r in warm(b) if r["position"] in pa], dtype=np.float64)
+    if not len(diff):
+        return 0.0, 0.0
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+
+def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, dataset: str, log_events: int,
+              bootstrap_events: int, config: SimConfig) -> dict:
+    """Overall and per-third prequential metrics of each arm, cold events apart, versions and cycles."""
+    arms = {}
+    for name, recs in records.items():
+        done = cycles.get(name, [])
+        cold = [r for r in recs if r["cold"]]
+        published = [c for c in done if c["published"]]
+        arms[name] = {
+            **metrics_of(warm(recs)),
+            "thirds": thirds(recs, bootstrap_events, log_events),
+            "cold": metrics_of(cold),
+            "new_items": metrics_of([r for r in warm(recs) if r["new_item"]]),
+            "old_items": metrics_of([r for r in warm(recs) if not r["new_item"]]),
+            "versions": sorted({c["published"] for c in published}),
+            "cycles": len(done), "rejected": len(done) - len(published),
+            "switch_positions": [c["position"] for c in published],
+            "train_s": round(sum(c["train_s"] for c in done), 1),
+        }
+    gap = {}
+    if set(ARMS) <= set(records):
+        for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
+            mean, se = paired_gap(records["frozen"], records["online"], key)
+            gap[metric] = {"online_minus_frozen": mean, "standard_error": se}
+    return {"dataset": dataset, "log_events": log_events, "bootstrap_events": bootstrap_events,
+            "scored_events": len(next(iter(records.values()), [])), "config": asdict(config), "arms": arms,
+            "gap": gap}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    r, n = f"recall@{K}", f"ndcg@{K}"
+    lines = [
+        f"Prequential Recall@{K} / NDCG@{K} on {summary['dataset']}: {summary['log_events']:,} events, the first "
+        f"{summary['bootstrap_events']:,} bootstrap v0001 ({summary['config']['bootstrap_epochs']} epochs), the other {summary['scored_events']:,} scored before "
+        f"they are applied (chunks of {summary['config']['chunk']}; online: a cycle every "
+        f"{summary['config']['every_events']:,} events, {summary['config']['epochs']} epoch(s) each, margin "
+        f"{summary['config']['margin']}).",
+        "",
+        f"| arm | warm events | Recall@{K} | NDCG@{K} | R@{K} 1st third | 2nd third | 3rd third | cold events (R@{K}) "
+        "| versions | cycles (rejected) | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, arm in summary["arms"].items():
+        t = arm["thirds"]
+        lines.append(
+            f"| {name} | {arm['events']:,} | {_fmt(arm[r])} | {_fmt(arm[n])} | {_fmt(t[0][r])} | {_fmt(t[1][r])} | "
+            f"{_fmt(t[2][r])} | {arm['cold']['events']:,} ({_fmt(arm['cold'][r])}) | {len(arm['versions']) or 1} | "
+            f"{arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |")
+    lines += ["", "Warm events by item: *new* = no event in the bootstrap part (v0001 never saw it used).", "",
+              f"| arm | new-item events | R@{K} | N@{K} | old-item events | R@{K} | N@{K} |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, arm in summary["arms"].items():
+        new, old = arm["new_items"], arm["old_items"]
+        lines.append(f"| {name} | {new['events']:,} | {_fmt(new[r])} | {_fmt(new[n])} | {old['events']:,} | "
+                     f"{_fmt(old[r])} | {_fmt(old[n])} |")
+    for metric, g in summary.get("gap", {}).items():
+        lines.append("")
+        lines.append(f"online − frozen {metric}: {g['online_minus_frozen']:+.4f} ± {g['standard_error']:.4f} "
+                     f"(paired over the same events, ± one standard error)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int], path: Path, *, window: int,
+         bootstrap_events: int, title: str) -> Path:
+    """PNG: each arm's rolling Recall@10 and NDCG@10 against the log position, the online arm's
+    version switches after the bootstrap (dashed) and rejected cycles (dotted), and the end of the
+    bootstrap, where both arms start serving v0001 (grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    colours = {"frozen": "tab:blue", "online": "tab:orange"}
+    for name, recs in records.items():
+        curve = rolling(recs, window)
+        for ax, column in zip(axes, ("recall", "ndcg")):
+            ax.plot(curve["position"], curve[column], label=name, color=colours.get(name), linewidth=1.2)
+    for ax, label in zip(axes, (f"Recall@{K}", f"NDCG@{K}")):
+        ax.axvline(bootstrap_events, color="grey", linewidth=1, label="v0001, both arms")
+        for i, x in enumerate(switches):
+            ax.axvline(x, color="tab:orange", linestyle="--", linewidth=0.7, alpha=0.7,
+                       label="online: new version" if i == 0 else None)
+        for i, x in enumerate(rejected):
+            ax.axvline(x, color="tab:red", linestyle=":", linewidth=0.7, alpha=0.7,
+                       label="online: candidate rejected" if i == 0 else None)
+        ax.set_ylabel(f"{label} (rolling {window} events)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    axes[1].set_xlabel("event position in the log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, summary: dict, records: dict[str, list[dict]], cycles: dict[str, list[dict]],
+                  window: int) -> dict[str, Path]:
+    """Per arm: events (CSV), windows (JSONL + CSV) and cycles (JSONL); summary.json / summary.md; plot.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, recs in records.items():
+        pd.DataFrame(recs).to_csv(out / f"{name}_events.csv", index=False)
+        wins = windows(recs, window)
+        pd.DataFrame(wins).assign(versions=lambda f: f["versions"].str.join(" ")).to_csv(out / f"{name}_windows.csv", index=False)
+        (out / f"{name}_windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in wins))
+        (out / f"{name}_cycles.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cycles.get(name, [])))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths["table"] = out / "summary.md"
+    paths["table"].write_text(summary_markdown(summary))
+    after = cycles.get("online", [])[1:]  # the first cycle is the bootstrap, drawn as its own line
+    paths["plot"] = plot(records, [c["position"] for c in after if c["published"]],
+                         [c["position"] for c in after if not c["published"]], out / "plot.png", window=window,
+                         bootstrap_events=summary["bootstrap_events"], title=f"prequential, {summary['dataset']}: "
+                         "frozen after the bootstrap vs online fine-tuning")
+    return paths
+
+
+# --- the live system ------------------------------------------------------------------------------
+def processed(settings: Settings) -> int:
+    """Interactions a worker has finished with (applied, or skipped as duplicates)."""
+    from bench.harness import counts
+
+    c = counts(settings)
+    return int(c.get("events_applied", 0) + c.get("duplicates_skipped", 0))
+
+
+@dataclass
+class Arm:
+    name: str
+    settings: Settings
+    proc: ManagedProcess
+    live: str | None = None
+    records: list[dict] = field(default_factory=list)
+    cycles: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        from store.tables import Store
+        from stream.serving import Recommender
+
+        self.store = Store(self.settings)
+        self.recommender = Recommender(self.store)
+        self.base = processed(self.settings)
+
+    def alive(self) -> bool:
+        if not self.proc.alive:
+            raise HymirecError(f"the {self.name} arm's worker exited; last lines of {self.proc.log_path}:\n{self.proc.tail()}")
+        return True
+
+    def wait_applied(self, events: int, timeout: float) -> None:
+        wait_for(lambda: self.alive() and processed(self.settings) - self.base >= events, timeout=timeout,
+                 interval=0.05, what=f"the {self.name} worker to apply {events:,} events")
+
+    def wait_serving(self, version: str, timeout: float) -> None:
+        from hymirec.procs import worker_health
+
+        wait_for(lambda: self.alive() and (worker_health(self.settings) or {}).get("model_version") == version,
+                 timeout=timeout, interval=0.1, what=f"the {self.name} worker to serve {version}")
+        self.live = version
+
+    def fresh_histories(self, users: list[str], timeout: float) -> dict[str, list[str]]:
+        """{user: stored history} once every user that has one has interests of the live version
+        computed from it (the worker refreshes them on a timer after applying events)."""
+        def ready() -> tuple[dict[str, list[str]]] | None:
+            self.alive()
+            histories = self.store.get_histories(users)
+            interests = self.store.get_interests(list(histories))
+            for user, row in histories.items():
+                got = interests.get(user)
+                if got is None or got["model_version"] != self.live or got["updated_at"] < row["updated_at"]:
+                    return None
+            return ({u: [str(i) for i in row["history_item_ids"] or []] for u, row in histories.items()},)
+
+        return wait_for(ready, timeout=timeout, interval=0.05, what=f"the {self.name} worker's interests to catch up")[0]
+
+    def score(self, events: pd.DataFrame, applied: int, bootstrap_items: set[str], timeout: float,
+              phases: dict[str, float]) -> None:
+        users = list(dict.fromkeys(events["user_id"].tolist()))
+        t0 = time.perf_counter()
+        histories = self.fresh_histories(users, timeout)
+        t1 = time.perf_counter()
+        answers = {r.user_id: (r.model_version, [s.item_id for s in r.items]) for r in self.recommender.many(users, K)}
+        phases["fresh"] += t1 - t0
+        phases["topk"] += time.perf_counter() - t1
+        self.records += score_chunk(events, answers, histories, applied, bootstrap_items)
+
+
+def _write_chunk(path: Path, events: pd.DataFrame) -> Path:
+    from stream.io import write_jsonl
+
+    write_jsonl(path, events[["user_id", "item_id", "ts", "action", "event_id"]].to_dict("records"))
+    return path
+
+
+def _produce(arms: list[Arm], path: Path, items: Path | None) -> None:
+    from stream.replay import replay
+
+    for arm in arms:
+        if replay(arm.settings, path, items_path=items, progress=False).interrupted:
+            raise KeyboardInterrupt  # replay turns the first Ctrl-C into a short summary; here it ends the run
+
+
+def _copy_version(source: Settings, target: Settings, version: str) -> str:
+    """Publish ``source``'s ``version`` artefact unchanged to ``target``'s registry and announce it."""
+    from store.registry import ModelRegistry
+    from trainer.online import announce
+
+    manifest, files = ModelRegistry(source).load(version)
+    kept = {k: v for k, v in manifest.items() if k not in ("version", "parent", "created_at", "files")}
+    published = ModelRegistry(target).publish(files, kept, parent=None)
+    announce(target, {"version": published.version, "parent": None, "metrics": manifest.get("metrics", {}),
+                      "created_at": published.manifest["created_at"]})
+    return published.version
+
+
+def _cycle(arm: Arm, trainer, position: int, timeout: float) -> dict:
+    started = time.perf_counter()
+    result = trainer.cycle()
+    train_s = time.perf_counter() - started
+    if result.published:
+        arm.wait_serving(result.published, timeout)
+    record = {"position": position, "published": result.published, "parent": result.parent, "decision": result.decision,
+              "live": result.live, "candidate": result.candidate, "train_s": round(train_s, 1),
+              "switch_s": round(time.perf_counter() - started - train_s, 1)}
+    arm.cycles.append(record)
+    return record
+
+
+def run_simulation(settings: Settings, interactions: Path, items: Path, *, config: SimConfig, out: Path,
+                   dataset: str, limit: int | None = None, progress: bool = True) -> dict:
+    """Both arms through the whole log (see the module doc); writes ``out`` and returns the summary."""
+    from bench import harness
+    from stream.io import read_interactions
+
+    log = read_interactions(interactions, limit=limit)
+    n = len(log)
+    boot = int(round(config.frozen_after * n))
+    if not 0 < boot < n:
+        raise HymirecError(f"--frozen-after {config.frozen_after} leaves no bootstrap or no events to score ({n} events)")
+    log = log.assign(position=np.arange(n))
+    say = print if progress else (lambda *a, **k: None)
+    say(f"simulate {dataset}: {n:,} events ({interactions}), bootstrap on the first {boot:,} "
+        f"({config.frozen_after:.0%}, {config.bootstrap_epochs} epochs), {n - boot:,} scored in chunks of {config.chunk}; "
+        f"online: a cycle every {config.every_events:,} events, {config.epochs} epoch(s) each, backbone {config.backbone}, "
+        f"margin {config.margin}",
+        flush=True)
+    logs = out / "logs"
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hymirec-simulate-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        base, how = stack.enter_context(harness.broker(settings, work))
+        say(how, flush=True)
+        started_workers = []
+        for name in ARMS:
+            s = harness.fresh(base, work, f"sim-{name}", **WORKER_OVERRIDES)
+            (logs / f"worker-{name}.log").unlink(missing_ok=True)
+            started_workers.append((name, s, stack.enter_context(harness.worker(s, logs / f"worker-{name}.log"))))
+        # Only now LanceDB is opened in this process: forking a worker after it warns of deadlocks.
+        from trainer.online import OnlineTrainer
+
+        arms = [Arm(name, s, proc) for name, s, proc in started_workers]
+        frozen, online = arms
+        say(f"workers up ({time.monotonic() - started:.0f} s); logs in {logs}", flush=True)
+
+        _produce(arms, _write_chunk(work / "bootstrap.jsonl", log.iloc[:boot]), items)
+        for arm in arms:
+            arm.wait_applied(boot, config.timeout)
+        trainer = OnlineTrainer(online.settings, margin=1.0, epochs=config.epochs, backbone=config.backbone,
+                                bootstrap_epochs=config.bootstrap_epochs)
+        first = _cycle(online, trainer, boot, config.timeout)
+        if not first["published"]:
+            raise HymirecError(f"the bootstrap cycle published nothing: {first['decision']}")
+        frozen.wait_serving(_copy_version(online.settings, frozen.settings, first["published"]), config.timeout)
+        frozen.cycles.append({**first, "switch_s": None})
+        trainer.margin, trainer.epochs = config.margin, config.epochs
+        say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
+            f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)
+
+        since, next_report = 0, boot
+        phases = dict.fromkeys(("fresh", "topk", "produce", "apply"), 0.0)
+        bootstrap_items = set(log["item_id"].iloc[:boot])
+        for start in range(boot, n, config.chunk):
+            chunk = log.iloc[start : start + config.chunk]
+            for arm in arms:
+                arm.score(chunk, start, bootstrap_items, config.timeout, phases)
+            t0 = time.perf_counter()
+            _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
+            t1 = time.perf_counter()
+            end = start + len(chunk)
+            for arm in arms:
+                arm.wait_applied(end, config.timeout)
+            phases["produce"] += t1 - t0
+            phases["apply"] += time.perf_counter() - t1
+            since += len(chunk)
+            if since >= config.every_events and end < n:
+                c = _cycle(online, trainer, end, config.timeout)
+                since = 0
+                say(f"  online cycle at event {end:,}: {c['published'] or 'rejected'} ({c['train_s']:.0f} s train, "
+                    f"{c['switch_s']:.0f} s switch) — {c['decision']}", flush=True)
+            if end >= next_report or end == n:
+                next_report = end + max(config.chunk, (n - boot) // 10)
+                now = {a.name: metrics_of(warm(a.records))[f"recall@{K}"] for a in arms}
+                say(f"  {end:,}/{n:,} events ({time.monotonic() - started:.0f} s): running Recall@{K} "
+                    + ", ".join(f"{k} {_fmt(v)}" for k, v in now.items()) + "; seconds waiting for "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), flush=True)
+
+    records = {a.name: a.records for a in arms}
+    cycles = {a.name: a.cycles for a in arms}
+    summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    summary["chunk_phases_s"] = {k: round(v, 1) for k, v in phases.items()}
+    summary["outputs"] = {k: str(v) for k, v in write_outputs(out, summary, records, cycles, config.window).items()}
+    return summary
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+SYNTHETIC = dict(users=600, items=1500, interests=20, events_per_user=60, drift=0.5, fresh_items=0.3)
+
+
+def _dataset_files(name: str, settings: Settings) -> tuple[Path, Path]:
+    """Export ``name`` once into the data directory's dataset cache (the demo's); the synthetic set
+    with both drifts: users' topics (``drift``) and the catalogue (``fresh_items``)."""
+    from stream import datasets
+
+    tag = name if name == "ml-100k" else "-".join(["simulate-synthetic", *(f"{k}{v}" for k, v in SYNTHETIC.items()),
+                                                   f"seed{settings.seed}"])
+    folder = Path(settings.kafka_home).parent / "datasets" / tag
+    if not (folder / "interactions.jsonl").exists():
+        if name == "ml-100k":
+            print(datasets.export_ml100k(folder, settings), flush=True)
+        else:
+            print(datasets.export_synthetic(folder, seed=settings.seed, **SYNTHETIC), flush=True)
+    return folder / "interactions.jsonl", folder / "items.jsonl"
+
+
+DATASET_LIMITS = {"ml-100k": 30_000, "synthetic": None}  # --dataset defaults that finish in ~10 min on 2 cores
+
+
+def simulate_command(args, settings: Settings) -> int:
+    if args.dataset is not None:
+        interactions, items = _dataset_files(args.dataset, settings)
+        name = args.dataset
+        limit = args.limit if args.limit is not None else DATASET_LIMITS[args.dataset]
+    elif args.items is None:
+        raise HymirecError("--interactions needs --items (the catalogue is replayed first, as the service needs it)")
+    else:
+        interactions, items, name, limit = args.interactions, args.items, args.interactions.parent.name, args.limit
+    config = SimConfig(**{k: v for k, v in dict(
+        frozen_after=args.frozen_after, every_events=args.every_events, chunk=args.chunk, epochs=args.epochs,
+        bootstrap_epochs=args.bootstrap_epochs or settings.trainer_bootstrap_epochs,
+        backbone=args.backbone, margin=settings.trainer_margin if args.margin is None else args.margin,
+        window=args.window).items() if v is not None})
+    out = args.out or Path("results") / "simulate" / name
+    summary = run_simulation(settings, interactions, items, config=config, out=out, dataset=name, limit=limit,
+                             progress=True)
+    print()
+    print(summary_markdown(summary))
+    print(f"wrote {out}: summary.md, summary.json, plot.png, per-arm events/windows/cycles ({summary['wall_s']:.0f} s)")
+    return 0
