@@ -18,7 +18,7 @@ writes within ``settings.lancedb_read_consistency_s``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -223,8 +223,10 @@ class Store:
     def upsert_interests(self, shard: int, rows: Rows) -> int:
         return self._upsert(INTERESTS, shard_table(INTERESTS, shard), rows)
 
-    def get_interests(self, user_ids: Iterable[str], shard: int | None = None) -> dict[str, dict]:
-        return self._get(INTERESTS, self._shard_names(INTERESTS, shard), user_ids)
+    def get_interests(self, user_ids: Iterable[str], shard: int | None = None,
+                      columns: Sequence[str] | None = None) -> dict[str, dict]:
+        """{user_id: row}; ``columns`` limits what is read (the key and ``updated_at`` always come)."""
+        return self._get(INTERESTS, self._shard_names(INTERESTS, shard), user_ids, columns)
 
     def shards(self, base: str) -> list[int]:
         """The shards of ``base`` (HISTORIES or INTERESTS) that exist, ascending."""
@@ -313,8 +315,9 @@ class Store:
         except Exception as exc:  # noqa: BLE001 — the write is committed; a missing index only slows reads
             log.warning("could not create the %s index on %s (retried on the next write): %s", key, name, exc)
 
-    def _get(self, base: str, names: list[str], ids: Iterable[str]) -> dict[str, dict]:
+    def _get(self, base: str, names: list[str], ids: Iterable[str], columns: Sequence[str] | None = None) -> dict[str, dict]:
         key = KEYS[base]
+        select = None if columns is None else list(dict.fromkeys([key, "updated_at", *columns]))
         wanted = list(dict.fromkeys(ids))
         found: dict[str, dict] = {}
         for name in names:
@@ -323,7 +326,10 @@ class Store:
                 continue
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[start : start + _IN_CHUNK]
-                rows = table.search().where(col(key).isin(chunk)).limit(len(chunk)).to_arrow()
+                query = table.search().where(col(key).isin(chunk))
+                if select is not None:
+                    query = query.select(select)
+                rows = query.limit(len(chunk)).to_arrow()
                 for row in rows.to_pylist():
                     old = found.get(row[key])
                     if old is None or row["updated_at"] > old["updated_at"]:

@@ -60,6 +60,7 @@ VERSIONS = "serving_versions"
 POPULAR = "popular_items"
 REFINE = 2  # ANN candidates per result re-ranked exactly (a flat search is exact anyway)
 POPULAR_KEEP = 1000  # most popular items stored: enough for k plus a long seen-list
+SEARCH_USERS = 64  # users whose interests share one vector search in Recommender.many
 _VERSION = re.compile(r"^v(\d{4,})$")
 
 
@@ -241,40 +242,77 @@ class Recommender:
         self._tables: dict[str, Any] = {}
 
     def __call__(self, user_id: str, k: int = 10, *, include_seen: bool = False) -> Recommendation:
+        return self.many([user_id], k, include_seen=include_seen)[0]
+
+    def many(self, user_ids: Sequence[str], k: int = 10, *, include_seen: bool = False) -> list[Recommendation]:
+        """One answer per id, in order: the answers of one call each, with the row reads batched and
+        users of one version sharing a vector search (grouped by the length of their seen-lists, since
+        each query fetches k + that many candidates). A user's answer can only gain from sharing: with
+        an ANN index a larger candidate list finds more of the true top-k; a flat search is exact."""
         if k < 1:
             raise HymirecError(f"k must be at least 1, got {k}")
-        row, history = self._user(user_id)
-        seen = set() if include_seen or history is None else set(history["history_item_ids"] or [])
-        if row is None:
-            why = "unknown user" if history is None else "no interests computed for this user yet"
-            return _popular_answer(self.store, user_id, k, seen, why)
-        version = row["model_version"]
-        queries = np.asarray(row["interests"], dtype=np.float32)
+        users = list(dict.fromkeys(user_ids))
+        answers: dict[str, Recommendation] = {}
+        fallback: dict[str, tuple[set[str], str]] = {}
+        by_version: dict[str, list[tuple[str, np.ndarray, set[str]]]] = {}
+        for user_id, (row, history) in self._users(users).items():
+            seen = set() if include_seen or history is None else set(history["history_item_ids"] or [])
+            if row is None:
+                fallback[user_id] = (seen, "unknown user" if history is None else "no interests computed for this user yet")
+            else:
+                by_version.setdefault(row["model_version"], []).append(
+                    (user_id, np.asarray(row["interests"], dtype=np.float32), seen))
+        for version, members in by_version.items():
+            members.sort(key=lambda m: len(m[2]))
+            for start in range(0, len(members), SEARCH_USERS):
+                group = members[start : start + SEARCH_USERS]
+                hits = self._search_reopening(version, np.concatenate([q for _, q, _ in group]), k + len(group[-1][2]))
+                if hits is None:
+                    fallback.update({u: (seen, f"the item vectors of version {version} are gone") for u, _, seen in group})
+                    continue
+                table = self._versions[version]["vectors_table"]
+                which = (hits["query_index"].to_numpy() if "query_index" in hits.column_names
+                         else np.zeros(len(hits), np.int64))
+                owner = np.repeat(np.arange(len(group)), [len(q) for _, q, _ in group])  # query row -> member
+                first = np.cumsum([0] + [len(q) for _, q, _ in group])  # member -> its first query row
+                best: list[dict[str, tuple[float, int]]] = [{} for _ in group]
+                for item_id, distance, query in zip(hits["item_id"].to_pylist(), hits["_distance"].to_numpy(), which):
+                    m = owner[query]
+                    score, interest = 1.0 - float(distance), int(query - first[m])
+                    if item_id not in group[m][2] and (item_id not in best[m] or score > best[m][item_id][0]):
+                        best[m][item_id] = (score, interest)
+                for (user_id, _, _), scores in zip(group, best):
+                    ranked = sorted(scores.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
+                    answers[user_id] = Recommendation(user_id, version, [Scored(i, s, w) for i, (s, w) in ranked],
+                                                      vectors_table=table)
+        if fallback:
+            popular = popular_items(self.store, k + max(len(seen) for seen, _ in fallback.values()))
+            for user_id, (seen, why) in fallback.items():
+                answers[user_id] = _popular_answer(popular, user_id, k, seen, why)
+        return [answers[u] for u in user_ids]
+
+    def _users(self, user_ids: list[str]) -> dict[str, tuple[dict | None, dict | None]]:
+        """{user: (interests row, history row)}: from each user's hinted shard, else from every shard."""
+        out: dict[str, tuple[dict | None, dict | None]] = {}
+        hinted: dict[int, list[str]] = {}
+        for user_id in user_ids:
+            hinted.setdefault(shard_hint(user_id, self.store.settings.partitions), []).append(user_id)
+        for shard, group in [*hinted.items(), (None, None)]:
+            group = group if group is not None else [u for u in user_ids if u not in out]
+            if not group:
+                continue
+            rows, histories = self.store.get_interests(group, shard=shard), self.store.get_histories(group, shard=shard)
+            for user_id in group:
+                if rows.get(user_id) is not None or histories.get(user_id) is not None or shard is None:
+                    out[user_id] = (rows.get(user_id), histories.get(user_id))
+        return out
+
+    def _search_reopening(self, version: str, queries: np.ndarray, limit: int) -> pa.Table | None:
         try:
-            hits = self._search(version, queries, k + len(seen))
+            return self._search(version, queries, limit)
         except Exception:  # noqa: BLE001 — a table dropped after it was opened: reopen once
             self._tables.clear()
-            hits = self._search(version, queries, k + len(seen))
-        if hits is None:
-            return _popular_answer(self.store, user_id, k, seen, f"the item vectors of version {version} are gone")
-        which = hits["query_index"].to_numpy() if "query_index" in hits.column_names else np.zeros(len(hits), np.int64)
-        best: dict[str, tuple[float, int]] = {}
-        for item_id, distance, interest in zip(hits["item_id"].to_pylist(), hits["_distance"].to_numpy(), which):
-            score = 1.0 - float(distance)
-            if item_id not in seen and (item_id not in best or score > best[item_id][0]):
-                best[item_id] = (score, int(interest))
-        ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
-        return Recommendation(user_id, version, [Scored(i, s, w) for i, (s, w) in ranked],
-                              vectors_table=self._versions[version]["vectors_table"])
-
-    def _user(self, user_id: str) -> tuple[dict | None, dict | None]:
-        """(interests row, history row): from the user's hinted shard, else from every shard."""
-        for shard in (shard_hint(user_id, self.store.settings.partitions), None):
-            row = self.store.get_interests([user_id], shard=shard).get(user_id)
-            history = self.store.get_histories([user_id], shard=shard).get(user_id)
-            if row is not None or history is not None:
-                return row, history
-        return None, None
+            return self._search(version, queries, limit)
 
     def _search(self, version: str, queries: np.ndarray, limit: int) -> pa.Table | None:
         if version not in self._versions:
@@ -297,8 +335,8 @@ def recommend(store: Store, user_id: str, k: int = 10, *, include_seen: bool = F
     return Recommender(store)(user_id, k, include_seen=include_seen)
 
 
-def _popular_answer(store: Store, user_id: str, k: int, seen: set[str], why: str) -> Recommendation:
-    top = [(i, c) for i, c in popular_items(store, k + len(seen)) if i not in seen][:k]
+def _popular_answer(popular: list[tuple[str, int]], user_id: str, k: int, seen: set[str], why: str) -> Recommendation:
+    top = [(i, c) for i, c in popular if i not in seen][:k]
     return Recommendation(user_id, None, [Scored(i, float(c), None) for i, c in top],
                           fallback=f"{why}: popular items (by event counts)")
 
@@ -612,7 +650,8 @@ class ServingRuntime:
     def _stale(self, shard: int, histories: pa.Table) -> list[str]:
         """Users whose interests are missing, of another version, or older than their history."""
         users = histories["user_id"].to_pylist()
-        have = self.store.get_interests(users, shard=shard) if users else {}
+        # Only the version and the time: a first pass over 100k users must not load their vectors.
+        have = self.store.get_interests(users, shard=shard, columns=["model_version"]) if users else {}
         return [u for u, t in zip(users, histories["updated_at"].to_pylist())
                 if have.get(u) is None or have[u]["model_version"] != self.live.version or have[u]["updated_at"] < t]
 

@@ -233,3 +233,14 @@ def test_optimize_named_tables_only(store):
     assert len(lines) == 1 and lines[0].startswith("user_histories_p000: 1 rows")
     with pytest.raises(HymirecError, match="no table"):
         store.optimize([shard_table(HISTORIES, 9)])
+
+
+def test_get_interests_reads_only_the_columns_asked_for(db_settings):
+    store = Store(db_settings)
+    vec = np.zeros((db_settings.num_interests, db_settings.embedding_dim), dtype=np.float32)
+    store.upsert_interests(0, [{"user_id": "u1", "interests": vec, "model_version": "v0001", "updated_at": None}])
+    full = store.get_interests(["u1"], shard=0)["u1"]
+    slim = store.get_interests(["u1"], shard=0, columns=["model_version"])["u1"]
+    assert "interests" in full
+    assert set(slim) == {"user_id", "model_version", "updated_at"}
+    assert slim["updated_at"] == full["updated_at"] and slim["model_version"] == "v0001"
