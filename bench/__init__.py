@@ -1,4 +1,4 @@
-"""Benchmarks apart from tests: `hymirec bench {ingest,freshness,topk,codebook,all} [--quick] [--out DIR]`.
+"""Benchmarks apart from tests: `hymirec bench {ingest,freshness,topk,codebook,train,memory,all} [--quick|--full] [--out DIR]`.
 
 One module per benchmark, each with ``run(settings, options) -> bench.report.Result``; the runner
 (``bench.runner``) prints each result and writes it as JSON and Markdown, with the machine, the
@@ -13,5 +13,5 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Options:
     quick: bool = False  # small sizes: every benchmark in a few minutes on 2 cores
-    full: bool = False  # the largest sizes (topk at 1M items, longer streams)
+    full: bool = False  # the largest sizes (topk at 1M items, longer streams, memory at 100k users)
     sizes: tuple[int, ...] | None = None  # topk: item counts instead of the defaults

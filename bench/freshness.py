@@ -1,10 +1,17 @@
-"""freshness: event produced → its user's history row updated in LanceDB, at a fixed produce rate.
+"""freshness: event produced → its user's history row updated, and → top-k answers reflect it, at a
+fixed produce rate.
 
-Outside-in: a producer sends at ``RATE`` events/s for the run's duration; every ``MARKER_EVERY``-th
-event belongs to a user never seen before (a marker), and its send time is noted. A prober thread
-reads those users' rows from LanceDB (its own connection, as any reader would) every ``POLL_S`` and
-notes when each first appears. Latency = first seen − sent: it includes the producer's linger, the
-worker's micro-batch wait (batch_within_s), the write, and up to one poll interval plus one read.
+Outside-in: a model version (tiny backbone, trained briefly on random histories of the run's
+catalogue) is published before the worker starts, so the worker serves it. A producer sends at
+``RATE`` events/s for the run's duration; every ``MARKER_EVERY``-th event belongs to a user never
+seen before (a marker), and its send time is noted. A prober thread reads, every ``POLL_S``, with its
+own LanceDB connection (as any reader would), the history rows of markers not seen yet and the
+interests rows of markers seen but not yet served, and notes when each first appears. The interests
+row is what every top-k answer reads first: before it, a marker gets the popular items ("unknown
+user" / "no interests"); from it on, an answer of the model that has read the event (checked with one
+``stream.serving.recommend`` per marker at the end). Latency = first seen − sent: it includes the
+producer's linger, the worker's micro-batch wait (batch_within_s), the write, the serving refresh
+(serving_refresh_s) for the top-k view, and up to one poll interval plus one read.
 
 The worker's own histogram (Kafka message timestamp → row written, hymirec_freshness_lag_seconds)
 is reported next to it, its percentiles interpolated within the histogram's buckets.
@@ -19,14 +26,20 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench import Options
-from bench.harness import RssSampler, broker, fresh, metrics, warm_up, worker
-from bench.report import Result, not_measured, percentiles, target
+from bench.harness import (
+    RssSampler, broker, catalogue, fresh, metrics, publish_model, wait_serving, warm_up, worker,
+)
+from bench.report import Result, percentiles, reported, target
 from hymirec.settings import Settings
 from store import Store
 from stream.replay import TokenBucket
+from stream.serving import recommend
 
 RATE = 1000
+ITEMS = 5000
 MARKER_EVERY = 100  # 10 markers a second at 1k events/s
 POLL_S = 0.05
 TARGET_P95_S = 2.0
@@ -34,7 +47,7 @@ SETTLE_S = 60.0  # how long to wait for the last markers after the producer stop
 
 
 class Prober(threading.Thread):
-    """Polls LanceDB for marker users not seen yet; records when each first appears."""
+    """Polls LanceDB for marker users: when each one's history row first appears, then its interests row."""
 
     def __init__(self, settings: Settings):
         super().__init__(daemon=True)
@@ -42,6 +55,7 @@ class Prober(threading.Thread):
         self.lock = threading.Lock()
         self.sent: dict[str, float] = {}
         self.seen: dict[str, float] = {}
+        self.served: dict[str, float] = {}
         self.reads: list[float] = []
         self.stop = threading.Event()
 
@@ -51,19 +65,27 @@ class Prober(threading.Thread):
 
     def pending(self) -> list[str]:
         with self.lock:
-            return [u for u in self.sent if u not in self.seen]
+            return [u for u in self.sent if u not in self.seen or u not in self.served]
+
+    def _first_seen(self, read, users: list[str], into: dict[str, float]) -> None:
+        if not users:
+            return
+        started = time.time()
+        found = read(users)
+        now = time.time()
+        with self.lock:
+            for user in found:
+                into[user] = now
+        self.reads.append(now - started)
 
     def run(self) -> None:
         while not self.stop.is_set():
             started = time.time()
-            pending = self.pending()
-            if pending:
-                found = self.store.get_histories(pending)
-                now = time.time()
-                with self.lock:
-                    for user in found:
-                        self.seen[user] = now
-                self.reads.append(now - started)
+            with self.lock:
+                unseen = [u for u in self.sent if u not in self.seen]
+                unserved = [u for u in self.seen if u not in self.served]
+            self._first_seen(self.store.get_histories, unseen, self.seen)
+            self._first_seen(self.store.get_interests, unserved, self.served)
             self.stop.wait(max(0.0, POLL_S - (time.time() - started)))
 
 
@@ -100,7 +122,7 @@ def produce(settings: Settings, prober: Prober, seconds: float, users: int, rng:
             bucket.take()
             marker = i % MARKER_EVERY == 0
             user = f"marker-{i}" if marker else f"u{rng.randrange(users)}"
-            body = json.dumps({"user_id": user, "item_id": str(rng.randrange(5000)), "ts": int(time.time() * 1000),
+            body = json.dumps({"user_id": user, "item_id": str(rng.randrange(ITEMS)), "ts": int(time.time() * 1000),
                                "event_id": f"f{i}"}).encode()
             if marker:
                 prober.mark(user, time.time())
@@ -117,7 +139,13 @@ def run(settings: Settings, opts: Options) -> Result:
     with tempfile.TemporaryDirectory(prefix="hymirec-bench-freshness-") as tmp_name, \
             broker(settings, Path(tmp_name)) as (live, how):
         s = fresh(live, Path(tmp_name), "freshness")
+        items = catalogue(ITEMS)
+        Store(s).upsert_items(items.to_dict("records"))
+        rng = np.random.default_rng(settings.seed)
+        version, _ = publish_model(s, items, {f"b{j}": [str(i) for i in rng.integers(0, ITEMS, 20)] for j in range(200)},
+                                   backbone="tiny")
         with worker(s, Path(tmp_name) / "worker.log") as proc, RssSampler(proc.proc.pid) as rss:
+            wait_serving(s, proc, version)
             warm_up(s, proc)
             prober = Prober(s)
             prober.start()
@@ -130,34 +158,45 @@ def run(settings: Settings, opts: Options) -> Result:
                 prober.stop.set()
                 prober.join(10)
             inside = histogram_quantiles(metrics(s), "hymirec_freshness_lag_seconds")
+        reader = Store(s)
+        from_model = sum(recommend(reader, u).model_version == version for u in prober.served)
 
-    latencies = [prober.seen[u] - prober.sent[u] for u in prober.seen]
-    outside = percentiles(latencies)
+    def summary(view: str, seen: dict[str, float], **extra) -> dict:
+        latencies = [seen[u] - prober.sent[u] for u in seen]
+        q = percentiles(latencies)
+        return {"view": view, "markers": len(latencies), **{k: round(v, 3) if v is not None else None for k, v in q.items()},
+                "max": round(max(latencies), 3) if latencies else None, **extra}
+
+    history = summary("outside-in: send → history row visible to a LanceDB reader (primary)", prober.seen)
+    topk = summary("outside-in: send → interests row visible: top-k answers from the model", prober.served)
+    rows = [history, topk,
+            {"view": "worker histogram: message timestamp → history row written", "markers": None,
+             **{k: round(v, 3) if v is not None else None for k, v in inside.items()}, "max": None}]
     missing = len(prober.sent) - len(prober.seen)
-    rows = [
-        {"view": "outside-in: send → row visible to a LanceDB reader (primary)", "markers": len(latencies),
-         **{k: round(v, 3) if v is not None else None for k, v in outside.items()},
-         "max": round(max(latencies), 3) if latencies else None},
-        {"view": "worker histogram: message timestamp → row written", "markers": None,
-         **{k: round(v, 3) if v is not None else None for k, v in inside.items()}, "max": None},
-    ]
+    unserved = len(prober.sent) - len(prober.served)
     targets = [
-        target(f"freshness p95 at {RATE:,} events/s (outside-in)", outside["p95"], TARGET_P95_S, at_least=False,
+        target(f"freshness p95 at {RATE:,} events/s (outside-in)", history["p95"], TARGET_P95_S, at_least=False,
                unit=" s", note=f"{missing} of {len(prober.sent)} markers not seen within {SETTLE_S:.0f} s" if missing else ""),
-        not_measured("freshness: event → top-k reflects it",
-                     "TODO: needs the online half (interests recomputed and served); not measured yet"),
+        reported(f"freshness: event → top-k reflects it, p95 at {RATE:,} events/s (s)", topk["p95"],
+                 note=f"{from_model} of {len(prober.served)} markers answered by {version}"
+                      + (f"; {unserved} of {len(prober.sent)} not served within {SETTLE_S:.0f} s" if unserved else "")),
     ]
     reads = {k: round(v, 1) if v is not None else None
              for k, v in percentiles([r * 1000 for r in prober.reads], (50, 95)).items()}
     return Result(
-        name="freshness", title="Freshness: event produced → history row updated",
-        params={"rate_ev_s": RATE, "seconds": seconds, "users": users, "marker_every": MARKER_EVERY, "poll_s": POLL_S,
-                "batch_size": s.batch_size, "batch_within_s": s.batch_within_s, "partitions": s.partitions, "broker": how},
+        name="freshness", title="Freshness: event produced → history row updated → top-k reflects it",
+        params={"rate_ev_s": RATE, "seconds": seconds, "users": users, "items": ITEMS, "model": f"{version} (tiny)",
+                "marker_every": MARKER_EVERY, "poll_s": POLL_S, "batch_size": s.batch_size,
+                "batch_within_s": s.batch_within_s, "serving_refresh_s": s.serving_refresh_s,
+                "interest_batch_size": s.interest_batch_size, "partitions": s.partitions, "broker": how},
         rows=rows, targets=targets,
         extra={"achieved_produce_rate_ev_s": round(sent["events"] / sent["seconds"]),
-               "markers_unseen": missing, "prober_read_ms": reads, "worker_peak_rss_mib": round(rss.peak / 2**20)},
+               "markers_unseen": missing, "markers_unserved": unserved, "markers_answered_by_the_model": from_model,
+               "prober_read_ms": reads, "worker_peak_rss_mib": round(rss.peak / 2**20)},
         notes=["Outside-in latency is an upper bound: it includes up to one poll interval and one read "
                "(prober_read_ms) after the row was written.",
-               "Both views include the worker's micro-batch wait (up to batch_within_s) before a batch is applied.",
+               "Both views include the worker's micro-batch wait (up to batch_within_s) before a batch is applied; "
+               "the top-k view also the serving refresh interval (serving_refresh_s) and the interest recompute.",
                "Worker histogram percentiles are interpolated within its buckets (0.05 … 300 s)."],
     )
+

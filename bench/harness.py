@@ -18,7 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import psutil
+import pyarrow as pa
 from prometheus_client.parser import text_string_to_metric_families
 
 from hymirec.errors import HymirecError
@@ -122,14 +125,21 @@ def worker(settings: Settings, log_path: Path) -> Iterator[ManagedProcess]:
                           log_path=log_path, env=settings_env(settings))
     proc.start()
     try:
-        wait_for(lambda: health(settings) if proc.alive else _dead(proc), timeout=WORKER_START_S,
+        wait_for(lambda: health(settings) if proc.alive else exited(proc), timeout=WORKER_START_S,
                  interval=0.2, what="the worker's /health")
         yield proc
     finally:
         proc.stop()
 
 
-def _dead(proc: ManagedProcess):
+def wait_serving(settings: Settings, proc: ManagedProcess, version: str, timeout: float = WORKER_START_S) -> None:
+    """Wait until the worker serves ``version`` (a worker loads the registry's newest when it starts)."""
+    wait_for(lambda: (health(settings) or {}).get("model_version") == version if proc.alive else exited(proc),
+             timeout=timeout, interval=0.2, what=f"the worker to serve {version}")
+
+
+def exited(proc: ManagedProcess):
+    """Raise: the worker is gone (its log's last lines say why). For ``check if proc.alive else exited(proc)``."""
     raise HymirecError(f"the worker exited; last lines of {proc.log_path}:\n{proc.tail()}")
 
 
@@ -153,4 +163,85 @@ def warm_up(settings: Settings, proc: ManagedProcess, timeout: float = WORKER_ST
     finally:
         producer.close()
     wait_for(lambda: (counts(settings).get("events_applied", 0) - before >= settings.partitions) if proc.alive
-             else _dead(proc), timeout=timeout, interval=0.2, what="the warm-up events")
+             else exited(proc), timeout=timeout, interval=0.2, what="the warm-up events")
+
+
+# --- a model and a store filled without replaying a log -------------------------------------------------
+TOPIC_WORDS = ("jazz", "noir", "space", "cooking", "chess", "garden", "opera", "rally", "poetry", "robots",
+               "surfing", "history", "physics", "comics", "travel", "horror")
+
+
+def catalogue(n: int) -> pd.DataFrame:
+    """Items "0".."n-1": item_id, text (a topic word and the id), category (the topic)."""
+    topics = [TOPIC_WORDS[i % len(TOPIC_WORDS)] for i in range(n)]
+    return pd.DataFrame({"item_id": [str(i) for i in range(n)],
+                         "text": [f"{t} item {i}" for i, t in enumerate(topics)], "category": topics})
+
+
+def publish_model(settings: Settings, items: pd.DataFrame, sequences: dict[str, list[str]], backbone: str,
+                  epochs: int = 1):
+    """Bootstrap a HyMiRec version on ``sequences`` and publish it to the registry (no announcement: a
+    worker started afterwards finds it) → (version, the model)."""
+    from store.registry import ModelRegistry
+    from trainer.serving_model import bootstrap
+
+    model = bootstrap(settings, items[["item_id", "text", "category"]], sequences, epochs, backbone)
+    files, manifest = model.to_files({"note": "published by a benchmark"})
+    return ModelRegistry(settings).publish(files, manifest, parent=None).version, model
+
+
+def item_codes(model, items: pd.DataFrame) -> np.ndarray:
+    """The model's packed codes of ``items``, one row per item in their order: uint8 [n, bytes per item]."""
+    encoded = model.encode_items(items[["item_id", "text", "category"]])
+    if encoded.item_ids != [str(i) for i in items["item_id"]] or None in encoded.codes:
+        raise HymirecError(f"model {model.version} did not code every catalogue item")
+    return np.frombuffer(b"".join(encoded.codes), np.uint8).reshape(len(encoded.item_ids), -1)
+
+
+def history_rows(user_ids: list[str], histories: list[np.ndarray], item_ids: pa.Array, shard: int, recent_len: int,
+                 codes: np.ndarray | None = None, version: str | None = None) -> pa.Table:
+    """user_histories rows as the ingest path leaves them: ``histories`` are item positions in
+    ``item_ids`` (oldest first); ``codes`` [items, B] packs each item's codes (None: no codes)."""
+    lengths = np.array([len(h) for h in histories], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(histories) if histories else np.zeros(0, np.int64)
+    recent = [h[-recent_len:] for h in histories]
+    recent_offsets = np.concatenate([[0], np.cumsum([len(r) for r in recent])]).astype(np.int32)
+    n = len(user_ids)
+    if codes is not None:
+        width = codes.shape[1]
+        history_codes = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets * width),
+                                                               pa.py_buffer(codes[flat].tobytes())])
+    else:
+        history_codes = pa.nulls(n, pa.binary())
+    return pa.table({
+        "user_id": pa.array(user_ids, pa.string()),
+        "history_item_ids": pa.ListArray.from_arrays(pa.array(offsets), item_ids.take(pa.array(flat))),
+        "history_codes": history_codes,
+        "codebook_version": pa.array([version if codes is not None else None] * n, pa.string()),
+        "recent_item_ids": pa.ListArray.from_arrays(pa.array(recent_offsets),
+                                                    item_ids.take(pa.array(np.concatenate(recent) if recent else flat))),
+        "event_count": pa.array(lengths),
+        "last_ts": pa.array(np.full(n, 1_700_000_000_000, np.int64)),
+        "watermark_partition": pa.array(np.full(n, shard, np.int32)),
+        "watermark_offset": pa.array(np.full(n, -1, np.int64)),  # nothing consumed yet: every offset is new
+        "recent_event_ids": pa.array([[] for _ in range(n)], pa.list_(pa.string())),
+    })
+
+
+def fill_histories(store, user_ids: list[str], histories: list[np.ndarray], items: pd.DataFrame,
+                   codes: np.ndarray | None = None, version: str | None = None, chunk: int = 2000) -> dict[str, int]:
+    """Write the users' history rows into the shard each belongs to (the partition Kafka's default
+    partitioner gives its id, as for keyed events), ``chunk`` users per write → {user: shard}."""
+    from stream.serving import shard_hint
+
+    settings = store.settings
+    item_ids = pa.array([str(i) for i in items["item_id"]], pa.string())
+    shards = np.array([shard_hint(u, settings.partitions) for u in user_ids])
+    for shard in range(settings.partitions):
+        members = np.flatnonzero(shards == shard)
+        for start in range(0, len(members), chunk):
+            take = members[start : start + chunk]
+            store.upsert_histories(shard, history_rows([user_ids[j] for j in take], [histories[j] for j in take],
+                                                       item_ids, shard, settings.recent_len, codes, version))
+    return dict(zip(user_ids, shards.tolist()))

@@ -89,6 +89,12 @@ def not_measured(what: str, why: str) -> dict[str, Any]:
     return {"what": what, "target": "", "measured": None, "met": None, "verdict": NOT_MEASURED, "note": why}
 
 
+def reported(what: str, measured: float | None, note: str = "") -> dict[str, Any]:
+    """A figure shown next to the targets that DESIGN §7 gives no bound for."""
+    return {"what": what, "target": "", "measured": None if measured is None else round(measured, 4), "met": None,
+            "verdict": "reported (no target)" if measured is not None else NOT_MEASURED, "note": note}
+
+
 @dataclass
 class Result:
     """One benchmark's output. ``rows`` is its table (the same keys in every row)."""
@@ -99,6 +105,7 @@ class Result:
     rows: list[dict[str, Any]]
     targets: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # more tables, by heading
     extra: dict[str, Any] = field(default_factory=dict)  # secondary measurements (shown as JSON)
     machine: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
@@ -156,6 +163,8 @@ def header(result: Result) -> str:
 
 def to_markdown(result: Result) -> str:
     parts = [header(result), "", markdown_table(result.rows)]
+    for heading, rows in result.tables.items():
+        parts += ["", f"## {heading}", "", markdown_table(rows)]
     if result.targets:
         parts += ["", "## Targets (DESIGN §7)", "", markdown_table(result.targets, ["what", "target", "measured", "verdict", "note"])]
     if result.extra:

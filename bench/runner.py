@@ -10,7 +10,7 @@ from bench import Options
 from bench.report import Result, markdown_table, stamp, to_markdown, write, write_summary
 from hymirec.settings import Settings
 
-NAMES = ("ingest", "freshness", "topk", "codebook")
+NAMES = ("ingest", "freshness", "topk", "codebook", "train", "memory")
 
 
 def _module(name: str):

@@ -8,10 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.freshness import histogram_quantiles
-from bench.report import target
+from bench.harness import catalogue, fill_histories
+from bench.report import reported, target
+from hymirec.settings import Settings
+from store import Store
+from stream.serving import shard_hint
 
 MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "load_average_1m", "noisy"}
 VERSION_KEYS = {"python", "torch", "lancedb", "kafka_broker", "aiokafka", "faust-streaming"}
@@ -47,7 +52,17 @@ def test_codebook_quick_reports_bytes_and_cosine(tmp_path: Path):
     by_levels = {r["levels"]: r["cosine_heldout"] for r in synthetic if r["size"] == 256 and r["scale_bits"] == 8}
     assert by_levels[2] < by_levels[4] < by_levels[8]
     verdicts = {t["what"]: t for t in result["targets"]}
-    assert any(t["verdict"] == "not measured" and "Recall@10" in t["what"] for t in verdicts.values())
+    # Recall@10 without the codebook, then with the default (levels, size) and others, on one split.
+    (heading, recall), = result["tables"].items()
+    assert "Recall@10" in heading and f"## {heading}" in (tmp_path / "codebook.md").read_text()
+    assert recall[0]["model"] == "hymirec-nocodebook" and recall[0]["levels"] is None
+    assert [(r["levels"], r["size"]) for r in recall[1:]][:3] == [(4, 256), (2, 256), (8, 256)]
+    for row in recall:
+        assert 0.0 <= row["recall@10"] <= row["recall@50"] <= 1.0
+    for row in recall[1:]:
+        assert row["bytes_per_item"] == 2 * row["levels"] and 0 < row["reconstruction_cosine"] <= 1
+    effect = next(t for w, t in verdicts.items() if "Recall@10" in w)
+    assert effect["measured"] == pytest.approx(recall[1]["recall@10"] / recall[0]["recall@10"], abs=1e-3)
     ratio = next(t for w, t in verdicts.items() if "smaller than float32" in w)
     assert ratio["met"] == (synthetic[0]["x_smaller_than_float32"] >= 32)
 
@@ -73,6 +88,29 @@ def test_target_verdicts():
     met = target("p95", 1.5, 2.0, at_least=False, unit=" s")
     assert met["met"] is True and met["verdict"] == "met (margin 25%)" and met["target"] == "≤ 2 s"
     assert target("x", None, 1.0, at_least=True)["verdict"] == "not measured"
+    shown = reported("trainer peak RSS (GiB)", 1.23456)
+    assert shown["met"] is None and shown["measured"] == 1.2346 and shown["verdict"] == "reported (no target)"
+    assert reported("x", None)["verdict"] == "not measured"
+
+
+def test_filled_histories_read_back_as_the_ingest_path_writes_them(db_settings: Settings):
+    """bench.harness.fill_histories (the memory benchmark's store) through the real Store."""
+    settings = db_settings.model_copy(update={"partitions": 3, "recent_len": 4})
+    store = Store(settings)
+    items = catalogue(50)
+    codes = np.arange(50 * 3, dtype=np.uint8).reshape(50, 3)  # 3 bytes per item, distinct per item
+    rng = np.random.default_rng(0)
+    users = [f"user-{j}" for j in range(40)]
+    histories = [rng.integers(0, 50, n) for n in rng.integers(1, 12, len(users))]
+    shards = fill_histories(store, users, histories, items, codes, "v0007", chunk=7)
+    assert shards == {u: shard_hint(u, 3) for u in users} and len(set(shards.values())) == 3
+    for user, history in zip(users, histories):
+        row = store.get_histories([user], shard=shards[user])[user]
+        ids = [str(i) for i in history]
+        assert row["history_item_ids"] == ids and row["recent_item_ids"] == ids[-4:]
+        assert row["history_codes"] == codes[history].tobytes() and row["codebook_version"] == "v0007"
+        assert row["event_count"] == len(ids) and row["watermark_partition"] == shards[user]
+        assert row["watermark_offset"] == -1 and row["recent_event_ids"] == []
 
 
 def test_histogram_quantiles_interpolate_within_buckets():
