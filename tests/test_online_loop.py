@@ -24,7 +24,7 @@ from stream.serving import recommend
 from trainer.online import total_events
 
 from conftest import free_ports
-from test_worker import http_get, produce, running_worker, tail, wait_for, worker_env
+from helpers import http_get, produce, running_worker, tail, wait_for, worker_env
 
 pytestmark = pytest.mark.broker
 
@@ -45,6 +45,7 @@ def loop_settings(topic_settings: Settings, tmp_path: Path) -> Settings:
         "codebook_size": 16,
         "codebook_levels": 2,
         "trainer_epochs": 1,
+        "trainer_bootstrap_epochs": 1,
     })
 
 

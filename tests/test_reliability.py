@@ -1,11 +1,14 @@
-"""Reliability of the ingest worker under crashes, broker outages and bad input (real broker, real LanceDB).
+"""Reliability of the online loop under crashes, broker outages, bad input and bad models (real LanceDB;
+a real broker where a worker runs).
 
 - kill -9 of the worker in the middle of a paced replay, then a restart: every user's history equals
   the log exactly (count and order), with and without event ids, so no event is lost or applied twice;
 - the broker stopped and restarted while the worker runs: the same worker recovers on its own;
 - 30+ kinds of bad payload interleaved with good ones: each is dead-lettered with its reason and
   source partition/offset, duplicates and unknown items are counted (not dead-lettered), every good
-  event is applied and the worker keeps answering.
+  event is applied and the worker keeps answering;
+- a tampered and a truncated model artefact are refused while the old version keeps serving, and 8
+  concurrent top-k clients during a hot-swap all get answers, each from exactly one version.
 
 Every wait has a deadline; every worker is stopped SIGTERM → SIGKILL (hymirec.procs.ManagedProcess).
 """
@@ -26,20 +29,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
-from kafka import KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
 from hymirec.procs import ManagedProcess
 from hymirec.settings import Settings
-from store import Store
+from store import ModelRegistry, Store
+from store.tables import table_names
 from stream.broker import LocalKafka, create_topics
 from stream.replay import replay
+from stream.serving import ServingRuntime, item_vectors_schema, open_own, ready_versions, recommend
+from trainer.online import read_histories
 
 from conftest import free_ports, start_or_unavailable
-from test_worker import http_get, read_dead_letters, scrape, tail, wait_for, worker_env
+from helpers import (  # noqa: F401 — world, world_settings: fixtures
+    http_get, produce, publish, read_dead_letters, scrape, tail, users_of, wait_for, worker_env, world, world_settings,
+)
 
-pytestmark = [pytest.mark.broker, pytest.mark.reliability]
+pytestmark = pytest.mark.reliability
 
 STOP_GRACE_S = 30.0
 DEADLINE_S = 180.0  # a restarted worker waits out the dead member's session timeout first
@@ -66,17 +74,6 @@ def wait(what: str, check, proc: ManagedProcess, deadline_s: float = DEADLINE_S)
 
 def applied(settings: Settings) -> int:
     return int(scrape(settings).get(("hymirec_events_applied_total", ()), 0))
-
-
-def produce(settings: Settings, records: list[tuple], **config) -> list:
-    """Send (topic, key, value[, partition]) records in order; their RecordMetadata."""
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", **config)
-    try:
-        futures = [producer.send(r[0], key=r[1], value=r[2], partition=r[3] if len(r) > 3 else None) for r in records]
-        producer.flush(timeout=60)
-        return [f.get(timeout=60) for f in futures]
-    finally:
-        producer.close()
 
 
 def event(user: str, item: str, ts: int, event_id: str | None = None, **extra) -> dict:
@@ -141,6 +138,7 @@ def synthetic_log(n: int, users: int, items: int, seed: int) -> list[dict]:
 
 
 # --- 1. kill -9 mid-replay --------------------------------------------------------------------------------
+@pytest.mark.broker
 def test_worker_killed_mid_replay_loses_and_repeats_nothing(topic_settings: Settings, tmp_path: Path):
     s = worker_settings(topic_settings, tmp_path)
     log_path = tmp_path / "worker.log"
@@ -181,6 +179,7 @@ def test_worker_killed_mid_replay_loses_and_repeats_nothing(topic_settings: Sett
 
 
 # --- 2. broker stopped and restarted mid-stream ------------------------------------------------------------
+@pytest.mark.broker
 def test_worker_recovers_by_itself_from_a_broker_restart(make_broker_settings, tmp_path: Path):
     s = worker_settings(make_broker_settings(), tmp_path, app_id=f"hymirec-outage-{uuid.uuid4().hex[:6]}")
     local = LocalKafka(s, die_with_parent=True)
@@ -285,6 +284,7 @@ def raise_message_limit(settings: Settings, topics: list[str]) -> None:
         admin.close()
 
 
+@pytest.mark.broker
 def test_bad_input_is_dead_lettered_and_good_input_around_it_applied(topic_settings: Settings, tmp_path: Path):
     s = worker_settings(topic_settings, tmp_path)
     raise_message_limit(s, [s.topic_interactions])
@@ -365,3 +365,96 @@ def test_bad_input_is_dead_lettered_and_good_input_around_it_applied(topic_setti
         assert metrics[("hymirec_unknown_items_total", ())] == len(unknown)  # the sentinels click item "0", known
         health = json.loads(http_get(s, "/health"))
         assert health["status"] == "ok" and proc.alive, tail(proc.log_path)
+
+
+# --- 4. bad model artefacts, and a hot-swap under concurrent readers -----------------------------------------
+def test_corrupt_versions_are_refused_and_the_switch_is_never_half_seen(world, world_settings):
+    settings = world_settings
+    store = Store(settings)
+    runtime = ServingRuntime(settings)
+    v1 = publish(settings, world["m1"])
+    runtime.start()
+    users = users_of(store)
+    assert runtime.live.version == v1
+    assert {recommend(store, u).model_version for u in users} == {v1}
+
+    # v0002: one byte flipped; v0003: a file cut short. Both refused, v0001 keeps answering.
+    v2 = publish(settings, world["m2"], parent=v1)
+    path = Path(ModelRegistry(settings).get(v2).path) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    v3 = publish(settings, world["m2"], parent=v1)
+    path = Path(ModelRegistry(settings).get(v3).path) / "items.json"
+    path.write_bytes(path.read_bytes()[:-10])
+    assert runtime.switch_to(v2) == "refused"
+    assert runtime.switch_to(v3) == "refused"
+    assert runtime.live.version == v1
+    assert set(ready_versions(store)) == {v1}
+    assert {recommend(store, u).model_version for u in users} == {v1}
+
+    # v0004 is good: switch while 8 threads keep asking.
+    v4 = publish(settings, world["m2"], parent=v1)
+    answers, errors, done = [], [], threading.Event()
+    asked = threading.Barrier(9)  # every thread has answered once before the switch starts
+
+    def ask(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        reader = Store(settings)
+        first = True
+        while True:
+            finished = done.is_set()
+            try:
+                answers.append(recommend(reader, users[rng.integers(len(users))], 5))
+            except Exception as exc:  # noqa: BLE001 — any failure is the test's finding
+                errors.append(exc)
+            if first:
+                asked.wait(60)
+                first = False
+            if finished:
+                return
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        asked.wait(60)
+        assert runtime.switch_to(v4) == "switched"
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[:3]
+    # Answers from before the switch and after it (the last one of each thread), none from anything else.
+    assert {a.model_version for a in answers} == {v1, v4}
+    assert {recommend(store, u).model_version for u in users} == {v4}
+
+    # Each answer's scores are those of exactly its version's interests and item vectors.
+    histories = {row["user_id"]: list(row["history_item_ids"]) for _, row in read_histories(store).iterrows()}
+    models = {v1: world["m1"], v4: world["m2"]}
+    tables = {v: ready_versions(store)[v]["vectors_table"] for v in (v1, v4)}
+    vectors = {}
+    for v, name in tables.items():
+        rows = open_own(store.db, name, item_vectors_schema(settings.embedding_dim)).to_arrow()
+        vectors[v] = dict(zip(rows["item_id"].to_pylist(), np.asarray(rows["vector"].to_pylist(), dtype=np.float64)))
+    assert tables[v1] != tables[v4]
+
+    def expected(version, user, item):
+        interests = models[version].interests([histories[user]])[0].astype(np.float64)
+        v = vectors[version][item]
+        return float((interests @ v / np.linalg.norm(interests, axis=1) / np.linalg.norm(v)).max())
+
+    # The previous version's vectors stay (rows may still point to them); older ones go.
+    v5 = publish(settings, world["m1"], parent=v4)
+    assert runtime.switch_to(v5) == "switched"
+    assert {recommend(store, u).model_version for u in users} == {v5}
+    names = set(table_names(store.db))
+    assert tables[v4] in names and tables[v1] not in names
+
+    sample = answers[:: max(1, len(answers) // 40)]
+    for answer in sample:
+        other = v4 if answer.model_version == v1 else v1
+        assert answer.vectors_table == tables[answer.model_version]
+        top = answer.items[0]
+        assert top.score == pytest.approx(expected(answer.model_version, answer.user_id, top.item_id), abs=1e-4)
+        assert top.score != pytest.approx(expected(other, answer.user_id, top.item_id), abs=1e-4)

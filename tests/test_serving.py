@@ -1,19 +1,16 @@
-"""The retrieval side on a real LanceDB directory, no broker: hot-swap, top-k, refresh, trainer cycle.
+"""The retrieval side on a real LanceDB directory, no broker: top-k, refresh, trainer cycle (the
+hot-swap under bad artefacts and concurrent readers is in test_reliability.py).
 
 Two small HyMiRec models (tiny backbone, one epoch) are trained once per module on a synthetic log
-and published into each test's own copy of a filled LanceDB directory.
+(tests/helpers.py build_world) and published into each test's own copy of a filled LanceDB directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import threading
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,179 +18,15 @@ import torch
 
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
-from stream.datasets import export_synthetic
-from stream.ingest import RawEvent, apply_interactions, apply_items
-from stream.io import read_interactions, read_items
-from store.tables import table_names
-from stream.serving import ServingRuntime, item_vectors_schema, open_own, ready_versions, recommend
+from stream.serving import ServingRuntime, item_vectors_schema, open_own, recommend
 from trainer.online import Case, OnlineTrainer, guardrail, prequential_scores, read_histories, split_stream
 
-USERS, ITEMS, EVENTS_PER_USER = 40, 120, 20
-PARTITIONS = 2
-
-
-def raw(payload: dict, key: str, offset: int, partition: int) -> RawEvent:
-    return RawEvent(json.dumps(payload).encode(), key.encode(), partition, offset)
-
-
-def shard_of(user: str) -> int:
-    return zlib.crc32(user.encode()) % PARTITIONS
-
-
-def model_settings(uri: str) -> Settings:
-    return Settings(lancedb_uri=uri, partitions=PARTITIONS, codebook_size=16, codebook_levels=2, num_interests=3,
-                    trainer_epochs=1, interest_batch_size=16)
-
-
-class Log:
-    """A synthetic log applied through the ingest path, offsets counted per partition."""
-
-    def __init__(self, store: Store, settings: Settings):
-        self.store, self.settings = store, settings
-        self.offsets = [0] * PARTITIONS
-
-    def items(self, rows: list[dict]) -> None:
-        apply_items(self.store, self.settings, [raw(r, r["item_id"], i, 0) for i, r in enumerate(rows)])
-
-    def interactions(self, rows: list[dict], encoder=None) -> None:
-        batch = []
-        for r in rows:
-            p = shard_of(r["user_id"])
-            batch.append(raw(r, r["user_id"], self.offsets[p], p))
-            self.offsets[p] += 1
-        apply_interactions(self.store, self.settings, batch, encoder=encoder)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A filled LanceDB directory (no versions) and two trained models: m1 and m1 fine-tuned (m2)."""
-    root = tmp_path_factory.mktemp("serving")
-    export_synthetic(root / "data", users=USERS, items=ITEMS, interests=6, events_per_user=EVENTS_PER_USER,
-                     drift=0.0, seed=1)
-    interactions = read_interactions(root / "data" / "interactions.jsonl").to_dict("records")
-    items = read_items(root / "data" / "items.jsonl")
-    settings = model_settings(str(root / "lancedb"))
-    store = Store(settings)
-    log = Log(store, settings)
-    log.items(items.to_dict("records"))
-    log.interactions(interactions)
-
-    from trainer.serving_model import bootstrap
-
-    catalogue = items[["item_id", "text", "category"]]
-    sequences = read_histories(store).set_index("user_id")["history_item_ids"].map(list).to_dict()
-    m1 = bootstrap(settings, catalogue, sequences, epochs=1)
-    m2 = m1.fine_tune(catalogue, sequences, epochs=1)
-    return {"root": root, "uri": root / "lancedb", "m1": m1, "m2": m2, "offsets": log.offsets,
-            "interactions": interactions, "items": items}
+from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 
 
 @pytest.fixture
-def settings(world, tmp_path) -> Settings:
-    uri = tmp_path / "lancedb"
-    shutil.copytree(world["uri"], uri)
-    return model_settings(str(uri))
-
-
-def publish(settings: Settings, model, parent=None) -> str:
-    files, manifest = model.to_files({"note": "test"})
-    return ModelRegistry(settings).publish(files, manifest, parent=parent).version
-
-
-def users_of(store: Store) -> list[str]:
-    return sorted(read_histories(store)["user_id"])
-
-
-# --- hot-swap ---------------------------------------------------------------------------------
-def test_corrupt_versions_are_refused_and_the_switch_is_never_half_seen(world, settings):
-    store = Store(settings)
-    runtime = ServingRuntime(settings)
-    v1 = publish(settings, world["m1"])
-    runtime.start()
-    users = users_of(store)
-    assert runtime.live.version == v1
-    assert {recommend(store, u).model_version for u in users} == {v1}
-
-    # v0002: one byte flipped; v0003: a file cut short. Both refused, v0001 keeps answering.
-    v2 = publish(settings, world["m2"], parent=v1)
-    path = Path(ModelRegistry(settings).get(v2).path) / "model.safetensors"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    v3 = publish(settings, world["m2"], parent=v1)
-    path = Path(ModelRegistry(settings).get(v3).path) / "items.json"
-    path.write_bytes(path.read_bytes()[:-10])
-    assert runtime.switch_to(v2) == "refused"
-    assert runtime.switch_to(v3) == "refused"
-    assert runtime.live.version == v1
-    assert set(ready_versions(store)) == {v1}
-    assert {recommend(store, u).model_version for u in users} == {v1}
-
-    # v0004 is good: switch while 8 threads keep asking.
-    v4 = publish(settings, world["m2"], parent=v1)
-    answers, errors, done = [], [], threading.Event()
-    asked = threading.Barrier(9)  # every thread has answered once before the switch starts
-
-    def ask(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        reader = Store(settings)
-        first = True
-        while True:
-            finished = done.is_set()
-            try:
-                answers.append(recommend(reader, users[rng.integers(len(users))], 5))
-            except Exception as exc:  # noqa: BLE001 — any failure is the test's finding
-                errors.append(exc)
-            if first:
-                asked.wait(60)
-                first = False
-            if finished:
-                return
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    try:
-        asked.wait(60)
-        assert runtime.switch_to(v4) == "switched"
-    finally:
-        done.set()
-        for t in threads:
-            t.join(60)
-    assert not errors, errors[:3]
-    # Answers from before the switch and after it (the last one of each thread), none from anything else.
-    assert {a.model_version for a in answers} == {v1, v4}
-    assert {recommend(store, u).model_version for u in users} == {v4}
-
-    # Each answer's scores are those of exactly its version's interests and item vectors.
-    histories = {row["user_id"]: list(row["history_item_ids"]) for _, row in read_histories(store).iterrows()}
-    models = {v1: world["m1"], v4: world["m2"]}
-    tables = {v: ready_versions(store)[v]["vectors_table"] for v in (v1, v4)}
-    vectors = {}
-    for v, name in tables.items():
-        rows = open_own(store.db, name, item_vectors_schema(settings.embedding_dim)).to_arrow()
-        vectors[v] = dict(zip(rows["item_id"].to_pylist(), np.asarray(rows["vector"].to_pylist(), dtype=np.float64)))
-    assert tables[v1] != tables[v4]
-
-    def expected(version, user, item):
-        interests = models[version].interests([histories[user]])[0].astype(np.float64)
-        v = vectors[version][item]
-        return float((interests @ v / np.linalg.norm(interests, axis=1) / np.linalg.norm(v)).max())
-
-    # The previous version's vectors stay (rows may still point to them); older ones go.
-    v5 = publish(settings, world["m1"], parent=v4)
-    assert runtime.switch_to(v5) == "switched"
-    assert {recommend(store, u).model_version for u in users} == {v5}
-    names = set(table_names(store.db))
-    assert tables[v4] in names and tables[v1] not in names
-
-    sample = answers[:: max(1, len(answers) // 40)]
-    for answer in sample:
-        other = v4 if answer.model_version == v1 else v1
-        assert answer.vectors_table == tables[answer.model_version]
-        top = answer.items[0]
-        assert top.score == pytest.approx(expected(answer.model_version, answer.user_id, top.item_id), abs=1e-4)
-        assert top.score != pytest.approx(expected(other, answer.user_id, top.item_id), abs=1e-4)
+def settings(world_settings) -> Settings:
+    return world_settings
 
 
 def test_no_version_means_popular_items_and_says_so(settings):
@@ -321,7 +154,7 @@ def test_prequential_scores_rank_the_full_catalogue(world):
 def test_trainer_cycle_bootstraps_then_guards(settings, world, caplog):
     caplog.set_level("INFO", logger="trainer.online")
     store = Store(settings)
-    first = OnlineTrainer(settings, margin=1.0, epochs=1, backbone="tiny", announce=False).cycle()
+    first = OnlineTrainer(settings, margin=1.0, epochs=1, backbone="tiny", announce=False, bootstrap_epochs=1).cycle()
     assert first.published == "v0001" and first.parent is None
     assert first.live["events"] == first.candidate["events"] > 0
     assert "guardrail: PUBLISH" in caplog.text
@@ -336,12 +169,12 @@ def test_trainer_cycle_bootstraps_then_guards(settings, world, caplog):
     log.offsets = list(world["offsets"])
     user = users_of(store)[0]
     log.interactions([{"user_id": user, "item_id": world["items"]["item_id"][7], "ts": 2_000_000_000_000, "event_id": "n1"}])
-    rejected = OnlineTrainer(settings, margin=-1.0, epochs=1, backbone="tiny", announce=False).cycle()
+    rejected = OnlineTrainer(settings, margin=-1.0, epochs=1, backbone="tiny", announce=False, bootstrap_epochs=1).cycle()
     assert rejected.published is None and rejected.parent == "v0001"
     assert "guardrail: REJECT" in caplog.text
     assert [v.version for v in registry.list()] == ["v0001"]
 
-    second = OnlineTrainer(settings, margin=1.0, epochs=1, backbone="tiny", announce=False).cycle()
+    second = OnlineTrainer(settings, margin=1.0, epochs=1, backbone="tiny", announce=False, bootstrap_epochs=1).cycle()
     assert second.published == "v0002" and second.parent == "v0001"
     manifest = registry.get("v0002").manifest
     assert manifest["parent"] == "v0001" and manifest["metrics"]["live_version"] == "v0001"
@@ -398,3 +231,17 @@ def test_a_version_from_hymirec_train_is_served_and_embeds_new_items(world, sett
         expected = items.codebook.pack(*items.codebook.encode(content_only))[0].tobytes()
     assert codes["brand-new"] == expected
     assert codes[twin] is not None and len(codes[twin]) == len(expected)
+
+
+def test_trainer_reads_at_most_max_users_those_with_most_untrained_events(settings):
+    store = Store(settings)
+    everyone = read_histories(store)
+    counts = dict(zip(everyone["user_id"], everyone["event_count"]))
+    # Every user trained on all but one event, except three users with 5 untrained ones.
+    behind = sorted(counts)[:3]
+    trained = {u: c - (5 if u in behind else 1) for u, c in counts.items()}
+    picked = read_histories(store, max_users=3, trained=trained)
+    assert sorted(picked["user_id"]) == behind
+    for _, row in picked.iterrows():
+        assert list(row["history_item_ids"]) == list(everyone.set_index("user_id").loc[row["user_id"], "history_item_ids"])
+    assert len(read_histories(store, max_users=len(counts) + 1, trained=trained)) == len(counts)

@@ -8,30 +8,22 @@ event from a non-Python client (Kafka's own Java producer), and ignore a resend 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
-from hymirec.procs import worker_get
 from hymirec.settings import Settings
 from store import Store
 from stream.broker import LocalKafka
 
 from conftest import free_ports
+from helpers import STOP_GRACE_S, http_get, produce, read_dead_letters, running_worker, scrape, tail, wait_for
 
 pytestmark = pytest.mark.broker
 
-DEADLINE_S = 120.0
-STOP_GRACE_S = 30.0
 USERS, ITEMS, EVENTS = 25, 40, 300
 
 JAVA_PRODUCER = """
@@ -52,74 +44,6 @@ public class Produce {
     }
 }
 """
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYMIREC_")}
-    env.update({f"HYMIREC_{name.upper()}": str(getattr(settings, name)) for name in Settings.model_fields})
-    return env
-
-
-@contextmanager
-def running_worker(settings: Settings, log_file: Path):
-    faust = Path(sys.executable).parent / "faust"
-    with open(log_file, "wb") as out:
-        proc = subprocess.Popen(
-            [str(faust), "-A", "stream.app", "worker", "-l", "info"],
-            env=worker_env(settings), cwd=log_file.parent, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        # A worker whose agent crashed has been seen to ignore SIGTERM: SIGKILL after a grace period.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def wait_for(what: str, check, proc: subprocess.Popen, log_file: Path, deadline_s: float = DEADLINE_S,
-             interval: float = 0.5):
-    deadline = time.monotonic() + deadline_s
-    while True:
-        assert proc.poll() is None, f"worker exited ({proc.returncode}) while waiting for {what}:\n{tail(log_file)}"
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; worker log:\n{tail(log_file, 80)}")
-        time.sleep(interval)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-http_get = worker_get
-
-
-def scrape(settings: Settings) -> dict[tuple[str, tuple], float]:
-    body = http_get(settings, "/metrics")
-    samples = {}
-    for family in text_string_to_metric_families((body or b"").decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def produce(settings: Settings, records: list[tuple[str, bytes | None, bytes | None]]) -> list:
-    """Send (topic, key, value) records in order; returns their RecordMetadata."""
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    try:
-        futures = [producer.send(topic, key=key, value=value) for topic, key, value in records]
-        producer.flush(timeout=30)
-        return [f.get(timeout=30) for f in futures]
-    finally:
-        producer.close()
 
 
 def interaction(user: str, item: str, ts: int, event_id: str) -> bytes:
@@ -225,20 +149,6 @@ def test_worker_applies_dead_letters_and_dedupes(worker_settings: Settings, tmp_
         proc.send_signal(signal.SIGTERM)
         proc.wait(STOP_GRACE_S)
         assert proc.returncode == 0, tail(log_file)
-
-
-def read_dead_letters(settings: Settings, expected: int) -> list[dict]:
-    consumer = KafkaConsumer(settings.topic_dead_letter, bootstrap_servers=settings.kafka_bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=2000)
-    records: list[dict] = []
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            records.extend(json.loads(message.value) for message in consumer)
-    finally:
-        consumer.close()
-    assert len(records) == expected, records
-    return records
 
 
 def java_producer(settings: Settings, tmp_path: Path, topic: str, key: str, value: str) -> None:
