@@ -85,7 +85,7 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
         # HYMIREC_TRAINER_MARGIN.
         trainer = ManagedProcess(
             [str(Path(sys.executable).with_name("hymirec")), "trainer", "--once", "--margin", "1",
-             "--epochs", str(epochs)],
+             "--epochs", str(epochs), "--bootstrap-epochs", str(epochs)],
             log_path=logs / "trainer.log",
         )
         t0 = time.monotonic()

@@ -109,7 +109,15 @@ class Settings(BaseSettings):
     trainer_holdout: int = Field(
         2, ge=1, description="Newest not-yet-trained events per user held out for the prequential evaluation."
     )
-    trainer_epochs: int = Field(5, ge=1, description="Epochs per training cycle (fine-tune, or the bootstrap model).")
+    trainer_epochs: int = Field(5, ge=1, description="Epochs per fine-tune cycle (a live version exists).")
+    trainer_bootstrap_epochs: int = Field(
+        30, ge=1, description="Epochs of the first version, trained from scratch: a few epochs leave it below the "
+        "popular items (measured with `hymirec simulate`).",
+    )
+    trainer_max_users: int = Field(
+        10_000, ge=1, description="Most users one cycle reads and trains on: those with the most events not yet "
+        "trained on (the rest wait for a later cycle). Bounds a cycle's memory and time on a large store.",
+    )
     trainer_backbone: str = Field(
         "tiny", description="Backbone of a bootstrap model (later versions keep their parent's): tiny, smollm2, a path."
     )

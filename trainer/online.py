@@ -3,9 +3,11 @@
 Every ``every_events`` new events or ``every_seconds`` (whichever first, and only if something is
 new) one cycle runs:
 
-1. **Data.** Every user's history from the ``user_histories`` shards. The live version records, per
-   user, how many events it was trained on (``trained_events.json``); the user's events beyond that
-   are *not yet trained on*. The newest of them, up to ``trainer_holdout`` per user, are held out.
+1. **Data.** Users' histories from the ``user_histories`` shards: every user's, or, beyond
+   ``trainer_max_users`` users, those with the most events not yet trained on. The live version
+   records, per user, how many events it was trained on (``trained_events.json``); the user's events
+   beyond that are *not yet trained on*. The newest of them, up to ``trainer_holdout`` per user, are
+   held out.
 2. **Train.** The live version is fine-tuned on the rest (or, with no version yet, a first one is
    trained from scratch: bootstrap).
 3. **Prequential evaluation** (test-then-train, DESIGN §3): each held-out event is scored by the live
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from lancedb.expr import col
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
@@ -64,15 +67,26 @@ class CycleData:
     events: int  # all events in the histories
 
 
-def read_histories(store: Store) -> pd.DataFrame:
-    """user_id, history_item_ids, event_count of every user (all shards)."""
-    frames = [
-        store.table(shard_table(HISTORIES, s)).search()
-        .select(["user_id", "history_item_ids", "event_count"]).limit(None).to_pandas()
-        for s in store.shards(HISTORIES)
-    ]
-    if not frames:
-        return pd.DataFrame({"user_id": [], "history_item_ids": [], "event_count": []})
+def read_histories(store: Store, max_users: int | None = None, trained: dict[str, int] | None = None) -> pd.DataFrame:
+    """user_id, history_item_ids, event_count of every user (all shards); with ``max_users``, of at
+    most that many: those with the most events not in ``trained`` yet (the ids and counts of every
+    user are read first, the histories only of those)."""
+    columns = ["user_id", "history_item_ids", "event_count"]
+    tables = [store.table(shard_table(HISTORIES, s)) for s in store.shards(HISTORIES)]
+    if not tables:
+        return pd.DataFrame({c: [] for c in columns})
+    if max_users is not None:
+        counts = pd.concat([t.search().select(["user_id", "event_count"]).limit(None).to_pandas().assign(shard=j)
+                            for j, t in enumerate(tables)], ignore_index=True)
+        if len(counts) > max_users:
+            new = counts["event_count"] - counts["user_id"].map(trained or {}).fillna(0)
+            chosen = counts.loc[new.sort_values(ascending=False, kind="stable").index[:max_users]]
+            frames = [tables[j].search().where(col("user_id").isin(ids[start : start + 1000])).select(columns)
+                      .limit(None).to_pandas()
+                      for j, ids in chosen.groupby("shard")["user_id"].agg(list).items()
+                      for start in range(0, len(ids), 1000)]
+            return pd.concat(frames, ignore_index=True).drop_duplicates("user_id", keep="last")
+    frames = [t.search().select(columns).limit(None).to_pandas() for t in tables]
     return pd.concat(frames, ignore_index=True).drop_duplicates("user_id", keep="last")
 
 
@@ -165,12 +179,15 @@ class CycleResult:
 
 
 class OnlineTrainer:
-    def __init__(self, settings: Settings, *, margin: float, epochs: int, backbone: str, announce: bool = True):
-        """``announce`` False: publish to the registry only (workers find it by polling it)."""
+    def __init__(self, settings: Settings, *, margin: float, epochs: int, backbone: str, announce: bool = True,
+                 bootstrap_epochs: int | None = None):
+        """``epochs`` per fine-tune, ``bootstrap_epochs`` (default ``trainer_bootstrap_epochs``) for the first
+        version; ``announce`` False: publish to the registry only (workers find it by polling it)."""
         self.settings = settings
         self.announce = announce
         self.margin = margin
         self.epochs = epochs
+        self.bootstrap_epochs = bootstrap_epochs or settings.trainer_bootstrap_epochs
         self.backbone = backbone
         self.store = Store(settings)
         self.registry = ModelRegistry(settings)
@@ -187,18 +204,18 @@ class OnlineTrainer:
         started = time.perf_counter()
         latest = self.registry.latest()
         live = load_model(self.settings, latest.version) if latest is not None else None
-        histories = read_histories(self.store)
+        trained = self.trained_counts(latest.version if latest else None)
+        histories = read_histories(self.store, self.settings.trainer_max_users, trained)
         if histories.empty:
             raise HymirecError(f"no user histories in {self.settings.lancedb_uri} yet: replay some events first")
         items = self.store.all_items(["item_id", "text", "category"]).to_pandas()
-        data = split_stream(histories, items, self.trained_counts(latest.version if latest else None),
-                            self.settings.trainer_holdout)
+        data = split_stream(histories, items, trained, self.settings.trainer_holdout)
         if not data.holdout:
             return CycleResult(None, live.version if live else None, "no events the live model has not trained on")
 
         live_scores = prequential_scores(live if live is not None else PopularScorer(data.sequences), data.items, data.holdout)
         if live is None:
-            candidate = bootstrap(self.settings, data.items, data.sequences, self.epochs, self.backbone)
+            candidate = bootstrap(self.settings, data.items, data.sequences, self.bootstrap_epochs, self.backbone)
         else:
             candidate = live.fine_tune(data.items, data.sequences, self.epochs)
         cand_scores = prequential_scores(candidate, data.items, data.holdout)
@@ -214,7 +231,8 @@ class OnlineTrainer:
         metrics = {"live": live_scores, "candidate": cand_scores, "live_version": parent,
                    "guardrail": {"metric": GUARD_METRIC, "margin": self.margin, "decision": "publish"}}
         files, manifest = candidate.to_files(metrics)
-        files[TRAINED] = json.dumps(data.trained, sort_keys=True).encode("utf-8")
+        # Users left out of this cycle (trainer_max_users) keep their counts.
+        files[TRAINED] = json.dumps(trained | data.trained, sort_keys=True).encode("utf-8")
         published = self.registry.publish(files, manifest, parent=parent)
         if self.announce:
             announce(self.settings, {"version": published.version, "parent": parent, "metrics": metrics,
@@ -246,8 +264,8 @@ def announce(settings: Settings, message: dict) -> bool:
 
 
 def run(settings: Settings, *, every_events: int, every_seconds: float, once: bool, margin: float, epochs: int,
-        backbone: str) -> int:
-    trainer = OnlineTrainer(settings, margin=margin, epochs=epochs, backbone=backbone)
+        backbone: str, bootstrap_epochs: int | None = None) -> int:
+    trainer = OnlineTrainer(settings, margin=margin, epochs=epochs, backbone=backbone, bootstrap_epochs=bootstrap_epochs)
     if once:
         print(trainer.cycle())
         return 0
@@ -278,4 +296,5 @@ def trainer_command(args, settings: Settings) -> int:
         margin=settings.trainer_margin if args.margin is None else args.margin,
         epochs=args.epochs or settings.trainer_epochs,
         backbone=args.backbone or settings.trainer_backbone,
+        bootstrap_epochs=args.bootstrap_epochs,
     )
