@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,6 @@ from trainer.publish import FORMAT, ITEMS, WEIGHTS, LoadedModel, _state_bytes, l
 log = logging.getLogger(__name__)
 
 ENCODER_WEIGHTS = "item_encoder.safetensors"
-FINE_TUNE_LR_SCALE = 0.1  # of the from-scratch learning rates (trainer.offline), for fine-tune cycles
 ENCODER_TOKENIZER = "item_tokenizer.json"
 VERIFY_ITEMS = 16  # catalogue items re-encoded to check a rebuilt content encoder
 VERIFY_COSINE = 0.999
@@ -237,10 +236,6 @@ class HyMiRecServing:
         overrides["codebook"] = CodebookConfig(**config["codebook"])
         model = HyMiRecModel(cat, _device(None), self.settings, epochs=epochs, content=content, **overrides)
         model.name = "hymirec"
-        # The offline learning rates train from scratch; at full rate one pass over the whole history
-        # pulls a trained model away from what it knew (the live prequential recall fell, hymirec simulate).
-        model.coarse_fit = replace(model.coarse_fit, lr=model.coarse_fit.lr * FINE_TUNE_LR_SCALE)
-        model.fit_config = replace(model.fit_config, lr=model.fit_config.lr * FINE_TUNE_LR_SCALE)
         new = model.model
         state = new.state_dict()
         for name, value in old.state_dict().items():
