@@ -82,6 +82,19 @@ def test_eval_cli_prints_metrics(capsys, synthetic, model):
     assert 0.0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= result["recall@200"] <= 1.0
 
 
+def test_eval_cli_runs_a_comma_list_of_models_writes_the_table_and_rejects_unknown_names(tmp_path, capsys, synthetic):
+    out = tmp_path / "results"
+    code, lines = _eval_json(capsys, synthetic, "--model", "pop,sasrec", "--epochs", "1", "--out", str(out))
+    assert code == 0 and [r["model"] for r in lines] == ["pop", "sasrec"]
+    assert [r["model"] for r in json.loads((out / "results.json").read_text())] == ["pop", "sasrec"]
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| model | recall@10") and len(table) == 4
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    inter, items = synthetic
+    assert main(["eval", "--interactions", str(inter), "--items", str(items), "--model", "pop,nope"]) == 1
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
 def test_eval_cli_rejects_bad_input(tmp_path, capsys, synthetic):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"user_id": "u", "item_id": "a"}\n')
