@@ -88,6 +88,7 @@ def _cmd_datasets(args: argparse.Namespace, settings: Settings) -> int:
             interests=args.interests,
             events_per_user=args.events_per_user,
             drift=args.drift,
+            fresh_items=args.fresh_items,
             seed=args.seed if args.seed is not None else settings.seed,
         )
     print(summary)
@@ -144,6 +145,19 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                     epochs=args.epochs)
 
 
+def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer import simulate
+
+    return simulate.simulate_command(args, settings)
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, field in Settings.model_fields.items():
         print(f"HYMIREC_{name.upper()}={getattr(settings, name)}" + (f"  # {field.description}" if field.description else ""))
@@ -174,10 +188,14 @@ def _sizes(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part.strip()]
 
 
-def _add_model_args(parser: argparse.ArgumentParser, models: list[str], default: str | None) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, models: list[str] | None, default: str | None) -> None:
     parser.add_argument("--interactions", type=_existing_file, required=True, help="interaction log (JSONL, CSV or Parquet)")
     parser.add_argument("--items", type=_existing_file, required=True, help="item catalogue (JSONL, CSV or Parquet)")
-    parser.add_argument("--model", choices=models, default=default, required=default is None)
+    if models is None:  # eval: any run name of trainer.offline.RUNS, a comma list of them, or all
+        parser.add_argument("--model", required=True, help="hymirec, hymirec-k1, hymirec-nocodebook, multi, "
+                            "sasrec, sasrec-200, pop; a comma list of them; or all")
+    else:
+        parser.add_argument("--model", choices=models, default=default, required=default is None)
     parser.add_argument("--backbone", help="HF hub id, local path, 'smollm2' (bundled GGUF) or 'tiny' (random, default)")
     parser.add_argument("--item-encoder", help="HyMiRec's item content encoder, same choices (default HYMIREC_ITEM_ENCODER, else --backbone)")
     parser.add_argument("--epochs", type=_positive_int, help="training epochs (default: the model's own)")
@@ -215,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--interests", type=_positive_int, default=20, help="synthetic: latent topics")
     export.add_argument("--events-per-user", type=_positive_int, default=60, help="synthetic: mean events per user")
     export.add_argument("--drift", type=float, default=0.0, help="synthetic: 0..1, how far users' topic mix shifts over time")
+    export.add_argument("--fresh-items", type=float, default=0.0,
+                        help="synthetic: 0..1, share of items released over time (new items become popular)")
     export.add_argument("--seed", type=int, help="synthetic: random seed")
     ds.set_defaults(func=_cmd_datasets)
 
@@ -235,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_store)
 
     ev = sub.add_parser("eval", help="train on the leave-one-out training part and report metrics")
-    _add_model_args(ev, ["hymirec", "sasrec", "multi", "pop", "all"], None)
+    _add_model_args(ev, None, None)
     ev.add_argument("--json", action="store_true", help="print one JSON object per model")
     ev.add_argument("--out", type=Path, help="also write the results table (JSON + Markdown) here")
     ev.set_defaults(func=_cmd_eval)
@@ -256,15 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     on.add_argument("--every-seconds", type=_positive_float, help="...or after T seconds (default HYMIREC_TRAINER_EVERY_SECONDS)")
     on.add_argument("--once", action="store_true", help="run one cycle now and exit")
     on.add_argument("--margin", type=float, help="publish unless Recall@10 drops by more than this (default HYMIREC_TRAINER_MARGIN)")
-    on.add_argument("--epochs", type=_positive_int, help="epochs per cycle (default HYMIREC_TRAINER_EPOCHS)")
+    on.add_argument("--epochs", type=_positive_int, help="epochs per fine-tune cycle (default HYMIREC_TRAINER_EPOCHS)")
+    on.add_argument("--bootstrap-epochs", type=_positive_int,
+                    help="epochs of the first version (default HYMIREC_TRAINER_BOOTSTRAP_EPOCHS)")
     on.add_argument("--backbone", help="backbone of a bootstrap model (default HYMIREC_TRAINER_BACKBONE)")
     on.set_defaults(func=_cmd_trainer)
 
     bn = sub.add_parser("bench", help="benchmarks against the DESIGN targets; tables, JSON and Markdown")
-    bn.add_argument("which", choices=["ingest", "freshness", "topk", "codebook", "all"])
+    bn.add_argument("which", choices=["ingest", "freshness", "topk", "codebook", "train", "memory", "all"])
     size = bn.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: all of them in a few minutes")
-    size.add_argument("--full", action="store_true", help="largest sizes (topk at 1M items, longer streams)")
+    size.add_argument("--full", action="store_true",
+                      help="largest sizes (topk at 1M items, longer streams, memory at 100k users)")
     bn.add_argument("--sizes", type=_sizes, help="topk: comma-separated item counts (default 10000,100000)")
     bn.add_argument("--out", type=Path, default=Path("results"), help="results directory (default results/)")
     bn.set_defaults(func=_cmd_bench)
@@ -278,6 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=1, help="epochs of the demo's training cycle")
     demo.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds to wait for each stage")
     demo.set_defaults(func=_cmd_demo)
+
+    sim = sub.add_parser("simulate", help="prequential Recall@10/NDCG@10 over a log: frozen model vs the online loop")
+    source = sim.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=["ml-100k", "synthetic"],
+                        help="export into the dataset cache first (synthetic: drifting topics and fresh items)")
+    source.add_argument("--interactions", type=_existing_file, help="time-ordered interaction log (JSONL, CSV or Parquet)")
+    sim.add_argument("--items", type=_existing_file, help="item catalogue (with --interactions)")
+    sim.add_argument("--frozen-after", type=_fraction, help="share of the log that bootstraps v0001 (default 0.3)")
+    sim.add_argument("--every-events", type=_positive_int, help="online arm: a trainer cycle every N events (default 5000)")
+    sim.add_argument("--chunk", type=_positive_int, help="events scored, then applied, per step (default 500)")
+    sim.add_argument("--limit", type=_positive_int, help="first N events of the log (--dataset ml-100k: 30000 unless given)")
+    sim.add_argument("--epochs", type=_positive_int, help="epochs per online trainer cycle (default 1)")
+    sim.add_argument("--bootstrap-epochs", type=_positive_int, help="epochs of v0001, the frozen model (default HYMIREC_TRAINER_BOOTSTRAP_EPOCHS)")
+    sim.add_argument("--backbone", help="backbone of v0001 (default tiny)")
+    sim.add_argument("--margin", type=float, help="online guardrail margin (default HYMIREC_TRAINER_MARGIN)")
+    sim.add_argument("--window", type=_positive_int, help="scored events per window and plot smoothing (default 1000)")
+    sim.add_argument("--out", type=Path, help="output directory (default results/simulate/<dataset>)")
+    sim.set_defaults(func=_cmd_simulate)
 
     return parser
 
