@@ -319,7 +319,7 @@ class Arm:
         def ready() -> tuple[dict[str, list[str]]] | None:
             self.alive()
             histories = self.store.get_histories(users)
-            interests = self.store.get_interests(list(histories))
+            interests = self.store.get_interests(list(histories), columns=["model_version"])
             for user, row in histories.items():
                 got = interests.get(user)
                 if got is None or got["model_version"] != self.live or got["updated_at"] < row["updated_at"]:
