@@ -36,6 +36,19 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def private_worker(base: Settings, tmp_path: Path, **overrides) -> Settings:
+    """``base`` with the test's own LanceDB directory, worker dir and web port, short micro-batch waits."""
+    from conftest import free_ports
+
+    return base.model_copy(update={
+        "lancedb_uri": str(tmp_path / "lancedb"),
+        "web_port": free_ports(1)[0],
+        "worker_dir": tmp_path / "worker",
+        "batch_within_s": 0.2,
+        **overrides,
+    })
+
+
 @contextmanager
 def running_worker(settings: Settings, log_file: Path):
     faust = Path(sys.executable).parent / "faust"

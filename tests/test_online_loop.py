@@ -23,8 +23,7 @@ from stream.replay import replay
 from stream.serving import recommend
 from trainer.online import total_events
 
-from conftest import free_ports
-from helpers import http_get, produce, running_worker, tail, wait_for, worker_env
+from helpers import http_get, private_worker, produce, running_worker, tail, wait_for, worker_env
 
 pytestmark = pytest.mark.broker
 
@@ -33,20 +32,17 @@ DEADLINE_S = 180.0
 
 @pytest.fixture
 def loop_settings(topic_settings: Settings, tmp_path: Path) -> Settings:
-    return topic_settings.model_copy(update={
-        "lancedb_uri": str(tmp_path / "lancedb"),
-        "web_port": free_ports(1)[0],
-        "worker_dir": tmp_path / "worker",
-        "batch_size": 500,
-        "batch_within_s": 0.2,
-        "serving_refresh_s": 0.2,
-        "version_poll_s": 600.0,  # the switch must come from the model-versions message
-        "popularity_refresh_s": 5.0,
-        "codebook_size": 16,
-        "codebook_levels": 2,
-        "trainer_epochs": 1,
-        "trainer_bootstrap_epochs": 1,
-    })
+    return private_worker(
+        topic_settings, tmp_path,
+        batch_size=500,
+        serving_refresh_s=0.2,
+        version_poll_s=600.0,  # the switch must come from the model-versions message
+        popularity_refresh_s=5.0,
+        codebook_size=16,
+        codebook_levels=2,
+        trainer_epochs=1,
+        trainer_bootstrap_epochs=1,
+    )
 
 
 def cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -42,9 +42,10 @@ from stream.replay import replay
 from stream.serving import ServingRuntime, item_vectors_schema, open_own, ready_versions, recommend
 from trainer.online import read_histories
 
-from conftest import free_ports, start_or_unavailable
+from conftest import start_or_unavailable
 from helpers import (  # noqa: F401 — world, world_settings: fixtures
-    http_get, produce, publish, read_dead_letters, scrape, tail, users_of, wait_for, worker_env, world, world_settings,
+    http_get, private_worker, produce, publish, read_dead_letters, scrape, tail, users_of, wait_for, worker_env, world,
+    world_settings,
 )
 
 pytestmark = pytest.mark.reliability
@@ -119,15 +120,12 @@ def drain(settings: Settings, proc: ManagedProcess, store: Store, expected: dict
 
 
 def worker_settings(base: Settings, tmp_path: Path, **overrides) -> Settings:
-    return base.model_copy(update={
-        "lancedb_uri": str(tmp_path / "lancedb"),
-        "web_port": free_ports(1)[0],
-        "worker_dir": tmp_path / "worker",
-        "batch_size": 100,  # many batches, so a kill or an outage falls between and inside them
-        "batch_within_s": 0.2,
-        "worker_session_timeout_s": 6.0,  # the dead member of a killed worker expires sooner
+    return private_worker(
+        base, tmp_path,
+        batch_size=100,  # many batches, so a kill or an outage falls between and inside them
+        worker_session_timeout_s=6.0,  # the dead member of a killed worker expires sooner
         **overrides,
-    })
+    )
 
 
 def synthetic_log(n: int, users: int, items: int, seed: int) -> list[dict]:

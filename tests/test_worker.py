@@ -19,8 +19,9 @@ from hymirec.settings import Settings
 from store import Store
 from stream.broker import LocalKafka
 
-from conftest import free_ports
-from helpers import STOP_GRACE_S, http_get, produce, read_dead_letters, running_worker, scrape, tail, wait_for
+from helpers import (
+    STOP_GRACE_S, http_get, private_worker, produce, read_dead_letters, running_worker, scrape, tail, wait_for,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -52,13 +53,8 @@ def interaction(user: str, item: str, ts: int, event_id: str) -> bytes:
 
 @pytest.fixture
 def worker_settings(topic_settings: Settings, tmp_path: Path) -> Settings:
-    return topic_settings.model_copy(update={
-        "lancedb_uri": str(tmp_path / "lancedb"),
-        "web_port": free_ports(1)[0],
-        "worker_dir": tmp_path / "worker",
-        "batch_size": 64,  # several batches, so batching and per-batch watermarks are exercised
-        "batch_within_s": 0.2,
-    })
+    # several batches, so batching and per-batch watermarks are exercised
+    return private_worker(topic_settings, tmp_path, batch_size=64)
 
 
 def test_worker_applies_dead_letters_and_dedupes(worker_settings: Settings, tmp_path: Path):
