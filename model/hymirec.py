@@ -18,11 +18,15 @@ are read exactly (their ids are kept, DESIGN §1).
 Training runs in two phases (trainer.offline.HyMiRecModel drives them):
 1. ``coarse_loss``: the item table and the coarse branch learn next-item prediction at (up to 200
    random) positions of every user's long history, SASRec's objective, over the exact item
-   vectors. Then ``ItemTable.fit_codebook`` freezes the item vectors into codes and the coarse
+   vectors; with K > 1 its first K coarse interests (last state + K-1 pooled) also learn the next
+   W items at C random cut points with DMIL, so phase 1 already yields K distinct, trained
+   interests. Then ``ItemTable.fit_codebook`` freezes the item vectors into codes and the coarse
    branch adapts briefly to reading their reconstruction.
 2. ``loss``: with the item table and coarse branch frozen, the refined branch learns, at C random
-   cut points per user, to predict the next W items with the DMIL loss. It starts as an identity
-   map of the coarse branch's last state (see ``RefinedBranch``), so it refines a trained model.
+   cut points per user, to predict the next W items with the DMIL loss. Refined interest k starts
+   as an identity map of coarse interest k (see ``RefinedBranch``), so it refines a trained
+   multi-interest model. (Starting all K from the last state left them copies of each other:
+   the matching had nothing to pair, docs/offline_results.md.)
 
 Flags for the ablations: ``num_interests=1``; ``use_codebook=False`` (the coarse branch reads the
 exact item vectors); ``use_coarse=False`` (= the "multi" baseline: HLLM-like user LLM over the
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 
 from model.backbone import Backbone, load_backbone
 from model.codebook import CodebookConfig, ResidualCodebook
-from model.losses import LogitScale, dmil_loss, sampled_softmax_loss
+from model.losses import LogitScale, dmil_loss, max_interest_loss, sampled_softmax_loss
 from model.sasrec import CausalBlock, causal_mask
 
 
@@ -56,7 +60,8 @@ class HyMiRecConfig:
     history_len: int = 1000
     coarse_layers: int = 2
     coarse_heads: int = 1
-    coarse_interests: int = 4  # M attention-pooled interests (plus the last state)
+    coarse_interests: int = 3  # M attention-pooled interests (plus the last state); M + 1 >= K
+    coarse_dmil_weight: float = 1.0  # phase 1: the multi-interest loss on the coarse interests (K > 1)
     dropout: float = 0.2
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     # refined branch
@@ -65,11 +70,17 @@ class HyMiRecConfig:
     recent_len: int = 50  # N recent items, read exactly
     num_interests: int = 4  # K
     # training objective
-    targets: int = 4  # W: next items each cut point predicts
+    targets: int = 16  # W: next items each cut point predicts (k-means needs > K of them to find groups)
     cuts: int = 8  # C cut points per user per step
     coarse_positions: int = 200  # phase 1: next-item loss at up to this many positions per user per step
+    retrieval_weight: float = 1.0  # max-over-K InfoNCE of the next item beside DMIL (losses.max_interest_loss)
     disentangle_weight: float = 0.0
     fn_threshold: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.use_coarse and self.coarse_interests + 1 < self.num_interests:
+            raise ValueError(f"coarse_interests + 1 ({self.coarse_interests + 1}) must be at least num_interests "
+                             f"({self.num_interests}): refined interest k starts from coarse interest k")
 
     @classmethod
     def from_dict(cls, d: dict) -> HyMiRecConfig:
@@ -212,8 +223,9 @@ class RefinedBranch(nn.Module):
 
     coarse [B, M', D] or None, recent [B, N, D], recent_pad [B, N] bool → interests [B, K, D],
     L2-normalised. Padding may sit anywhere; position ids count real tokens only, and padded keys
-    are masked, so padded slots do not change the outputs. Each interest also gets a learned map of
-    the coarse branch's last state (a skip path), so the LLM learns a refinement of it.
+    are masked, so padded slots do not change the outputs. Interest k also gets a learned map of
+    coarse interest k (a skip path; coarse[:, 0] is the last state), so the LLM learns a refinement
+    of the coarse branch's K interests.
     """
 
     def __init__(self, config: HyMiRecConfig, backbone: Backbone) -> None:
@@ -226,7 +238,7 @@ class RefinedBranch(nn.Module):
         self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, D))
         self.skip = nn.Linear(D, D) if config.use_coarse else None
         if self.skip is not None:
-            # Start as the coarse branch's prediction (identity skip, silent LLM head): after the
+            # Start as the coarse branch's K interests (identity skip, silent LLM head): after the
             # coarse phase, training refines a good recommender instead of a random one.
             with torch.no_grad():
                 self.skip.weight.copy_(torch.eye(D))
@@ -252,7 +264,7 @@ class RefinedBranch(nn.Module):
         out = self.llm(inputs_embeds=x.to(dtype), attention_mask=mask, position_ids=positions).last_hidden_state
         interests = self.head(out[:, -K:].float())
         if self.skip is not None:
-            interests = interests + self.skip(coarse[:, :1])
+            interests = interests + self.skip(coarse[:, :K])
         return F.normalize(interests, dim=-1)
 
 
@@ -267,6 +279,15 @@ def window(seq: torch.Tensor, ends: torch.Tensor, size: int, offset: int) -> tup
     items = seq[:, None, :].expand(-1, ends.size(1), -1).gather(2, idx.clamp(0, T - 1))
     items = items.masked_fill(~inside, 0)
     return items, items == 0
+
+
+def cut_points(seq: torch.Tensor, cuts: int) -> torch.Tensor:
+    """Random cut ends [B, cuts] in left-padded seq [B, T]: each has at least one history item
+    before it (itself) and one target after it."""
+    B, T = seq.shape
+    lengths = (seq != 0).sum(1)
+    span = (lengths - 1).clamp(min=1)
+    return (T - lengths)[:, None] + (torch.rand(B, cuts, device=seq.device) * span[:, None]).long()
 
 
 class HyMiRec(nn.Module):
@@ -293,11 +314,11 @@ class HyMiRec(nn.Module):
     def coarse_frozen(self) -> bool:
         return self.coarse is not None and not any(p.requires_grad for p in self.coarse.parameters())
 
-    def _interests_at(self, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """seq [B, T] left-padded, ends [B, C] → (interests [B, C, K, D], coarse states [B, T, D] | None)."""
+    def _interests_at(self, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        """seq [B, T] left-padded, ends [B, C] → interests [B, C, K, D]."""
         B, C = ends.shape
         recent, recent_pad = window(seq, ends, self.config.recent_len, 0)
-        coarse = states = None
+        coarse = None
         if self.coarse is not None:
             pad = seq == 0
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
@@ -305,22 +326,25 @@ class HyMiRec(nn.Module):
                 coarse = self.coarse.interests(states, pad, ends).flatten(0, 1)
         recent_vecs = exact[recent.flatten(0, 1)]
         interests = self.refined(coarse, recent_vecs, recent_pad.flatten(0, 1))
-        return interests.view(B, C, *interests.shape[1:]), states
+        return interests.view(B, C, *interests.shape[1:])
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [B, T] left-padded histories (the whole history; the coarse branch reads its last
         ``history_len`` items, the refined branch the last ``recent_len``) → interests [B, K, D]."""
         seq = seq[:, -self.config.history_len :]
         ends = torch.full((seq.size(0), 1), seq.size(1) - 1, device=seq.device)
-        return self._interests_at(seq, ends, self.item_vectors())[0][:, 0]
+        return self._interests_at(seq, ends, self.item_vectors())[:, 0]
 
     @torch.no_grad()
     def coarse_user(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq [B, T] left-padded → the coarse branch's last state as one interest [B, 1, D] (what
-        the coarse phase of training is validated on)."""
+        """seq [B, T] left-padded → the coarse branch's first K interests [B, K, D], L2-normalised
+        (what the coarse phase of training is validated on, and where the refined branch starts)."""
         seq = seq[:, -self.config.history_len :]
-        states = self.coarse(self.items.history_inputs(seq, self.item_vectors()), seq == 0)
-        return F.normalize(states[:, -1:], dim=-1)
+        pad = seq == 0
+        states = self.coarse(self.items.history_inputs(seq, self.item_vectors()), pad)
+        ends = torch.full((seq.size(0), 1), seq.size(1) - 1, device=seq.device)
+        coarse = self.coarse.interests(states, pad, ends)[:, 0, : self.config.num_interests]
+        return F.normalize(coarse, dim=-1)
 
     def _negatives(self, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every item is a negative (full softmax; the positive itself is masked by id)."""
@@ -342,22 +366,11 @@ class HyMiRec(nn.Module):
             positive_ids=nxt[valid], negative_ids=negative_ids, fn_threshold=self.config.fn_threshold,
         )
 
-    def coarse_loss(self, seq: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training phase 1: the item table and coarse branch alone, on next-item prediction.
-        seq [B, T] left-padded training sequences → (loss, stats)."""
-        exact = self.item_vectors()
-        states = self.coarse(self.items.history_inputs(seq, exact), seq == 0)
-        loss = self._next_item_loss(seq, states, exact, self.config.coarse_positions)
-        return loss, {"aux": loss.item(), "scale": self.scale().item()}
-
-    def loss(self, seq: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training phase 2 (or the only phase without a coarse branch): DMIL at the cut points.
-        seq [B, T] left-padded training sequences, ends [B, C] cut positions (each with at least one
-        history item before and one target after) → (loss, stats)."""
+    def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor,
+                             exact: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Interests [B, C, K, D] at cut ends [B, C] of seq: DMIL against the next W items, plus
+        (``retrieval_weight``) InfoNCE of the next item on the max-over-K retrieval score."""
         cfg = self.config
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
-            exact = self.item_vectors()
-        interests, states = self._interests_at(seq, ends, exact)
         targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
         negatives, negative_ids = self._negatives(exact)
         loss, stats = dmil_loss(
@@ -371,5 +384,40 @@ class HyMiRec(nn.Module):
             disentangle_weight=cfg.disentangle_weight,
             fn_threshold=cfg.fn_threshold,
         )
+        if cfg.retrieval_weight > 0:
+            nxt = targets[..., 0].flatten()
+            retrieval = max_interest_loss(interests.flatten(0, 1), exact[nxt], negatives, self.scale(), mask=nxt != 0,
+                                          positive_ids=nxt, negative_ids=negative_ids, fn_threshold=cfg.fn_threshold)
+            loss = loss + cfg.retrieval_weight * retrieval
+            stats["retrieval"] = retrieval.item()
+        return loss, stats
+
+    def coarse_loss(self, seq: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training phase 1: the item table and coarse branch alone: next-item prediction on the
+        states, plus (K > 1) DMIL on the first K coarse interests at random cut points.
+        seq [B, T] left-padded training sequences → (loss, stats)."""
+        cfg = self.config
+        exact = self.item_vectors()
+        pad = seq == 0
+        states = self.coarse(self.items.history_inputs(seq, exact), pad)
+        loss = self._next_item_loss(seq, states, exact, cfg.coarse_positions)
+        stats = {"aux": loss.item()}
+        if cfg.num_interests > 1 and cfg.coarse_dmil_weight > 0:
+            ends = cut_points(seq, cfg.cuts)
+            interests = self.coarse.interests(states, pad, ends)[:, :, : cfg.num_interests]
+            multi, multi_stats = self._multi_interest_loss(interests, seq, ends, exact)
+            loss = loss + cfg.coarse_dmil_weight * multi
+            stats.update(multi=multi.item(), matched_cos=multi_stats["matched_cos"])
+        stats["scale"] = self.scale().item()
+        return loss, stats
+
+    def loss(self, seq: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training phase 2 (or the only phase without a coarse branch): DMIL at the cut points.
+        seq [B, T] left-padded training sequences, ends [B, C] cut positions (each with at least one
+        history item before and one target after) → (loss, stats)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
+            exact = self.item_vectors()
+        interests = self._interests_at(seq, ends, exact)
+        loss, stats = self._multi_interest_loss(interests, seq, ends, exact)
         stats["scale"] = self.scale().item()
         return loss, stats

@@ -63,20 +63,49 @@ def _info_nce(
 ) -> torch.Tensor:
     """Mean InfoNCE over valid rows.
 
-    user [M, D], pos [M, D], neg [N, D] (any norm; L2-normalised here), scale scalar, valid [M] bool
-    -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) for unmasked j) - s·cos(u, p).
-    A batch with no valid row gives 0 (still attached to the graph).
+    user [M, D] or [M, K, D] (K interests: an item's score is the max cosine over them, the
+    retrieval score), pos [M, D], neg [N, D] (any norm; L2-normalised here), scale scalar,
+    valid [M] bool -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) for unmasked j)
+    - s·cos(u, p). A batch with no valid row gives 0 (still attached to the graph).
     """
     user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
     with torch.no_grad():
         fn = _false_negatives(pos, neg, fn_threshold, pos_ids, neg_ids)
-    pos_logit = scale * (user * pos).sum(-1, keepdim=True)  # [M, 1]
-    neg_logit = (scale * (user @ neg.T)).masked_fill(fn, -math.inf)  # [M, N]
+    if user.dim() == 3:
+        pos_cos = torch.einsum("mkd,md->mk", user, pos).amax(-1, keepdim=True)  # [M, 1]
+        neg_cos = torch.einsum("mkd,nd->mkn", user, neg).amax(1)  # [M, N]
+    else:
+        pos_cos, neg_cos = (user * pos).sum(-1, keepdim=True), user @ neg.T
+    pos_logit = scale * pos_cos
+    neg_logit = (scale * neg_cos).masked_fill(fn, -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)
     row = torch.logsumexp(logits, dim=1) - pos_logit[:, 0]
     valid = valid.to(row.device, torch.bool)
     # where(), not row * valid: a padded row may hold garbage (inf/NaN) that must not leak
     return torch.where(valid, row, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def max_interest_loss(
+    interests: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    scale: torch.Tensor | float,
+    mask: torch.Tensor | None = None,
+    positive_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
+    fn_threshold: float = 0.99,
+) -> torch.Tensor:
+    """InfoNCE on the retrieval score itself: every item, the positive and each negative, is scored
+    by its max cosine over the user's K interests, so the K interests are trained to rank together.
+    DMIL scores each target against its matched interest only, which leaves the interests'
+    cosines uncalibrated against each other, and max-over-K retrieval then fills the top-k with
+    whichever interest scores its items highest.
+
+    interests [B, K, D], positives [B, D], negatives [N, D], mask [B] bool -> scalar loss.
+    """
+    valid = torch.ones(interests.shape[0], dtype=torch.bool, device=interests.device) if mask is None else mask
+    return _info_nce(interests, positives, negatives, torch.as_tensor(scale, device=interests.device), valid,
+                     fn_threshold, positive_ids, negative_ids)
 
 
 def sampled_softmax_loss(

@@ -121,6 +121,24 @@ def test_refined_branch_starts_as_the_coarse_prediction():
     assert torch.allclose(interests, coarse.expand_as(interests), atol=1e-5)
 
 
+def test_coarse_phase_trains_the_pooled_interests():
+    model = make_model().train()
+    seq = torch.as_tensor(pad_left(histories([12, 9, 15]), 15))
+    loss, stats = model.coarse_loss(seq)
+    loss.backward()
+    assert "multi" in stats and torch.isfinite(loss)
+    assert model.coarse.queries.grad is not None and model.coarse.queries.grad.abs().sum() > 0
+    single = make_model(num_interests=1).train()  # K = 1: next-item only, the pooled queries untouched
+    loss, stats = single.coarse_loss(seq)
+    loss.backward()
+    assert "multi" not in stats and single.coarse.queries.grad is None
+
+
+def test_refined_interests_need_as_many_coarse_interests():
+    with pytest.raises(ValueError, match="coarse_interests"):
+        make_model(coarse_interests=2, num_interests=4)
+
+
 def test_window_gathers_recent_items_and_targets():
     seq = torch.tensor([[0, 0, 5, 6, 7, 8]])
     ends = torch.tensor([[3, 4]])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from model.codebook import CodebookConfig
-from model.hymirec import HyMiRec, HyMiRecConfig
+from model.hymirec import HyMiRec, HyMiRecConfig, cut_points
 from model.item_encoder import cached_item_embeddings, frozen_encoder
 from model.losses import LogitScale, sampled_softmax_loss
 from model.retrieval import rank_of_targets, topk_items
@@ -259,9 +259,9 @@ COARSE_FIT = dict(batch_size=64, lr=2e-3, weight_decay=0.01, warmup=0.1, patienc
 HYMIREC_FIT = dict(batch_size=32, lr=1e-4, weight_decay=0.01, warmup=0.1, patience=4, eval_every=1)
 MULTI_LR = 5e-4  # the "multi" baseline trains its user LLM from scratch in one phase: it keeps the old lr
 HYMIREC_EPOCHS = 60  # split 2:1 between the phases (the coarse phase has no refined branch to run)
-# Fields phase 2 alone uses: runs that differ only in these share one phase-1 result.
-PHASE2_FIELDS = ("num_interests", "targets", "cuts", "user_backbone", "user_hidden", "recent_len",
-                 "disentangle_weight")
+# Fields phase 2 alone uses: runs that differ only in these share one phase-1 result. (K, W, the cut
+# points and the loss weights shape phase 1 too: its coarse interests train with the same losses.)
+PHASE2_FIELDS = ("user_backbone", "user_hidden", "recent_len")
 
 
 class HyMiRecModel(_TorchRecommender):
@@ -364,14 +364,8 @@ class HyMiRecModel(_TorchRecommender):
             self.model.freeze_coarse()
 
         def loss_fn(batch):
-            T = max(len(s) for s in batch)
-            seq = torch.as_tensor(pad_left(batch, T), device=self.device)
-            lengths = torch.as_tensor([len(s) for s in batch], device=self.device)
-            # Cut ends: at least one history item before, one target after.
-            lo = T - lengths
-            span = (lengths - 1).clamp(min=1)
-            ends = lo[:, None] + (torch.rand(len(batch), cfg.cuts, device=self.device) * span[:, None]).long()
-            return self.model.loss(seq, ends)
+            seq = torch.as_tensor(pad_left(batch, max(len(s) for s in batch)), device=self.device)
+            return self.model.loss(seq, cut_points(seq, cfg.cuts))
 
         self.report = fit_loop(self.model, self._batches(seqs, self.fit_config.batch_size), loss_fn, self.fit_config,
                                self.validation(valid) if valid else None, progress, desc=self.name)
