@@ -32,6 +32,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -256,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="train on the leave-one-out training part and report metrics")
     _add_model_args(ev, None, None)
-    ev.add_argument("--json", action="store_true", help="print one JSON object per model")
+    ev.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 0,1,2: every model once per seed; the "
+                    "table reports mean ± sd (overrides --seed)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object per model (and seed)")
     ev.add_argument("--out", type=Path, help="also write the results table (JSON + Markdown) here")
     ev.set_defaults(func=_cmd_eval)
 

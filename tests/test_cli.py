@@ -28,6 +28,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["replay", __file__, "--rate", "3", "--speedup", "2"], None, "not allowed with"),
         (["datasets", "export", "ml-1m", "--out", "x"], None, "invalid choice"),
         (["eval", "--model", "sasrec"], None, "required"),
+        (["eval", "--interactions", __file__, "--items", __file__, "--model", "pop", "--seeds", "1,x"], None,
+         "comma-separated"),
         (["kafka", "status"], {"HYMIREC_PARTITIONS": "zero"}, "HYMIREC_PARTITIONS"),
         (["kafka", "status"], {"HYMIREC_KAFKA_BOOTSTRAP": "nohostport"}, "HYMIREC_KAFKA_BOOTSTRAP"),
     ],

@@ -95,6 +95,27 @@ def test_eval_cli_runs_a_comma_list_of_models_writes_the_table_and_rejects_unkno
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_eval_cli_several_seeds_reports_mean_and_spread(tmp_path, capsys, synthetic):
+    out = tmp_path / "results"
+    code, lines = _eval_json(capsys, synthetic, "--model", "sasrec", "--epochs", "1", "--seeds", "0,1", "--out", str(out))
+    assert code == 0 and [(r["model"], r["seed"]) for r in lines] == [("sasrec", 0), ("sasrec", 1)]
+    assert lines[0]["recall@200"] != lines[1]["recall@200"] or lines[0]["ndcg@200"] != lines[1]["ndcg@200"]
+    row = (out / "results.md").read_text().splitlines()[2].split(" | ")
+    assert row[0] == "| sasrec" and row[1] == "2"
+    mean = (lines[0]["recall@10"] + lines[1]["recall@10"]) / 2
+    assert row[2].startswith(f"{mean:.4f} ± ")
+
+
+def test_across_seeds_mean_and_sample_sd():
+    from trainer.offline import across_seeds
+
+    rows = across_seeds([{"model": "a", "recall@10": 0.1}, {"model": "b", "recall@10": 0.5},
+                         {"model": "a", "recall@10": 0.3}])
+    assert [r["model"] for r in rows] == ["a", "b"] and rows[0]["seeds"] == 2
+    assert rows[0]["recall@10"] == pytest.approx(0.2) and rows[0]["recall@10_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows[1]["recall@10_sd"] == 0.0
+
+
 def test_eval_cli_rejects_bad_input(tmp_path, capsys, synthetic):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"user_id": "u", "item_id": "a"}\n')

@@ -530,11 +530,41 @@ METRIC_COLUMNS = ["recall@10", "ndcg@10", "recall@50", "ndcg@50", "recall@200", 
                   "train_s", "train_items_per_s"]
 
 
+def across_seeds(results: list[dict]) -> list[dict]:
+    """Per-seed rows → one row per model (first-seen order): the mean of each metric, its sample
+    standard deviation as ``<metric>_sd`` and the number of seeds."""
+    by_model: dict[str, list[dict]] = {}
+    for r in results:
+        by_model.setdefault(r["model"], []).append(r)
+    rows = []
+    for name, runs in by_model.items():
+        row: dict = {"model": name, "seeds": len(runs)}
+        for c in METRIC_COLUMNS:
+            values = [r[c] for r in runs if c in r]
+            if values:
+                row[c] = float(np.mean(values))
+                row[f"{c}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, col: str) -> str:
+    if col not in row:
+        return ""
+    if f"{col}_sd" in row:
+        digits = 1 if col.startswith("train") else 4
+        return f"{row[col]:.{digits}f} ± {row[col + '_sd']:.{digits}f}"
+    return str(row[col])
+
+
 def markdown_table(results: list[dict]) -> str:
     cols = [c for c in METRIC_COLUMNS if any(c in r for r in results)]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    seeds = any("seeds" in r for r in results)
+    head = ["model", "seeds"] if seeds else ["model"]
+    lines = ["| " + " | ".join(head + cols) + " |", "|---|" + "---|" * (len(head) - 1 + len(cols))]
     for r in results:
-        lines.append(f"| {r['model']} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+        first = [r["model"], str(r["seeds"])] if seeds else [r["model"]]
+        lines.append("| " + " | ".join(first + [_cell(r, c) for c in cols]) + " |")
     return "\n".join(lines)
 
 
@@ -548,7 +578,8 @@ def plot_results(results: list[dict], path: Path) -> None:
     metrics = [m for m in ("recall@10", "ndcg@10", "ild@10") if all(m in r for r in results)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        ax.bar(names, [r[metric] for r in results], color=["C0" if n.startswith("hymirec") else "C7" for n in names])
+        ax.bar(names, [r[metric] for r in results], yerr=[r.get(f"{metric}_sd", 0.0) for r in results], capsize=3,
+               color=["C0" if n.startswith("hymirec") else "C7" for n in names])
         ax.set_title(metric)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -567,21 +598,30 @@ def eval_command(args, settings: Settings) -> int:
         raise HymirecError(f"unknown model {unknown[0]!r}; expected one of {', '.join(RUNS)} or all")
     interactions, items = read_log(args.interactions, args.items)
     split = leave_one_out(interactions, items)
-    seed = args.seed if args.seed is not None else settings.seed
+    seeds = getattr(args, "seeds", None) or [args.seed if args.seed is not None else settings.seed]
     backbone = args.backbone or "tiny"
-    results = run_eval(split, names, settings, backbone=backbone, item_encoder=item_encoder_name(args, settings),
-                       epochs=args.epochs, seed=seed, device=_device(args.device), progress=not args.json)
-    for r in results:
-        if args.json:
-            print(json.dumps(r))
-        else:
-            print(f"{r['model']}: " + "  ".join(f"{k} {r[k]}" for k in METRIC_COLUMNS if k in r))
+    results = []
+    for seed in seeds:
+        runs = run_eval(split, names, settings, backbone=backbone, item_encoder=item_encoder_name(args, settings),
+                        epochs=args.epochs, seed=seed, device=_device(args.device), progress=not args.json)
+        for r in runs:
+            if args.json:
+                print(json.dumps(r), flush=True)
+            else:
+                print(f"{r['model']} (seed {seed}): " + "  ".join(f"{k} {r[k]}" for k in METRIC_COLUMNS if k in r),
+                      flush=True)
+        results += runs
+    table = across_seeds(results) if len(seeds) > 1 else results
+    if len(seeds) > 1 and not args.json:
+        for r in table:
+            print(f"{r['model']} (mean ± sd of {r['seeds']} seeds): "
+                  + "  ".join(f"{k} {_cell(r, k)}" for k in METRIC_COLUMNS if k in r))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out / "results.md").write_text(markdown_table(results) + "\n")
-        plot_results(results, out / "results.png")
+        (out / "results.md").write_text(markdown_table(table) + "\n")
+        plot_results(table, out / "results.png")
         if not args.json:
             print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
     return 0
