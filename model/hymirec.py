@@ -19,11 +19,12 @@ Training runs in two phases (trainer.offline.HyMiRecModel drives them):
 1. ``coarse_loss``: the item table and the coarse branch learn next-item prediction at (up to 200
    random) positions of every user's long history, SASRec's objective, over the exact item
    vectors; with K > 1 its first K coarse interests (last state + K-1 pooled) also learn the next
-   W items at C random cut points with DMIL, so phase 1 already yields K distinct, trained
-   interests. Then ``ItemTable.fit_codebook`` freezes the item vectors into codes and the coarse
+   W items at C random cut points with DMIL plus an InfoNCE of the next item on the max-over-K
+   score (``_multi_interest_loss``), so phase 1 already yields K distinct interests that rank
+   together. Then ``ItemTable.fit_codebook`` freezes the item vectors into codes and the coarse
    branch adapts briefly to reading their reconstruction.
 2. ``loss``: with the item table and coarse branch frozen, the refined branch learns, at C random
-   cut points per user, to predict the next W items with the DMIL loss. Refined interest k starts
+   cut points per user, the same multi-interest loss (DMIL + max-over-K). Refined interest k starts
    as an identity map of coarse interest k (see ``RefinedBranch``), so it refines a trained
    multi-interest model. (Starting all K from the last state left them copies of each other:
    the matching had nothing to pair, docs/offline_results.md.)

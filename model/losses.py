@@ -7,7 +7,9 @@ the single-interest baselines (SASRec) train on exactly the same terms.
 
 DMIL (multi-interest, after RED-Rec's code): the last W items of a sequence are targets; cosine
 k-means clusters them into K groups; Hungarian matching pairs groups with the K interests; each
-target is scored against its matched interest.
+target is scored against its matched interest. ``max_interest_loss`` scores every item by its max
+cosine over the K interests (the retrieval score) in the same InfoNCE, so the interests also learn
+to rank together.
 """
 
 from __future__ import annotations
