@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from model.backbone import Backbone, load_backbone
 from model.codebook import CodebookConfig, ResidualCodebook
-from model.losses import LogitScale, dmil_loss, max_interest_loss, sampled_softmax_loss
+from model.losses import LogitScale, dmil_loss, sampled_softmax_loss
 from model.sasrec import CausalBlock, causal_mask
 
 
@@ -74,7 +74,7 @@ class HyMiRecConfig:
     targets: int = 16  # W: next items each cut point predicts (k-means needs > K of them to find groups)
     cuts: int = 8  # C cut points per user per step
     coarse_positions: int = 200  # phase 1: next-item loss at up to this many positions per user per step
-    retrieval_weight: float = 1.0  # max-over-K InfoNCE of the next item beside DMIL (losses.max_interest_loss)
+    retrieval_weight: float = 1.0  # max-over-K InfoNCE of the next item beside DMIL (losses.sampled_softmax_loss over K)
     disentangle_weight: float = 0.0
     fn_threshold: float = 0.99
 
@@ -387,8 +387,8 @@ class HyMiRec(nn.Module):
         )
         if cfg.retrieval_weight > 0:
             nxt = targets[..., 0].flatten()
-            retrieval = max_interest_loss(interests.flatten(0, 1), exact[nxt], negatives, self.scale(), mask=nxt != 0,
-                                          positive_ids=nxt, negative_ids=negative_ids, fn_threshold=cfg.fn_threshold)
+            retrieval = sampled_softmax_loss(interests.flatten(0, 1), exact[nxt], negatives, self.scale(), mask=nxt != 0,
+                                             positive_ids=nxt, negative_ids=negative_ids, fn_threshold=cfg.fn_threshold)
             loss = loss + cfg.retrieval_weight * retrieval
             stats["retrieval"] = retrieval.item()
         return loss, stats

@@ -7,9 +7,9 @@ the single-interest baselines (SASRec) train on exactly the same terms.
 
 DMIL (multi-interest, after RED-Rec's code): the last W items of a sequence are targets; cosine
 k-means clusters them into K groups; Hungarian matching pairs groups with the K interests; each
-target is scored against its matched interest. ``max_interest_loss`` scores every item by its max
-cosine over the K interests (the retrieval score) in the same InfoNCE, so the interests also learn
-to rank together.
+target is scored against its matched interest. Given K interests per position,
+``sampled_softmax_loss`` scores every item by its max cosine over them (the retrieval score), so
+the interests also learn to rank together.
 """
 
 from __future__ import annotations
@@ -87,29 +87,6 @@ def _info_nce(
     return torch.where(valid, row, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def max_interest_loss(
-    interests: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
-    scale: torch.Tensor | float,
-    mask: torch.Tensor | None = None,
-    positive_ids: torch.Tensor | None = None,
-    negative_ids: torch.Tensor | None = None,
-    fn_threshold: float = 0.99,
-) -> torch.Tensor:
-    """InfoNCE on the retrieval score itself: every item, the positive and each negative, is scored
-    by its max cosine over the user's K interests, so the K interests are trained to rank together.
-    DMIL scores each target against its matched interest only, which leaves the interests'
-    cosines uncalibrated against each other, and max-over-K retrieval then fills the top-k with
-    whichever interest scores its items highest.
-
-    interests [B, K, D], positives [B, D], negatives [N, D], mask [B] bool -> scalar loss.
-    """
-    valid = torch.ones(interests.shape[0], dtype=torch.bool, device=interests.device) if mask is None else mask
-    return _info_nce(interests, positives, negatives, torch.as_tensor(scale, device=interests.device), valid,
-                     fn_threshold, positive_ids, negative_ids)
-
-
 def sampled_softmax_loss(
     user: torch.Tensor,
     positives: torch.Tensor,
@@ -120,20 +97,24 @@ def sampled_softmax_loss(
     negative_ids: torch.Tensor | None = None,
     fn_threshold: float = 0.99,
 ) -> torch.Tensor:
-    """Single-interest InfoNCE with shared sampled negatives.
+    """InfoNCE with shared sampled negatives.
 
-    user [B, D] or [B, T, D]; positives of the same shape; negatives [N, D]; scale scalar;
+    positives [B, D] or [B, T, D]; user of the same shape (one vector per position), or with a K
+    axis before D (K interests, [..., K, D]): then every item, the positive and each negative, is
+    scored by its max cosine over the K interests — the retrieval score itself, so the interests
+    learn to rank together (DMIL scores each target against its matched interest only, which leaves
+    the interests' cosines uncalibrated against each other). negatives [N, D]; scale scalar;
     mask [B] / [B, T] bool (True = count this position; default all); positive_ids [B] / [B, T],
     negative_ids [N] for id-based false-negative masking -> scalar loss (mean over counted positions).
     """
-    if user.shape != positives.shape:
-        raise ValueError(f"user {tuple(user.shape)} and positives {tuple(positives.shape)} differ")
-    d = user.shape[-1]
-    lead = user.shape[:-1]
+    lead, d = positives.shape[:-1], positives.shape[-1]
+    interests = user.dim() == positives.dim() + 1
+    if (user.shape[:-2] if interests else user.shape[:-1]) != lead or user.shape[-1] != d:
+        raise ValueError(f"user {tuple(user.shape)} does not fit positives {tuple(positives.shape)}")
     valid = torch.ones(lead, dtype=torch.bool, device=user.device) if mask is None else mask
     scale = torch.as_tensor(scale, device=user.device)
     return _info_nce(
-        user.reshape(-1, d),
+        user.reshape(-1, user.shape[-2], d) if interests else user.reshape(-1, d),
         positives.reshape(-1, d),
         negatives,
         scale,

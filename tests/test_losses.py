@@ -14,7 +14,6 @@ from model.losses import (
     disentangle_penalty,
     dmil_loss,
     hungarian_match,
-    max_interest_loss,
     sampled_softmax_loss,
 )
 
@@ -155,24 +154,26 @@ def test_sampled_softmax_hand_computed():
     assert loss_t.item() == pytest.approx(row0, rel=1e-5)
 
 
-def test_max_interest_loss_scores_every_item_by_its_best_interest():
+def test_interests_loss_scores_every_item_by_its_best_interest():
     interests = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # two unit interests
     pos = torch.tensor([[0.6, 0.8]])  # cos 0.6 / 0.8: its score is 0.8
     negs = torch.tensor([[1.0, 0.0], [-0.6, -0.8]])  # scores 1.0 and max(-0.6, -0.8) = -0.6
     s = 3.0
     expected = math.log(math.exp(s * 0.8) + math.exp(s * 1.0) + math.exp(-s * 0.6)) - s * 0.8
-    assert max_interest_loss(interests, pos, negs, s).item() == pytest.approx(expected, rel=1e-5)
+    assert sampled_softmax_loss(interests, pos, negs, s).item() == pytest.approx(expected, rel=1e-5)
     # With one interest it is the single-interest loss.
     one = interests[:, :1]
-    assert max_interest_loss(one, pos, negs, s).item() == pytest.approx(
+    assert sampled_softmax_loss(one, pos, negs, s).item() == pytest.approx(
         sampled_softmax_loss(one[:, 0], pos, negs, s).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):  # 2 users' interests for 1 positive
+        sampled_softmax_loss(interests.expand(2, -1, -1), pos, negs, s)
 
 
-def test_max_interest_loss_moves_only_the_interests_that_score():
+def test_interests_loss_moves_only_the_interests_that_score():
     interests = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], requires_grad=True)
     pos = torch.tensor([[0.9, 0.1, 0.0]])  # interest 0 scores it
     negs = torch.tensor([[0.1, 0.9, 0.0]])  # interest 1 scores it; interest 2 scores nothing
-    max_interest_loss(interests, pos, negs, 5.0).backward()
+    sampled_softmax_loss(interests, pos, negs, 5.0).backward()
     grad = interests.grad[0].norm(dim=-1)
     assert grad[0] > 0 and grad[1] > 0 and grad[2] == 0
 

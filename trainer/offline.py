@@ -598,7 +598,7 @@ def eval_command(args, settings: Settings) -> int:
         raise HymirecError(f"unknown model {unknown[0]!r}; expected one of {', '.join(RUNS)} or all")
     interactions, items = read_log(args.interactions, args.items)
     split = leave_one_out(interactions, items)
-    seeds = getattr(args, "seeds", None) or [args.seed if args.seed is not None else settings.seed]
+    seeds = args.seeds or [args.seed if args.seed is not None else settings.seed]
     backbone = args.backbone or "tiny"
     results = []
     for seed in seeds:
