@@ -208,7 +208,9 @@ def _add_model_args(parser: argparse.ArgumentParser, models: list[str] | None, d
         parser.add_argument("--model", choices=models, default=default, required=default is None)
     parser.add_argument("--backbone", help="HF hub id, local path, 'smollm2' (bundled GGUF) or 'tiny' (random, default)")
     parser.add_argument("--item-encoder", help="HyMiRec's item content encoder, same choices (default HYMIREC_ITEM_ENCODER, else --backbone)")
-    parser.add_argument("--epochs", type=_positive_int, help="training epochs (default: the model's own)")
+    epochs_help = ("most training epochs; each model stops when validation Recall@10 stops improving"
+                   if models is None else "training epochs")
+    parser.add_argument("--epochs", type=_positive_int, help=f"{epochs_help} (default: the model's own)")
     parser.add_argument("--seed", type=int, help="random seed (default HYMIREC_SEED)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
 

@@ -76,6 +76,36 @@ def test_hymirec_batches_mix_users_of_every_history_length():
     assert [len(s) for s in epochs[0][0][0]] != [len(s) for s in epochs[1][0][0]]
 
 
+def test_phase1_runs_to_early_stopping_with_validation_and_to_a_cosine_budget_without():
+    # A 40-epoch cosine schedule ended phase 1 while ml-100k validation was still rising; eval can stop
+    # on validation, so it trains at a constant lr for as long as that helps. Train and the online
+    # trainer have no validation set: their epochs stay a budget that the lr decays over.
+    from trainer.offline import COARSE_MAX_EPOCHS, HYMIREC_EPOCHS, FitConfig, HyMiRecModel, _schedule
+
+    split = leave_one_out(frame([("u", "a", 1), ("u", "b", 2), ("u", "c", 3)]), ITEMS)
+
+    def configs(validated, epochs=None, **overrides):
+        model = HyMiRecModel(split.catalogue, torch.device("cpu"), Settings(), content=torch.randn(8, 16),
+                             epochs=epochs, **overrides)
+        model._fit_configs(validated)
+        return model.coarse_fit, model.fit_config
+
+    coarse, refine = configs(validated=True)
+    assert (coarse.schedule, coarse.epochs) == ("constant", COARSE_MAX_EPOCHS)
+    assert refine.epochs == HYMIREC_EPOCHS // 3  # phase 2 keeps its share of the default budget
+    coarse, refine = configs(validated=False)
+    assert (coarse.schedule, coarse.epochs, refine.epochs) == ("cosine", HYMIREC_EPOCHS * 2 // 3, HYMIREC_EPOCHS // 3)
+    coarse, refine = configs(validated=True, epochs=6)  # given epochs cap phase 1 with validation too
+    assert (coarse.schedule, coarse.epochs, refine.epochs) == ("constant", 4, 2)
+    coarse, refine = configs(validated=True, use_coarse=False, use_codebook=False)  # "multi": one phase
+    assert refine.epochs == HYMIREC_EPOCHS
+
+    constant = _schedule(FitConfig(epochs=10, batch_size=1, lr=1.0, schedule="constant"), 100)
+    cosine = _schedule(FitConfig(epochs=10, batch_size=1, lr=1.0), 100)
+    assert {constant(step) for step in range(100)} == {1.0}
+    assert cosine(0) < cosine(10) == 1.0 and cosine(99) < 0.01
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")

@@ -257,6 +257,11 @@ COARSE_FIT = dict(batch_size=64, lr=2e-3, weight_decay=0.01, warmup=0.1, patienc
 HYMIREC_FIT = dict(batch_size=32, lr=1e-4, weight_decay=0.01, warmup=0.1, patience=4, eval_every=1)
 MULTI_LR = 5e-4  # the "multi" baseline trains its user LLM from scratch in one phase: it keeps the old lr
 HYMIREC_EPOCHS = 60  # split 2:1 between the phases (the coarse phase has no refined branch to run)
+# With a validation set (eval) phase 1 runs at a constant lr until validation stops improving, by
+# default for up to this many epochs: on ml-100k its validation still rose at the end of a 40-epoch
+# cosine schedule and peaked near epoch 80 at a constant lr (docs/offline_results.md). Without one
+# (train, the online trainer) the epochs are a fixed budget with cosine decay.
+COARSE_MAX_EPOCHS = 200
 # Fields phase 2 alone uses: runs that differ only in these share one phase-1 result. (K, W, the cut
 # points and the loss weights shape phase 1 too: its coarse interests train with the same losses.)
 PHASE2_FIELDS = ("user_backbone", "user_hidden", "recent_len")
@@ -286,11 +291,7 @@ class HyMiRecModel(_TorchRecommender):
         )
         self.config = replace(config, **overrides)
         self.model = HyMiRec(self.config, content).to(device)
-        total = epochs or HYMIREC_EPOCHS
-        coarse_epochs = max(1, round(total * 2 / 3)) if self.config.use_coarse else 0
-        self.coarse_fit = FitConfig(epochs=coarse_epochs, **COARSE_FIT)
-        fit = HYMIREC_FIT if self.config.use_coarse else {**HYMIREC_FIT, "lr": MULTI_LR}
-        self.fit_config = FitConfig(epochs=max(1, total - coarse_epochs), **fit)
+        self.epochs = epochs
         self.phase1_cache = phase1_cache
         self.scoring = "refined"
 
@@ -317,7 +318,7 @@ class HyMiRecModel(_TorchRecommender):
 
     def _phase1_key(self) -> str:
         fields = {k: v for k, v in asdict(self.config).items() if k not in PHASE2_FIELDS}
-        return json.dumps([fields, self.coarse_fit.epochs, torch.initial_seed()], sort_keys=True, default=str)
+        return json.dumps([fields, asdict(self.coarse_fit), torch.initial_seed()], sort_keys=True, default=str)
 
     def _fit_coarse(self, seqs, valid, progress) -> FitReport:
         """Phase 1: item table + coarse branch on next-item prediction, first over the exact item
@@ -353,8 +354,21 @@ class HyMiRecModel(_TorchRecommender):
             self.phase1_cache[key] = (state, report)
         return report
 
+    def _fit_configs(self, validated: bool) -> None:
+        """Both phases' FitConfig: a fixed budget with cosine decay, or (``validated``) phase 1 at a
+        constant lr with early stopping, capped at ``COARSE_MAX_EPOCHS`` unless epochs were given."""
+        total = self.epochs or HYMIREC_EPOCHS
+        coarse_epochs = max(1, round(total * 2 / 3)) if self.config.use_coarse else 0
+        refine_epochs = max(1, total - coarse_epochs)
+        if validated and self.epochs is None and self.config.use_coarse:
+            coarse_epochs = COARSE_MAX_EPOCHS
+        self.coarse_fit = FitConfig(epochs=coarse_epochs, **COARSE_FIT, schedule="constant" if validated else "cosine")
+        fit = HYMIREC_FIT if self.config.use_coarse else {**HYMIREC_FIT, "lr": MULTI_LR}
+        self.fit_config = FitConfig(epochs=refine_epochs, **fit)
+
     def fit(self, train, valid, progress):
         cfg = self.config
+        self._fit_configs(validated=valid is not None)
         seqs = [s[-cfg.history_len :] for s in train.items if len(s) >= 2]
         coarse = self._fit_coarse(seqs, valid, progress) if cfg.use_coarse else FitReport()
         if cfg.use_coarse:
