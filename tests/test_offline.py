@@ -87,8 +87,7 @@ def test_phase1_runs_to_early_stopping_with_validation_and_to_a_cosine_budget_wi
     def configs(validated, epochs=None, **overrides):
         model = HyMiRecModel(split.catalogue, torch.device("cpu"), Settings(), content=torch.randn(8, 16),
                              epochs=epochs, **overrides)
-        model._fit_configs(validated)
-        return model.coarse_fit, model.fit_config
+        return model.fit_configs(validated)
 
     coarse, refine = configs(validated=True)
     assert (coarse.schedule, coarse.epochs) == ("constant", COARSE_MAX_EPOCHS)

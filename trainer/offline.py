@@ -316,15 +316,15 @@ class HyMiRecModel(_TorchRecommender):
 
         return batches
 
-    def _phase1_key(self) -> str:
+    def _phase1_key(self, fit: FitConfig) -> str:
         fields = {k: v for k, v in asdict(self.config).items() if k not in PHASE2_FIELDS}
-        return json.dumps([fields, asdict(self.coarse_fit), torch.initial_seed()], sort_keys=True, default=str)
+        return json.dumps([fields, asdict(fit), torch.initial_seed()], sort_keys=True, default=str)
 
-    def _fit_coarse(self, seqs, valid, progress) -> FitReport:
+    def _fit_coarse(self, seqs, valid, progress, fit: FitConfig) -> FitReport:
         """Phase 1: item table + coarse branch on next-item prediction, first over the exact item
         vectors, then (with a codebook) briefly over their CSRC reconstruction, which is what the
         coarse branch reads from then on. Cached per coarse configuration within one eval."""
-        key = self._phase1_key()
+        key = self._phase1_key(fit)
         if self.phase1_cache is not None and key in self.phase1_cache:
             state, report = self.phase1_cache[key]
             self.model.load_state_dict(state, strict=False)
@@ -337,11 +337,11 @@ class HyMiRecModel(_TorchRecommender):
             return self.model.coarse_loss(seq)
 
         validate = self.validation(valid) if valid else None
-        batches = self._batches(seqs, self.coarse_fit.batch_size)
-        report = fit_loop(modules, batches, loss_fn, self.coarse_fit, validate, progress, desc=f"{self.name} coarse")
+        batches = self._batches(seqs, fit.batch_size)
+        report = fit_loop(modules, batches, loss_fn, fit, validate, progress, desc=f"{self.name} coarse")
         if self.config.use_codebook:
             report.extra.update(self.model.items.fit_codebook())
-            adapt = replace(self.coarse_fit, epochs=max(1, self.coarse_fit.epochs // 4), lr=self.coarse_fit.lr / 2)
+            adapt = replace(fit, epochs=max(1, fit.epochs // 4), lr=fit.lr / 2)
             more = fit_loop(modules, batches, loss_fn, adapt, validate, progress, desc=f"{self.name} coarse/codes")
             report.epochs += more.epochs
             report.train_seconds += more.train_seconds
@@ -354,23 +354,23 @@ class HyMiRecModel(_TorchRecommender):
             self.phase1_cache[key] = (state, report)
         return report
 
-    def _fit_configs(self, validated: bool) -> None:
-        """Both phases' FitConfig: a fixed budget with cosine decay, or (``validated``) phase 1 at a
-        constant lr with early stopping, capped at ``COARSE_MAX_EPOCHS`` unless epochs were given."""
+    def fit_configs(self, validated: bool) -> tuple[FitConfig, FitConfig]:
+        """(phase 1, phase 2) FitConfig: a fixed budget with cosine decay, or (``validated``) phase 1
+        at a constant lr with early stopping, capped at ``COARSE_MAX_EPOCHS`` unless epochs were given."""
         total = self.epochs or HYMIREC_EPOCHS
         coarse_epochs = max(1, round(total * 2 / 3)) if self.config.use_coarse else 0
         refine_epochs = max(1, total - coarse_epochs)
         if validated and self.epochs is None and self.config.use_coarse:
             coarse_epochs = COARSE_MAX_EPOCHS
-        self.coarse_fit = FitConfig(epochs=coarse_epochs, **COARSE_FIT, schedule="constant" if validated else "cosine")
-        fit = HYMIREC_FIT if self.config.use_coarse else {**HYMIREC_FIT, "lr": MULTI_LR}
-        self.fit_config = FitConfig(epochs=refine_epochs, **fit)
+        coarse = FitConfig(epochs=coarse_epochs, **COARSE_FIT, schedule="constant" if validated else "cosine")
+        refine = HYMIREC_FIT if self.config.use_coarse else {**HYMIREC_FIT, "lr": MULTI_LR}
+        return coarse, FitConfig(epochs=refine_epochs, **refine)
 
     def fit(self, train, valid, progress):
         cfg = self.config
-        self._fit_configs(validated=valid is not None)
+        coarse_fit, refine_fit = self.fit_configs(validated=valid is not None)
         seqs = [s[-cfg.history_len :] for s in train.items if len(s) >= 2]
-        coarse = self._fit_coarse(seqs, valid, progress) if cfg.use_coarse else FitReport()
+        coarse = self._fit_coarse(seqs, valid, progress, coarse_fit) if cfg.use_coarse else FitReport()
         if cfg.use_coarse:
             self.model.freeze_coarse()
 
@@ -378,7 +378,7 @@ class HyMiRecModel(_TorchRecommender):
             seq = torch.as_tensor(pad_left(batch, max(len(s) for s in batch)), device=self.device)
             return self.model.loss(seq, cut_points(seq, cfg.cuts))
 
-        self.report = fit_loop(self.model, self._batches(seqs, self.fit_config.batch_size), loss_fn, self.fit_config,
+        self.report = fit_loop(self.model, self._batches(seqs, refine_fit.batch_size), loss_fn, refine_fit,
                                self.validation(valid) if valid else None, progress, desc=self.name)
         if cfg.use_coarse:
             self.report.extra.update(coarse.extra)
