@@ -483,10 +483,16 @@ def build(run: Run, catalogue: Catalogue, settings: Settings, device: torch.devi
 def _device(name: str | None) -> torch.device:
     if name:
         try:
-            return torch.device(name)
+            device = torch.device(name)
         except RuntimeError as exc:
             raise HymirecError(f"bad --device {name!r}: {exc}") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        # TF32 matmuls run the user LLM several times faster than float32 at ~1e-3 relative error,
+        # far below the run-to-run spread of training.
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def _seed(seed: int) -> None:
