@@ -2,18 +2,20 @@
 # HyMiRec on a lent GPU (the workplace's `device` machine), in one prepared call.
 #
 #   bench/gpu.sh smoke [SECONDS]   GPU tests + the model unit tests, then a 6-epoch ml-100k eval (timing)
-#   bench/gpu.sh full  [SECONDS]   offline evals side by side on the one GPU, each cut at SECONDS
+#   bench/gpu.sh full  [SECONDS] [SEEDS]   ml-100k evals, five at a time on the one GPU, each cut at
+#                                          SECONDS: per seed (default 0,1,2) HyMiRec and HyMiRec-K1 with
+#                                          the SmolLM2 user LLM and SASRec-200; HyMiRec with the tiny one
 #
 # That machine has torch and transformers but nothing of ours and no network, and one call carries at
-# most 64 MiB, so the call carries, under .dev/ (git-ignored): whl/ (pydantic, pydantic-settings,
-# gguf … as cp312 wheels), data/ (datasets exported by `hymirec datasets export`, as Parquet),
-# cache/item_embeddings (SmolLM2 item content, so the item encoder is not rerun) and the user LLM:
-# llm/*.gguf (SmolLM2 cut to its first blocks so that it fits), or the whole SmolLM2 GGUF in two
-# halves ga/ and gb/ carried by two calls on one warm machine. Without one the user LLM is the tiny one.
-# Results land in $OUT (JSON lines per run, logs) and a table is printed last.
+# most 64 MiB: `python -m bench.gpu_prepare` builds what the call carries under .dev/ (git-ignored):
+# wheels, the datasets as Parquet, their SmolLM2 item content, and SmolLM2 cut to its first 18 blocks
+# as the user LLM (.dev/llm/*.gguf; without it the user LLM is the tiny one). Carry .dev/whl,
+# .dev/data, .dev/cache and .dev/llm. Results land in $OUT (JSON lines per run, logs); a table is
+# printed last. A whole ml-100k HyMiRec run took 60-115 s on an H200 with four others beside it.
 set -u
 mode=${1:-smoke}
 limit=${2:-420}
+seeds=${3:-0,1,2}
 OUT=${OUT:-/tmp/hymirec-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYMIREC_CACHE_DIR=$PWD/.dev/cache TOKENIZERS_PARALLELISM=false
@@ -25,15 +27,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 data() { echo --interactions .dev/data/$1-interactions.parquet --items .dev/data/$1-items.parquet; }
 
-gguf=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 user_llm=tiny
 if ls .dev/llm/*.gguf >/dev/null 2>&1; then
     user_llm=$(ls .dev/llm/*.gguf | head -1)
-elif [ -f .dev/ga/part ] && [ -f .dev/gb/part ]; then
-    mkdir -p /tmp/smollm2 && cat .dev/ga/part .dev/gb/part > $gguf
-    if [ "$(sha256sum $gguf | cut -d' ' -f1)" = b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 ]; then
-        user_llm=$gguf
-    fi
 fi
 echo "user LLM: $user_llm"
 
@@ -56,14 +52,16 @@ while sleep 30; do date +%T; free -m | sed -n 2p; nvidia-smi --query-gpu=utiliza
 monitor=$!
 run() {  # name dataset model backbone seed
     [ -f .dev/data/$2-interactions.parquet ] || return 0
+    while [ "$(jobs -rp | wc -l)" -gt 5 ]; do sleep 1; done  # five runs and the monitor
     timeout "$limit" python3 -m hymirec.cli eval $(data $2) --model $3 --backbone $4 --item-encoder smollm2 \
         --seed $5 --json > "$OUT/$1.jsonl" 2> "$OUT/$1.log" &
 }
-run ml100k-llm-s0 ml-100k hymirec "$user_llm" 0
-run ml100k-llm-s1 ml-100k hymirec "$user_llm" 1
+for seed in ${seeds//,/ }; do
+    run ml100k-llm-s$seed ml-100k hymirec "$user_llm" $seed
+    run ml100k-llm-k1-s$seed ml-100k hymirec-k1 "$user_llm" $seed
+    run ml100k-sasrec200-s$seed ml-100k sasrec-200 tiny $seed
+done
 run ml100k-tiny-s0 ml-100k hymirec tiny 0
-run ml100k-sasrec200-s0 ml-100k sasrec-200 tiny 0
-run synthetic-llm-s0 synthetic hymirec "$user_llm" 0
 wait $(jobs -p | grep -v "^$monitor$")
 kill $monitor
 tail -4 "$OUT/monitor.log"
