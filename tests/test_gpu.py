@@ -6,7 +6,6 @@ Skipped where torch sees no CUDA device (CI has none); bench/gpu.sh runs these o
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -14,13 +13,12 @@ import pytest
 import torch
 
 from hymirec.settings import Settings
-from model.codebook import CodebookConfig
-from model.hymirec import HyMiRec, HyMiRecConfig, cut_points
+from model.hymirec import cut_points
+from test_model import histories, make_model
 from trainer.data import leave_one_out, pad_left
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-N, C, D = 60, 16, 32
 CUDA = torch.device("cuda")
 
 
@@ -33,31 +31,11 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def small_model(**overrides) -> HyMiRec:
-    torch.manual_seed(0)
-    config = HyMiRecConfig(
-        num_items=N, content_dim=C, dim=D, history_len=30, recent_len=5, coarse_interests=3, num_interests=4,
-        codebook=CodebookConfig(levels=2, size=8, kmeans_iters=5), targets=3, cuts=2, dropout=0.0, user_hidden=32,
-    )
-    model = HyMiRec(replace(config, **overrides), torch.cat([torch.zeros(1, C), torch.randn(N, C)]))
-    for p in model.refined.head[-1].parameters():  # the head starts silent; let the LLM path show
-        torch.nn.init.normal_(p, std=0.1)
-    return model
-
-
-def batch(lengths, seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.as_tensor(pad_left([torch.randint(1, N + 1, (n,), generator=g).numpy() for n in lengths], 30))
-
-
 @pytest.mark.parametrize("overrides", [{}, {"use_codebook": False}, {"use_coarse": False, "use_codebook": False}])
 def test_same_weights_give_the_same_interests_and_losses_on_cuda(overrides):
-    cpu = small_model(**overrides)
-    if cpu.config.use_codebook:
-        cpu.items.fit_codebook()
+    cpu = make_model(**overrides)
     gpu = copy.deepcopy(cpu).to(CUDA)
-    seq = batch([30, 12, 3, 25])
-    cpu.eval(), gpu.eval()
+    seq = torch.as_tensor(pad_left(histories([30, 12, 3, 25]), 30))
     with torch.no_grad():
         assert torch.allclose(cpu(seq), gpu(seq.to(CUDA)).cpu(), atol=1e-4)
         if cpu.config.use_coarse:
@@ -75,7 +53,7 @@ def test_same_weights_give_the_same_interests_and_losses_on_cuda(overrides):
 
 
 def test_codebook_fits_on_cuda_as_well_as_on_the_cpu():
-    cpu = small_model()
+    cpu = make_model()
     gpu = copy.deepcopy(cpu).to(CUDA)
     quality_cpu = cpu.items.fit_codebook()
     quality_gpu = gpu.items.fit_codebook()
