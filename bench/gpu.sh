@@ -11,7 +11,7 @@
 # wheels, the datasets as Parquet, their SmolLM2 item content, and SmolLM2 cut to its first 18 blocks
 # as the user LLM (.dev/llm/*.gguf; without it the user LLM is the tiny one). Carry .dev/whl,
 # .dev/data, .dev/cache and .dev/llm. Results land in $OUT (JSON lines per run, logs); a table is
-# printed last. A whole ml-100k HyMiRec run took 60-115 s on an H200 with four others beside it.
+# printed last. A whole ml-100k HyMiRec run took 53-115 s on an H200 with four others beside it.
 set -u
 mode=${1:-smoke}
 limit=${2:-420}
