@@ -63,6 +63,9 @@ class HyMiRecConfig:
     coarse_heads: int = 1
     coarse_interests: int = 3  # M attention-pooled interests (plus the last state); M + 1 >= K
     coarse_dmil_weight: float = 1.0  # phase 1: the multi-interest loss on the coarse interests (K > 1)
+    # Phase 1: DMIL pairs the target groups with the M pooled interests only; the last state learns
+    # next-item prediction and the max-over-K term, as at K = 1 (docs/offline_results.md, session 6).
+    coarse_dmil_pooled_only: bool = False
     dropout: float = 0.2
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     # refined branch
@@ -368,14 +371,15 @@ class HyMiRec(nn.Module):
         )
 
     def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor,
-                             exact: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Interests [B, C, K, D] at cut ends [B, C] of seq: DMIL against the next W items, plus
-        (``retrieval_weight``) InfoNCE of the next item on the max-over-K retrieval score."""
+                             exact: torch.Tensor, matched_from: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """Interests [B, C, K, D] at cut ends [B, C] of seq: DMIL of interests[:, :, matched_from:]
+        against the next W items, plus (``retrieval_weight``) InfoNCE of the next item on the
+        max-over-K retrieval score of all K."""
         cfg = self.config
         targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
         negatives, negative_ids = self._negatives(exact)
         loss, stats = dmil_loss(
-            interests.flatten(0, 1),
+            interests[:, :, matched_from:].flatten(0, 1),
             exact[targets.flatten(0, 1)],
             ~target_pad.flatten(0, 1),
             negatives,
@@ -406,7 +410,8 @@ class HyMiRec(nn.Module):
         if cfg.num_interests > 1 and cfg.coarse_dmil_weight > 0:
             ends = cut_points(seq, cfg.cuts)
             interests = self.coarse.interests(states, pad, ends)[:, :, : cfg.num_interests]
-            multi, multi_stats = self._multi_interest_loss(interests, seq, ends, exact)
+            multi, multi_stats = self._multi_interest_loss(interests, seq, ends, exact,
+                                                           matched_from=int(cfg.coarse_dmil_pooled_only))
             loss = loss + cfg.coarse_dmil_weight * multi
             stats.update(multi=multi.item(), matched_cos=multi_stats["matched_cos"])
         stats["scale"] = self.scale().item()

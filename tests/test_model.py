@@ -134,6 +134,32 @@ def test_coarse_phase_trains_the_pooled_interests():
     assert "multi" not in stats and single.coarse.queries.grad is None
 
 
+@pytest.mark.parametrize("pooled_only", [False, True])
+def test_phase_one_dmil_can_leave_the_last_state_out_of_the_matching(pooled_only):
+    model = make_model(coarse_dmil_pooled_only=pooled_only, retrieval_weight=0.0, targets=8).train()
+    seq = torch.as_tensor(pad_left(histories([20, 16, 18]), 20))
+    ends = torch.tensor([[8, 10], [6, 9], [7, 11]])
+    interests = torch.randn(3, 2, 4, D, requires_grad=True)
+    loss, _ = model._multi_interest_loss(interests, seq, ends, model.item_vectors().detach(),
+                                         matched_from=int(pooled_only))
+    loss.backward()
+    last, pooled = interests.grad[:, :, 0], interests.grad[:, :, 1:]
+    assert pooled.abs().sum() > 0
+    assert (last.abs().sum() == 0) == pooled_only
+
+
+def test_phase_one_reads_the_pooled_only_flag():
+    seq = torch.as_tensor(pad_left(histories([20, 16, 18]), 20))
+    multi = {}
+    for pooled_only in (False, True):
+        model = make_model(coarse_dmil_pooled_only=pooled_only, targets=8).train()
+        torch.manual_seed(1)  # same cut points and negatives for both
+        loss, stats = model.coarse_loss(seq)
+        assert torch.isfinite(loss)
+        multi[pooled_only] = stats["multi"]
+    assert multi[False] != pytest.approx(multi[True])
+
+
 def test_refined_interests_need_as_many_coarse_interests():
     with pytest.raises(ValueError, match="coarse_interests"):
         make_model(coarse_interests=2, num_interests=4)
