@@ -10,7 +10,7 @@ import torch
 
 from model.backbone import load_backbone
 from model.codebook import CodebookConfig
-from model.hymirec import HyMiRec, HyMiRecConfig, window
+from model.hymirec import HyMiRec, HyMiRecConfig, length_groups, window
 from model.item_encoder import ItemEncoder
 from model.sasrec import SASRec, SASRecConfig
 from trainer.data import pad_left
@@ -94,6 +94,36 @@ def test_coarse_branch_is_causal():
         a = model.coarse(inputs(seq, model.item_vectors()), seq == 0)
         b = model.coarse(inputs(later, model.item_vectors()), later == 0)
     assert torch.allclose(a[0, :10], b[0, :10], atol=1e-5)
+
+
+def test_length_groups_partition_rows_of_similar_length():
+    lengths = torch.tensor([3, 700, 40, 25, 1, 300, 41, 0])
+    groups = length_groups(lengths)
+    rows = torch.cat([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    for r, longest in groups:
+        assert longest == lengths[r].clamp(min=1).max()
+        assert longest <= 2 * lengths[r].clamp(min=1).min()
+    assert [n for _, n in groups] == [700, 300, 41, 3, 1]
+
+
+def test_coarse_branch_in_length_groups_matches_one_padded_batch():
+    """Training and eval run the coarse branch in length groups; states and gradients must be those
+    of the whole batch padded to its longest row."""
+    model = make_model(history_len=60).train()
+    seq = torch.as_tensor(pad_left(histories([50, 4, 13, 2, 26, 50]), 50))
+    pad = seq == 0
+    x = model.items.history_inputs(seq, model.item_vectors()).detach()
+    assert len(length_groups((~pad).sum(1))) > 1
+    grads = []
+    for run in (lambda x: model.coarse(x, pad), lambda x: model.coarse._run(x, pad, x.size(1))):
+        xi = x.clone().requires_grad_()
+        states = run(xi)
+        (states * torch.linspace(-1, 1, D)).sum().backward()
+        grads.append((states.detach(), xi.grad, model.coarse.pos_emb.weight.grad.clone()))
+        model.zero_grad()
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_item_encoder_reads_the_item_token_under_any_padding():
