@@ -46,11 +46,23 @@ def _false_negatives(
     pos_ids: torch.Tensor | None,
     neg_ids: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Unit pos [M, D], unit neg [N, D] -> bool [M, N], True where the negative must be ignored."""
-    mask = (pos @ neg.T) > fn_threshold
-    if pos_ids is not None and neg_ids is not None:
-        mask |= pos_ids[:, None] == neg_ids[None, :]
-    return mask
+    """Unit pos [M, D], unit neg [N, D] -> bool [M, N], True where the negative must be ignored.
+    Rows with one positive id hold one positive vector (the item's)."""
+    if pos_ids is None or neg_ids is None:
+        return (pos @ neg.T) > fn_threshold
+    # Many rows share a positive (every position of a batch predicts one of few items): compare
+    # each distinct item with the negatives once.
+    ids, first, inverse = _distinct(pos_ids)
+    mask = ((pos[first] @ neg.T) > fn_threshold) | (ids[:, None] == neg_ids[None, :])
+    return mask[inverse]
+
+
+def _distinct(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [M] → (distinct ids [U], the first row holding each [U], each row's index into them [M])."""
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(len(ids), device=ids.device)
+    first = torch.full_like(distinct, len(ids)).scatter_reduce_(0, inverse, rows, "amin")
+    return distinct, first, inverse
 
 
 def _info_nce(
@@ -74,14 +86,13 @@ def _info_nce(
     with torch.no_grad():
         fn = _false_negatives(pos, neg, fn_threshold, pos_ids, neg_ids)
     if user.dim() == 3:
-        pos_cos = torch.einsum("mkd,md->mk", user, pos).amax(-1, keepdim=True)  # [M, 1]
+        pos_cos = torch.einsum("mkd,md->mk", user, pos).amax(-1)  # [M]
         neg_cos = torch.einsum("mkd,nd->mkn", user, neg).amax(1)  # [M, N]
     else:
-        pos_cos, neg_cos = (user * pos).sum(-1, keepdim=True), user @ neg.T
+        pos_cos, neg_cos = (user * pos).sum(-1), user @ neg.T
     pos_logit = scale * pos_cos
     neg_logit = (scale * neg_cos).masked_fill(fn, -math.inf)
-    logits = torch.cat([pos_logit, neg_logit], dim=1)
-    row = torch.logsumexp(logits, dim=1) - pos_logit[:, 0]
+    row = torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=1)) - pos_logit
     valid = valid.to(row.device, torch.bool)
     # where(), not row * valid: a padded row may hold garbage (inf/NaN) that must not leak
     return torch.where(valid, row, 0.0).sum() / valid.sum().clamp(min=1)

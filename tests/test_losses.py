@@ -113,6 +113,34 @@ def test_false_negative_masking_changes_loss():
     torch.testing.assert_close(by_id, only_second)
 
 
+def test_false_negative_masks_of_repeated_positives_are_per_row():
+    """Rows that share a positive id share its mask; each row is masked as if alone."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(6, 4, generator=g)
+    table[5] = table[2] * 2.0  # item 5 points where item 2 does
+    ids = torch.tensor([2, 4, 2, 0, 4, 2])
+    user = torch.randn(6, 4, generator=g)
+    neg_ids = torch.arange(6)
+    together = sampled_softmax_loss(user, table[ids], table, 3.0, positive_ids=ids, negative_ids=neg_ids)
+    alone = [sampled_softmax_loss(user[i : i + 1], table[ids[i : i + 1]], table, 3.0, positive_ids=ids[i : i + 1],
+                                  negative_ids=neg_ids) for i in range(6)]
+    torch.testing.assert_close(together, torch.stack(alone).mean())
+    keep_2 = [j for j in range(6) if j not in (2, 5)]  # row 0: item 2 and its copy are masked
+    first = sampled_softmax_loss(user[:1], table[2:3], table[keep_2], 3.0)
+    torch.testing.assert_close(alone[0], first)
+
+
+def test_a_row_with_every_negative_masked_has_zero_loss_and_finite_gradients():
+    user = torch.randn(2, 3, requires_grad=True)
+    pos = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    negs = pos[:1].clone()  # row 0's only negative is its own positive
+    loss = sampled_softmax_loss(user, pos, negs, 10.0, positive_ids=torch.tensor([1, 2]), negative_ids=torch.tensor([1]))
+    loss.backward()
+    row1 = sampled_softmax_loss(user[1:], pos[1:], negs, 10.0)
+    assert loss.item() == pytest.approx(row1.item() / 2, rel=1e-5)
+    assert torch.isfinite(user.grad).all() and user.grad[0].abs().sum() == 0
+
+
 def test_dmil_false_negative_masking():
     targets, _, negatives = three_clusters(batch=2)
     mask = torch.ones(2, 12, dtype=torch.bool)
