@@ -132,6 +132,21 @@ def test_eval_cli_prints_metrics(capsys, synthetic, model):
     assert 0.0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= result["recall@200"] <= 1.0
 
 
+@pytest.mark.parametrize("name", ["hymirec-k1", "hymirec-nocodebook", "hymirec-dmil-pooled", "multi"])
+def test_ablation_runs_build_their_variant(name):
+    from trainer.offline import RUNS, build
+
+    split = leave_one_out(frame([(f"u{u}", c, t) for u in range(4) for t, c in enumerate("abcde")]), ITEMS)
+    settings = Settings(embedding_dim=16, codebook_levels=2, codebook_size=4, history_max_len=10, recent_len=3)
+    model = build(RUNS[name], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1, torch.randn(8, 16))
+    config = model.model.config
+    assert model.name == name
+    assert (config.num_interests == 1) == (name == "hymirec-k1")
+    assert config.use_codebook == (name in ("hymirec-k1", "hymirec-dmil-pooled"))
+    assert config.use_coarse == (name != "multi")
+    assert config.coarse_dmil_pooled_only == (name == "hymirec-dmil-pooled")
+
+
 def test_eval_cli_runs_a_comma_list_of_models_writes_the_table_and_rejects_unknown_names(tmp_path, capsys, synthetic):
     out = tmp_path / "results"
     code, lines = _eval_json(capsys, synthetic, "--model", "pop,sasrec", "--epochs", "1", "--out", str(out))

@@ -455,6 +455,8 @@ RUNS = {
     "hymirec": Run("hymirec", "hymirec"),
     "hymirec-k1": Run("hymirec-k1", "hymirec", {"num_interests": 1}),
     "hymirec-nocodebook": Run("hymirec-nocodebook", "hymirec", {"use_codebook": False}),
+    # phase 1's DMIL leaves the last state out of the matching (docs/offline_results.md, session 7)
+    "hymirec-dmil-pooled": Run("hymirec-dmil-pooled", "hymirec", {"coarse_dmil_pooled_only": True}),
     "multi": Run("multi", "hymirec", {"use_coarse": False, "use_codebook": False}),
     "sasrec": Run("sasrec", "sasrec"),
     "sasrec-200": Run("sasrec-200", "sasrec", {"max_len": 200}),
