@@ -166,7 +166,7 @@ def test_coarse_phase_trains_the_pooled_interests():
 
 @pytest.mark.parametrize("pooled_only", [False, True])
 def test_phase_one_dmil_can_leave_the_last_state_out_of_the_matching(pooled_only):
-    model = make_model(coarse_dmil_pooled_only=pooled_only, retrieval_weight=0.0, targets=8).train()
+    model = make_model(retrieval_weight=0.0, targets=8).train()
     seq = torch.as_tensor(pad_left(histories([20, 16, 18]), 20))
     ends = torch.tensor([[8, 10], [6, 9], [7, 11]])
     interests = torch.randn(3, 2, 4, D, requires_grad=True)
