@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # HyMiRec on a lent GPU (the workplace's `device` machine), in one prepared call.
 #
-#   bench/gpu.sh smoke [SECONDS]   GPU tests + the model unit tests, then a 6-epoch ml-100k eval (timing)
-#   bench/gpu.sh full  [SECONDS] [SEEDS]   ml-100k evals, five at a time on the one GPU, each cut at
-#                                          SECONDS: per seed (default 0,1,2) HyMiRec and HyMiRec-K1 with
-#                                          the SmolLM2 user LLM and SASRec-200; HyMiRec with the tiny one
+#   bench/gpu.sh smoke [SECONDS]           GPU tests + the model unit tests, then a 6-epoch ml-100k eval (timing)
+#   bench/gpu.sh full  [SECONDS] [SEEDS]   evals of every carried dataset, PARALLEL (default 6) at a time on
+#                                          the one GPU, none started that could not finish by SECONDS: per seed
+#                                          (default 0,1,2) HyMiRec, HyMiRec-K1 and SASRec-200; on ml-100k, with
+#                                          a carried user LLM, also HyMiRec with the tiny one (seed 0)
 #
 # That machine has torch and transformers but nothing of ours and no network, and one call carries at
 # most 64 MiB: `python -m bench.gpu_prepare` builds what the call carries under .dev/ (git-ignored):
 # wheels, the datasets as Parquet, their SmolLM2 item content, and SmolLM2 cut to its first 18 blocks
 # as the user LLM (.dev/llm/*.gguf; without it the user LLM is the tiny one). Carry .dev/whl,
 # .dev/data, .dev/cache and .dev/llm. Results land in $OUT (JSON lines per run, logs); a table is
-# printed last. A whole ml-100k HyMiRec run took 53-115 s on an H200 with four others beside it.
+# printed last. Session 8, on an H100 with 8 runs at once (`--datasets ml-100k,synthetic --layers 0`):
+# a whole ml-100k HyMiRec run 390-480 s (K = 1: 150-280 s), synthetic 180-260 s, SASRec-200 13-50 s.
 set -u
 mode=${1:-smoke}
 limit=${2:-420}
@@ -46,22 +48,28 @@ if [ "$mode" = smoke ]; then
 fi
 
 # full: every run a process of its own on the one GPU; "llm" runs use the user LLM above.
-export OMP_NUM_THREADS=3
+export OMP_NUM_THREADS=2
+parallel=${PARALLEL:-6}
+started=$(date +%s)
 while sleep 30; do date +%T; free -m | sed -n 2p; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done \
     > "$OUT/monitor.log" 2>&1 &
 monitor=$!
-run() {  # name dataset model backbone seed
+run() {  # name dataset model backbone seed least-seconds-it-needs
     [ -f .dev/data/$2-interactions.parquet ] || return 0
-    while [ "$(jobs -rp | wc -l)" -gt 5 ]; do sleep 1; done  # five runs and the monitor
-    timeout "$limit" python3 -m hymirec.cli eval $(data $2) --model $3 --backbone $4 --item-encoder smollm2 \
+    while [ "$(jobs -rp | wc -l)" -gt "$parallel" ]; do sleep 1; done  # the runs and the monitor
+    left=$(( limit - ($(date +%s) - started) ))
+    if [ "$left" -lt "$6" ]; then echo "not started, ${left} s left: $1"; return 0; fi
+    timeout "$left" python3 -m hymirec.cli eval $(data $2) --model $3 --backbone $4 --item-encoder smollm2 \
         --seed $5 --json > "$OUT/$1.jsonl" 2> "$OUT/$1.log" &
 }
 for seed in ${seeds//,/ }; do
-    run ml100k-llm-s$seed ml-100k hymirec "$user_llm" $seed
-    run ml100k-llm-k1-s$seed ml-100k hymirec-k1 "$user_llm" $seed
-    run ml100k-sasrec200-s$seed ml-100k sasrec-200 tiny $seed
+    for d in ml-100k synthetic; do
+        run ${d//-/}-hymirec-s$seed $d hymirec "$user_llm" $seed 120
+        run ${d//-/}-k1-s$seed $d hymirec-k1 "$user_llm" $seed 120
+        run ${d//-/}-sasrec200-s$seed $d sasrec-200 tiny $seed 40
+    done
 done
-run ml100k-tiny-s0 ml-100k hymirec tiny 0
+[ "$user_llm" = tiny ] || run ml100k-tinyllm-s0 ml-100k hymirec tiny 0 120
 wait $(jobs -p | grep -v "^$monitor$")
 kill $monitor
 tail -4 "$OUT/monitor.log"
@@ -69,7 +77,7 @@ python3 - "$OUT" "$user_llm" <<'EOF'
 import json, sys
 from pathlib import Path
 out, user_llm = Path(sys.argv[1]), sys.argv[2]
-print(f"user LLM of the *-llm-* runs: {user_llm}")
+print(f"user LLM of the hymirec and k1 runs: {user_llm}")
 cols = ["recall@10", "ndcg@10", "recall@50", "recall@200", "ild@10", "valid_recall@10", "coarse_valid_recall10",
         "epochs", "best_epoch", "train_s", "train_items_per_s"]
 print("| run | " + " | ".join(cols) + " |")
@@ -80,3 +88,5 @@ for f in sorted(out.glob("*.jsonl")):
     for r in rows:
         print(f"| {f.stem} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 EOF
+# A call brings back at most 8 files: the runs' results and logs travel as one archive.
+(cd "$OUT" && tar czf runs.tgz --remove-files ./*.jsonl ./*.log)

