@@ -78,6 +78,7 @@ class HyMiRecConfig:
     cuts: int = 8  # C cut points per user per step
     coarse_positions: int = 200  # phase 1: next-item loss at up to this many positions per user per step
     retrieval_weight: float = 1.0  # max-over-K InfoNCE of the next item beside DMIL (losses.sampled_softmax_loss over K)
+    refined_dmil_weight: float = 1.0  # phase 2: DMIL's weight beside the max-over-K next-item term
     disentangle_weight: float = 0.0
     fn_threshold: float = 0.99
 
@@ -397,25 +398,28 @@ class HyMiRec(nn.Module):
             positive_ids=nxt[valid], negative_ids=negative_ids, fn_threshold=self.config.fn_threshold,
         )
 
-    def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor,
-                             exact: torch.Tensor, matched_from: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-        """Interests [B, C, K, D] at cut ends [B, C] of seq: DMIL of interests[:, :, matched_from:]
-        against the next W items, plus (``retrieval_weight``) InfoNCE of the next item on the
-        max-over-K retrieval score of all K."""
+    def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor,
+                             matched_from: int = 0, dmil_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """Interests [B, C, K, D] at cut ends [B, C] of seq: (``dmil_weight``) DMIL of
+        interests[:, :, matched_from:] against the next W items, plus (``retrieval_weight``) InfoNCE
+        of the next item on the max-over-K retrieval score of all K."""
         cfg = self.config
         targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
         negatives, negative_ids = self._negatives(exact)
-        loss, stats = dmil_loss(
-            interests[:, :, matched_from:].flatten(0, 1),
-            exact[targets.flatten(0, 1)],
-            ~target_pad.flatten(0, 1),
-            negatives,
-            self.scale(),
-            target_ids=targets.flatten(0, 1),
-            negative_ids=negative_ids,
-            disentangle_weight=cfg.disentangle_weight,
-            fn_threshold=cfg.fn_threshold,
-        )
+        loss, stats = interests.new_zeros(()), {}
+        if dmil_weight > 0:
+            dmil, stats = dmil_loss(
+                interests[:, :, matched_from:].flatten(0, 1),
+                exact[targets.flatten(0, 1)],
+                ~target_pad.flatten(0, 1),
+                negatives,
+                self.scale(),
+                target_ids=targets.flatten(0, 1),
+                negative_ids=negative_ids,
+                disentangle_weight=cfg.disentangle_weight,
+                fn_threshold=cfg.fn_threshold,
+            )
+            loss = dmil_weight * dmil
         if cfg.retrieval_weight > 0:
             nxt = targets[..., 0].flatten()
             retrieval = sampled_softmax_loss(interests.flatten(0, 1), exact[nxt], negatives, self.scale(), mask=nxt != 0,
@@ -451,6 +455,6 @@ class HyMiRec(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
             exact = self.item_vectors()
         interests = self._interests_at(seq, ends, exact)
-        loss, stats = self._multi_interest_loss(interests, seq, ends, exact)
+        loss, stats = self._multi_interest_loss(interests, seq, ends, exact, dmil_weight=self.config.refined_dmil_weight)
         stats["scale"] = self.scale().item()
         return loss, stats

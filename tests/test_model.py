@@ -194,6 +194,19 @@ def test_phase_one_reads_the_pooled_only_flag():
     assert multi[False] != pytest.approx(multi[True])
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_phase_two_weighs_dmil_beside_the_next_item_term(weight):
+    model = make_model(refined_dmil_weight=weight, targets=8)
+    model.freeze_coarse()
+    seq = torch.as_tensor(pad_left(histories([20, 16, 18]), 20))
+    ends = torch.tensor([[8, 10], [6, 9], [7, 11]])
+    torch.manual_seed(1)
+    loss, stats = model.loss(seq, ends)
+    # DMIL's own part: what is left after the next-item term, at the weight given (none at 0)
+    assert loss.item() - stats["retrieval"] == pytest.approx(weight * stats.get("infonce", 0.0), abs=1e-5)
+    assert ("infonce" in stats) == (weight > 0)
+
+
 def test_refined_interests_need_as_many_coarse_interests():
     with pytest.raises(ValueError, match="coarse_interests"):
         make_model(coarse_interests=2, num_interests=4)

@@ -267,7 +267,7 @@ HYMIREC_EPOCHS = 60  # split 2:1 between the phases (the coarse phase has no ref
 COARSE_MAX_EPOCHS = 200
 # Fields phase 2 alone uses: runs that differ only in these share one phase-1 result. (K, W, the cut
 # points and the loss weights shape phase 1 too: its coarse interests train with the same losses.)
-PHASE2_FIELDS = ("user_backbone", "user_hidden", "recent_len")
+PHASE2_FIELDS = ("user_backbone", "user_hidden", "recent_len", "refined_dmil_weight")
 
 
 class HyMiRecModel(_TorchRecommender):
