@@ -202,9 +202,9 @@ def _add_model_args(parser: argparse.ArgumentParser, models: list[str] | None, d
     parser.add_argument("--interactions", type=_existing_file, required=True, help="interaction log (JSONL, CSV or Parquet)")
     parser.add_argument("--items", type=_existing_file, required=True, help="item catalogue (JSONL, CSV or Parquet)")
     if models is None:  # eval: any run name of trainer.offline.RUNS, a comma list of them, or all
-        parser.add_argument("--model", required=True, help="hymirec, hymirec-k1, hymirec-nocodebook, "
-                            "hymirec-dmil-pooled, multi, sasrec, sasrec-200, pop; a comma list of them; or all "
-                            "(all but hymirec-dmil-pooled)")
+        parser.add_argument("--model", required=True, help="hymirec, hymirec-k1, hymirec-kval (K = 4 or 1, "
+                            "whichever validates better), hymirec-nocodebook, hymirec-dmil-pooled, multi, sasrec, "
+                            "sasrec-200, pop; a comma list of them; or all (all but hymirec-dmil-pooled)")
     else:
         parser.add_argument("--model", choices=models, default=default, required=default is None)
     parser.add_argument("--backbone", help="HF hub id, local path, 'smollm2' (bundled GGUF) or 'tiny' (random, default)")

@@ -147,6 +147,52 @@ def test_ablation_runs_build_their_variant(name):
     assert config.coarse_dmil_pooled_only == (name == "hymirec-dmil-pooled")
 
 
+class _Fixed:
+    """A candidate with a fixed validation score that records the first random number it drew."""
+
+    def __init__(self, name, valid, seconds):
+        from trainer.offline import FitReport
+
+        self.name, self.draw = name, torch.rand(1).item()
+        self.report = FitReport(valid_recall10=valid, train_seconds=seconds, items_seen=10, extra={"mine": name})
+
+    def fit(self, train, valid, progress):
+        return self.report
+
+    def item_vectors(self):
+        return torch.full((3, 2), float(len(self.name)))
+
+
+def test_a_choice_run_keeps_the_candidate_that_validates_best_each_from_the_same_seed():
+    from trainer.offline import ChosenOnValidation
+
+    made = []
+
+    def candidate(name, valid, seconds):
+        return name, lambda: made.append(_Fixed(name, valid, seconds)) or made[-1]
+
+    chooser = ChosenOnValidation([candidate("k4", 0.20, 3.0), candidate("k1", 0.25, 2.0), candidate("kx", 0.22, 1.0)],
+                                 seed=7)
+    report = chooser.fit(None, "a validation set", False)
+    assert chooser.chosen is made[1] and report.extra["chosen"] == "k1" and report.extra["mine"] == "k1"
+    assert report.valid_recall10 == 0.25 and report.train_seconds == 6.0 and report.items_seen == 30
+    assert {k: v for k, v in report.extra.items() if k.startswith("valid_")} == {
+        "valid_recall10_k4": 0.20, "valid_recall10_k1": 0.25, "valid_recall10_kx": 0.22}
+    assert len({m.draw for m in made}) == 1  # every candidate built from the eval's seed
+    assert torch.equal(chooser.item_vectors(), made[1].item_vectors())
+    with pytest.raises(HymirecError, match="validation set"):
+        ChosenOnValidation([candidate("k4", 0.2, 1.0)], seed=7).fit(None, None, False)
+
+
+def test_kval_chooses_between_k4_and_k1_through_the_cli(capsys, synthetic):
+    code, lines = _eval_json(capsys, synthetic, "--model", "hymirec-kval", "--epochs", "1")
+    (row,) = lines
+    scores = {k: row[f"valid_recall10_{k}"] for k in ("hymirec", "hymirec-k1")}
+    assert code == 0 and row["model"] == "hymirec-kval"
+    assert row["chosen"] == max(scores, key=lambda k: (scores[k], k == "hymirec"))
+    assert row["valid_recall@10"] == scores[row["chosen"]]
+
+
 def test_eval_cli_runs_a_comma_list_of_models_writes_the_table_and_rejects_unknown_names(tmp_path, capsys, synthetic):
     out = tmp_path / "results"
     code, lines = _eval_json(capsys, synthetic, "--model", "pop,sasrec", "--epochs", "1", "--out", str(out))

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -392,6 +393,41 @@ class HyMiRecModel(_TorchRecommender):
         return self.report
 
 
+class ChosenOnValidation(Recommender):
+    """Model selection as a run: fits each candidate run in turn, each built and trained from the
+    eval's seed (a phase 1 that this eval already trained is reused), and keeps the one with the best
+    validation Recall@10. K is such a choice: validation prefers K = 4 on the planted multi-interest
+    set and K = 1 on ml-100k (docs/offline_results.md, session 8). Train time and items are summed
+    over the candidates."""
+
+    def __init__(self, candidates: list[tuple[str, Callable[[], Recommender]]], seed: int) -> None:
+        self.candidates = candidates
+        self.seed = seed
+        self.chosen: Recommender | None = None
+
+    def fit(self, train, valid, progress):
+        if valid is None:
+            raise HymirecError("choosing among runs needs a validation set (hymirec eval)")
+        seconds, items, scores = 0.0, 0, {}
+        for name, make in self.candidates:
+            _seed(self.seed)
+            model = make()
+            report = model.fit(train, valid, progress)
+            seconds, items, scores[name] = seconds + report.train_seconds, items + report.items_seen, report.valid_recall10
+            if self.chosen is None or report.valid_recall10 > self.chosen.report.valid_recall10:
+                self.chosen = model
+        self.report = replace(self.chosen.report, train_seconds=seconds, items_seen=items,
+                              extra={**self.chosen.report.extra, "chosen": self.chosen.name,
+                                     **{f"valid_recall10_{n}": v for n, v in scores.items()}})
+        return self.report
+
+    def interests(self, histories):
+        return self.chosen.interests(histories)
+
+    def item_vectors(self):
+        return self.chosen.item_vectors()
+
+
 def item_content(catalogue: Catalogue, backbone: str, settings: Settings, progress: bool = False) -> torch.Tensor:
     """Frozen content embeddings [N+1, C] of every item (row 0 and items without text = 0): the
     [ITEM]-token states of the item encoder. Pretrained backbones are cached on disk."""
@@ -450,8 +486,9 @@ def evaluate(model: Recommender, case: EvalCase, ks=(10, 50, 200), reference: to
 @dataclass(frozen=True)
 class Run:
     name: str
-    kind: str  # hymirec | sasrec | pop
+    kind: str  # hymirec | sasrec | pop | choice (the best of ``among`` on validation)
     overrides: dict = field(default_factory=dict)
+    among: tuple[str, ...] = ()
 
 
 RUNS = {
@@ -461,11 +498,13 @@ RUNS = {
     # phase 1's DMIL leaves the last state out of the matching (docs/offline_results.md, session 7)
     "hymirec-dmil-pooled": Run("hymirec-dmil-pooled", "hymirec", {"coarse_dmil_pooled_only": True}),
     "multi": Run("multi", "hymirec", {"use_coarse": False, "use_codebook": False}),
+    # K chosen on validation between the default (4) and 1
+    "hymirec-kval": Run("hymirec-kval", "choice", among=("hymirec", "hymirec-k1")),
     "sasrec": Run("sasrec", "sasrec"),
     "sasrec-200": Run("sasrec-200", "sasrec", {"max_len": 200}),
     "pop": Run("pop", "pop"),
 }
-ALL = ["hymirec", "hymirec-k1", "hymirec-nocodebook", "multi", "sasrec", "sasrec-200", "pop"]
+ALL = ["hymirec", "hymirec-k1", "hymirec-kval", "hymirec-nocodebook", "multi", "sasrec", "sasrec-200", "pop"]
 
 
 def build(run: Run, catalogue: Catalogue, settings: Settings, device: torch.device, backbone: str,
@@ -479,6 +518,12 @@ def build(run: Run, catalogue: Catalogue, settings: Settings, device: torch.devi
         model = HyMiRecModel(catalogue, device, settings, backbone=backbone, item_encoder=item_encoder,
                              epochs=epochs, content=content, progress=progress, phase1_cache=phase1_cache,
                              **run.overrides)
+    elif run.kind == "choice":
+        def candidate(name: str) -> Callable[[], Recommender]:
+            return lambda: build(RUNS[name], catalogue, settings, device, backbone, item_encoder, epochs, content,
+                                 progress, phase1_cache)
+
+        model = ChosenOnValidation([(name, candidate(name)) for name in run.among], torch.initial_seed())
     else:
         raise HymirecError(f"unknown model {run.kind!r}; expected one of {', '.join(RUNS)}")
     model.name = run.name
@@ -524,7 +569,7 @@ def run_eval(split: Split, names: list[str], settings: Settings, *, backbone: st
     for name in names:
         run = RUNS[name]
         _seed(seed)
-        if run.kind == "hymirec" and content is None:
+        if run.kind in ("hymirec", "choice") and content is None:
             content = item_content(split.catalogue, item_encoder, settings, progress)
         model = build(run, split.catalogue, settings, device, backbone, item_encoder, epochs, content, progress,
                       phase1_cache)
