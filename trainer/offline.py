@@ -408,17 +408,17 @@ class ChosenOnValidation(Recommender):
     def fit(self, train, valid, progress):
         if valid is None:
             raise HymirecError("choosing among runs needs a validation set (hymirec eval)")
-        seconds, items, scores = 0.0, 0, {}
+        reports = {}
         for name, make in self.candidates:
             _seed(self.seed)
             model = make()
-            report = model.fit(train, valid, progress)
-            seconds, items, scores[name] = seconds + report.train_seconds, items + report.items_seen, report.valid_recall10
-            if self.chosen is None or report.valid_recall10 > self.chosen.report.valid_recall10:
+            reports[name] = model.fit(train, valid, progress)
+            if self.chosen is None or reports[name].valid_recall10 > self.chosen.report.valid_recall10:
                 self.chosen = model
-        self.report = replace(self.chosen.report, train_seconds=seconds, items_seen=items,
+        self.report = replace(self.chosen.report, train_seconds=sum(r.train_seconds for r in reports.values()),
+                              items_seen=sum(r.items_seen for r in reports.values()),
                               extra={**self.chosen.report.extra, "chosen": self.chosen.name,
-                                     **{f"valid_recall10_{n}": v for n, v in scores.items()}})
+                                     **{f"valid_recall10_{n}": r.valid_recall10 for n, r in reports.items()}})
         return self.report
 
     def interests(self, histories):
