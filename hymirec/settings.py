@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     codebook_levels: int = Field(4, ge=1, description="CSRC residual levels (codes per item).")
     codebook_size: int = Field(256, ge=2, description="CSRC centres per level.")
     num_interests: int = Field(4, ge=1, description="K refined interests per user.")
+    train_negatives: int = Field(
+        8192, ge=0, description="Negatives per training step, drawn uniformly from the catalogue and shared by the "
+        "batch (log-weighted to estimate the full softmax); 0, or a catalogue no larger, = every item.",
+    )
     item_encoder: str = Field(
         "", description="Backbone of HyMiRec's frozen item content encoder ('smollm2', 'tiny', a path or "
         "hub id); empty = the same as --backbone (the user LLM). Pretrained encoders' item embeddings "

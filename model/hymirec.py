@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from model.backbone import Backbone, load_backbone
 from model.codebook import CodebookConfig, ResidualCodebook
-from model.losses import LogitScale, dmil_loss, sampled_softmax_loss
+from model.losses import LogitScale, Negatives, dmil_loss, draw_negatives, sampled_softmax_loss
 from model.sasrec import CausalBlock, causal_mask
 
 
@@ -81,6 +81,7 @@ class HyMiRecConfig:
     refined_dmil_weight: float = 1.0  # phase 2: DMIL's weight beside the max-over-K next-item term
     disentangle_weight: float = 0.0
     fn_threshold: float = 0.99
+    negatives: int = 0  # per step, drawn uniformly (losses.draw_negatives); 0 = every item (full softmax)
 
     def __post_init__(self) -> None:
         if self.use_coarse and self.coarse_interests + 1 < self.num_interests:
@@ -378,9 +379,9 @@ class HyMiRec(nn.Module):
         coarse = self.coarse.interests(states, pad, ends)[:, 0, : self.config.num_interests]
         return F.normalize(coarse, dim=-1)
 
-    def _negatives(self, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every item is a negative (full softmax; the positive itself is masked by id)."""
-        return exact[1:], torch.arange(1, self.config.num_items + 1, device=exact.device)
+    def _negatives(self, exact: torch.Tensor) -> Negatives:
+        """Every item, or ``config.negatives`` drawn ones (the positive itself is masked by id)."""
+        return draw_negatives(exact, self.config.negatives)
 
     def _next_item_loss(self, seq: torch.Tensor, states: torch.Tensor, exact: torch.Tensor, positions: int) -> torch.Tensor:
         """SASRec's objective on the coarse states: state t predicts item t+1, at up to ``positions``
@@ -392,10 +393,10 @@ class HyMiRec(nn.Module):
             noise = torch.rand(seq.shape, device=seq.device).masked_fill(~valid, -1.0)
             keep = noise.topk(positions, dim=1).indices
             valid = valid & torch.zeros_like(valid).scatter_(1, keep, True)
-        negatives, negative_ids = self._negatives(exact)
+        neg = self._negatives(exact)
         return sampled_softmax_loss(
-            states[valid], exact[nxt[valid]], negatives, self.scale(),
-            positive_ids=nxt[valid], negative_ids=negative_ids, fn_threshold=self.config.fn_threshold,
+            states[valid], exact[nxt[valid]], neg.vectors, self.scale(), positive_ids=nxt[valid],
+            negative_ids=neg.ids, fn_threshold=self.config.fn_threshold, negative_log_weight=neg.log_weight,
         )
 
     def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor,
@@ -405,25 +406,27 @@ class HyMiRec(nn.Module):
         of the next item on the max-over-K retrieval score of all K."""
         cfg = self.config
         targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
-        negatives, negative_ids = self._negatives(exact)
+        neg = self._negatives(exact)
         loss, stats = interests.new_zeros(()), {}
         if dmil_weight > 0:
             dmil, stats = dmil_loss(
                 interests[:, :, matched_from:].flatten(0, 1),
                 exact[targets.flatten(0, 1)],
                 ~target_pad.flatten(0, 1),
-                negatives,
+                neg.vectors,
                 self.scale(),
                 target_ids=targets.flatten(0, 1),
-                negative_ids=negative_ids,
+                negative_ids=neg.ids,
                 disentangle_weight=cfg.disentangle_weight,
                 fn_threshold=cfg.fn_threshold,
+                negative_log_weight=neg.log_weight,
             )
             loss = dmil_weight * dmil
         if cfg.retrieval_weight > 0:
             nxt = targets[..., 0].flatten()
-            retrieval = sampled_softmax_loss(interests.flatten(0, 1), exact[nxt], negatives, self.scale(), mask=nxt != 0,
-                                             positive_ids=nxt, negative_ids=negative_ids, fn_threshold=cfg.fn_threshold)
+            retrieval = sampled_softmax_loss(interests.flatten(0, 1), exact[nxt], neg.vectors, self.scale(), mask=nxt != 0,
+                                             positive_ids=nxt, negative_ids=neg.ids, fn_threshold=cfg.fn_threshold,
+                                             negative_log_weight=neg.log_weight)
             loss = loss + cfg.retrieval_weight * retrieval
             stats["retrieval"] = retrieval.item()
         return loss, stats

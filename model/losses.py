@@ -15,6 +15,7 @@ the interests also learn to rank together.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,28 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+class Negatives(NamedTuple):
+    """The negatives one training step shares: vectors [n, D], their item ids [n], and log_weight,
+    added to every negative's logit (log(N / n) when n of N items were drawn, else 0)."""
+
+    vectors: torch.Tensor
+    ids: torch.Tensor
+    log_weight: float
+
+
+def draw_negatives(table: torch.Tensor, count: int) -> Negatives:
+    """table [N+1, D] item vectors (row 0 = padding) → every item (``count`` 0 or ≥ N: the full
+    softmax), or ``count`` items drawn uniformly without replacement. A full softmax over a large
+    catalogue costs [positions × N] logits a step (100k items × a batch's 12,800 positions = 5 GB),
+    so large catalogues sample; weighting the drawn negatives by N / count (the logQ correction of a
+    uniform draw) keeps the loss an estimate of the full softmax's."""
+    N = table.size(0) - 1
+    if count <= 0 or count >= N:
+        return Negatives(table[1:], torch.arange(1, N + 1, device=table.device), 0.0)
+    ids = torch.randperm(N, device=table.device)[:count] + 1
+    return Negatives(table[ids], ids, math.log(N / count))
 
 
 # --- the InfoNCE core shared by both losses --------------------------------------------------------
@@ -74,13 +97,14 @@ def _info_nce(
     fn_threshold: float,
     pos_ids: torch.Tensor | None,
     neg_ids: torch.Tensor | None,
+    neg_log_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean InfoNCE over valid rows.
 
     user [M, D] or [M, K, D] (K interests: an item's score is the max cosine over them, the
     retrieval score), pos [M, D], neg [N, D] (any norm; L2-normalised here), scale scalar,
-    valid [M] bool -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) for unmasked j)
-    - s·cos(u, p). A batch with no valid row gives 0 (still attached to the graph).
+    valid [M] bool -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) + w for unmasked j)
+    - s·cos(u, p), w = ``neg_log_weight``. A batch with no valid row gives 0 (still attached to the graph).
     """
     user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
     with torch.no_grad():
@@ -91,7 +115,7 @@ def _info_nce(
     else:
         pos_cos, neg_cos = (user * pos).sum(-1), user @ neg.T
     pos_logit = scale * pos_cos
-    neg_logit = (scale * neg_cos).masked_fill(fn, -math.inf)
+    neg_logit = (scale * neg_cos + neg_log_weight).masked_fill(fn, -math.inf)
     row = torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=1)) - pos_logit
     valid = valid.to(row.device, torch.bool)
     # where(), not row * valid: a padded row may hold garbage (inf/NaN) that must not leak
@@ -107,6 +131,7 @@ def sampled_softmax_loss(
     positive_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
     fn_threshold: float = 0.99,
+    negative_log_weight: float = 0.0,
 ) -> torch.Tensor:
     """InfoNCE with shared sampled negatives.
 
@@ -116,7 +141,8 @@ def sampled_softmax_loss(
     learn to rank together (DMIL scores each target against its matched interest only, which leaves
     the interests' cosines uncalibrated against each other). negatives [N, D]; scale scalar;
     mask [B] / [B, T] bool (True = count this position; default all); positive_ids [B] / [B, T],
-    negative_ids [N] for id-based false-negative masking -> scalar loss (mean over counted positions).
+    negative_ids [N] for id-based false-negative masking; negative_log_weight added to every
+    negative's logit (``Negatives.log_weight``) -> scalar loss (mean over counted positions).
     """
     lead, d = positives.shape[:-1], positives.shape[-1]
     interests = user.dim() == positives.dim() + 1
@@ -133,6 +159,7 @@ def sampled_softmax_loss(
         fn_threshold,
         None if positive_ids is None else positive_ids.reshape(-1),
         negative_ids,
+        negative_log_weight,
     )
 
 
@@ -213,12 +240,13 @@ def dmil_loss(
     disentangle_weight: float = 0.0,
     fn_threshold: float = 0.99,
     kmeans_iters: int = 10,
+    negative_log_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Matching-based multi-interest contrastive loss.
 
     interests [B, K, D], targets [B, W, D] (the last W items), target_mask [B, W] bool,
     negatives [N, D] shared by the batch, scale scalar; target_ids [B, W] / negative_ids [N] for
-    id-based false-negative masking -> (loss, stats).
+    id-based false-negative masking; negative_log_weight as in ``sampled_softmax_loss`` -> (loss, stats).
     stats: infonce, disentangle, groups (mean non-empty groups per user), matched_cos (mean cosine
     of each target to its matched interest).
     """
@@ -235,7 +263,8 @@ def dmil_loss(
     matched = interests.gather(1, which[..., None].expand(-1, -1, D))  # [B, W, D]
     # Each target against its matched interest is the single-interest loss over [B, W] pairs.
     infonce = sampled_softmax_loss(matched, targets, negatives, scale, mask=target_mask,
-                                   positive_ids=target_ids, negative_ids=negative_ids, fn_threshold=fn_threshold)
+                                   positive_ids=target_ids, negative_ids=negative_ids, fn_threshold=fn_threshold,
+                                   negative_log_weight=negative_log_weight)
     dis = disentangle_penalty(interests)
     loss = infonce + disentangle_weight * dis if disentangle_weight > 0 else infonce
     with torch.no_grad():

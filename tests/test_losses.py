@@ -13,6 +13,7 @@ from model.losses import (
     cosine_kmeans,
     disentangle_penalty,
     dmil_loss,
+    draw_negatives,
     hungarian_match,
     sampled_softmax_loss,
 )
@@ -213,3 +214,46 @@ def test_losses_backprop_to_scale():
     loss, _ = dmil_loss(interests, targets, torch.ones(2, 12, dtype=torch.bool), negatives, scale())
     loss.backward()
     assert scale.log_scale.grad is not None and interests.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("count", [0, 40, 99])
+def test_draw_negatives_takes_every_item_unless_fewer_are_asked(count):
+    table = torch.randn(41, 4)  # 40 items + padding row
+    neg = draw_negatives(table, count)
+    assert neg.ids.tolist() == list(range(1, 41)) and neg.log_weight == 0.0
+    assert torch.equal(neg.vectors, table[1:])
+
+
+def test_draw_negatives_draws_distinct_items_uniformly_and_weighs_them():
+    table = torch.randn(41, 4)
+    torch.manual_seed(0)
+    counts = torch.zeros(41)
+    for _ in range(400):
+        neg = draw_negatives(table, 10)
+        assert len(neg.ids) == len(neg.ids.unique()) == 10 and int(neg.ids.min()) >= 1
+        assert torch.equal(neg.vectors, table[neg.ids])
+        counts[neg.ids] += 1
+    assert neg.log_weight == pytest.approx(math.log(4.0))
+    assert counts[0] == 0 and counts[1:].min() > 50 and counts[1:].max() < 150  # 100 expected each
+
+
+def test_weighted_draws_estimate_the_full_softmax():
+    """The log-weighted loss over a quarter of the items matches the full softmax's on average;
+    without the weight it is far lower (the other three quarters' mass is missing)."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(2001, 16, generator=g)
+    users = torch.randn(32, 16, generator=g)
+    pos_ids = torch.randint(1, 2001, (32,), generator=g)
+    full = draw_negatives(table, 0)
+
+    def loss(neg, weight):
+        return sampled_softmax_loss(users, table[pos_ids], neg.vectors, 5.0, positive_ids=pos_ids,
+                                    negative_ids=neg.ids, negative_log_weight=weight).item()
+
+    exact = loss(full, 0.0)
+    torch.manual_seed(1)
+    draws = [draw_negatives(table, 500) for _ in range(50)]
+    weighted = sum(loss(n, n.log_weight) for n in draws) / len(draws)
+    unweighted = sum(loss(n, 0.0) for n in draws) / len(draws)
+    assert weighted == pytest.approx(exact, abs=0.05)
+    assert exact - unweighted > 0.5

@@ -238,8 +238,18 @@ def test_ablation_flags_run(overrides):
     assert model(seq).shape[1] == overrides.get("num_interests", 4)
 
 
-def test_training_steps_reduce_the_loss():
-    model = make_model().train()
+def test_sampled_negatives_are_drawn_per_step_and_weighted():
+    model = make_model(negatives=7)
+    exact = model.item_vectors()
+    first, second = model._negatives(exact), model._negatives(exact)
+    assert len(first.ids) == 7 and first.log_weight == pytest.approx(math.log(N / 7))
+    assert not torch.equal(first.ids, second.ids)
+    assert len(make_model(negatives=N)._negatives(exact).ids) == N
+
+
+@pytest.mark.parametrize("negatives", [0, 8])
+def test_training_steps_reduce_the_loss(negatives):
+    model = make_model(negatives=negatives).train()
     # Two planted groups: users read items 1..10 or 11..20, so the next items are predictable.
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(1 + 10 * (u % 2), 11 + 10 * (u % 2), (12,), generator=g).numpy() for u in range(16)]

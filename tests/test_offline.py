@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -145,6 +146,19 @@ def test_ablation_runs_build_their_variant(name):
     assert config.use_codebook == (name in ("hymirec-k1", "hymirec-dmil-pooled"))
     assert config.use_coarse == (name != "multi")
     assert config.coarse_dmil_pooled_only == (name == "hymirec-dmil-pooled")
+
+
+def test_hymirec_and_sasrec_train_on_the_settings_negatives():
+    from trainer.offline import RUNS, build
+
+    split = leave_one_out(frame([(f"u{u}", c, t) for u in range(4) for t, c in enumerate("abcde")]), ITEMS)
+    settings = Settings(embedding_dim=16, codebook_levels=2, codebook_size=4, history_max_len=10, recent_len=3,
+                        train_negatives=3)
+    hymirec = build(RUNS["hymirec"], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1, torch.randn(8, 16))
+    sasrec = build(RUNS["sasrec"], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1)
+    assert hymirec.model.config.negatives == sasrec.negatives == 3
+    report = sasrec.fit(split.train, None, False)
+    assert math.isfinite(report.final_loss)
 
 
 class _Fixed:

@@ -29,7 +29,7 @@ from hymirec.settings import Settings
 from model.codebook import CodebookConfig
 from model.hymirec import HyMiRec, HyMiRecConfig, cut_points
 from model.item_encoder import cached_item_embeddings, frozen_encoder
-from model.losses import LogitScale, sampled_softmax_loss
+from model.losses import LogitScale, draw_negatives, sampled_softmax_loss
 from model.retrieval import rank_of_targets, topk_items
 from model.sasrec import SASRec, SASRecConfig
 from trainer.data import Catalogue, EvalCase, Sequences, Split, item_popularity, leave_one_out, pad_left
@@ -205,10 +205,13 @@ SASREC_DEFAULTS = dict(dim=50, layers=2, heads=1, dropout=0.2, max_len=50)
 
 
 class SASRecModel(_TorchRecommender):
-    """SASRec trained on every position with InfoNCE over all items (the loss HyMiRec uses)."""
+    """SASRec trained on every position with InfoNCE over all items, or the drawn negatives of a large
+    catalogue (``Settings.train_negatives``): the loss HyMiRec uses."""
 
-    def __init__(self, catalogue: Catalogue, device: torch.device, epochs: int | None = None, **overrides) -> None:
+    def __init__(self, catalogue: Catalogue, device: torch.device, epochs: int | None = None, negatives: int = 0,
+                 **overrides) -> None:
         self.config = SASRecConfig(num_items=catalogue.num_items, **{**SASREC_DEFAULTS, **overrides})
+        self.negatives = negatives  # per step, as HyMiRec's (model.losses.draw_negatives)
         self.model = SASRec(self.config).to(device)
         self.scale = LogitScale().to(device)
         self.device = device
@@ -230,7 +233,6 @@ class SASRecModel(_TorchRecommender):
         seqs = [s for s in train.items if len(s) >= 2]
         inputs = torch.as_tensor(pad_left([s[:-1] for s in seqs], L))
         labels = torch.as_tensor(pad_left([s[1:] for s in seqs], L))
-        all_ids = torch.arange(1, self.config.num_items + 1, device=self.device)
         bs = self.fit_config.batch_size
 
         def batches(epoch):
@@ -241,8 +243,9 @@ class SASRecModel(_TorchRecommender):
             h = self.model(x)
             table = self.model.item_vectors()
             valid_pos = y > 0
-            loss = sampled_softmax_loss(h[valid_pos], table[y[valid_pos]], table[1:], self.scale(),
-                                        positive_ids=y[valid_pos], negative_ids=all_ids)
+            neg = draw_negatives(table, self.negatives)
+            loss = sampled_softmax_loss(h[valid_pos], table[y[valid_pos]], neg.vectors, self.scale(), positive_ids=y[valid_pos],
+                                        negative_ids=neg.ids, negative_log_weight=neg.log_weight)
             return loss, {}
 
         module = nn.ModuleList([self.model, self.scale])
@@ -290,6 +293,7 @@ class HyMiRecModel(_TorchRecommender):
             num_interests=settings.num_interests,
             history_len=settings.history_max_len,
             recent_len=settings.recent_len,
+            negatives=settings.train_negatives,
             codebook=CodebookConfig(levels=settings.codebook_levels, size=settings.codebook_size, seed=settings.seed),
             user_backbone="tiny" if backbone in ("tiny", "tiny-llama") else backbone,
         )
@@ -513,7 +517,7 @@ def build(run: Run, catalogue: Catalogue, settings: Settings, device: torch.devi
     if run.kind == "pop":
         model = Popularity(catalogue)
     elif run.kind == "sasrec":
-        model = SASRecModel(catalogue, device, epochs=epochs, **run.overrides)
+        model = SASRecModel(catalogue, device, epochs=epochs, negatives=settings.train_negatives, **run.overrides)
     elif run.kind == "hymirec":
         model = HyMiRecModel(catalogue, device, settings, backbone=backbone, item_encoder=item_encoder,
                              epochs=epochs, content=content, progress=progress, phase1_cache=phase1_cache,
