@@ -284,3 +284,32 @@ def test_train_publishes_versions_and_load_reproduces_scores(tmp_path, monkeypat
     assert torch.allclose(vectors, items.content_vectors(items.content[[1, 4]]), atol=1e-5)
     decoded = loaded.codebook.decode(codes, scales)
     assert torch.nn.functional.cosine_similarity(decoded, vectors).min() > 0.5
+
+
+def test_fit_loop_validates_and_keeps_the_moving_average_of_the_weights():
+    from trainer.offline import FitConfig, fit_loop
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(module.weight)
+    raw, seen = [], []
+
+    def loss_fn(batch):
+        raw.append(module.weight.item())  # the weights this step starts from: training runs on the raw ones
+        return -module.weight.sum(), {}
+
+    def validate():
+        seen.append(module.weight.item())
+        return [0.1, 0.3, 0.2, 0.2][len(seen) - 1]  # best after epoch 1; the start counts as a candidate
+
+    cfg = FitConfig(epochs=3, batch_size=1, lr=0.1, weight_decay=0.0, schedule="constant", ema=0.5, grad_clip=0.0)
+    report = fit_loop(module, lambda epoch: [(None, 1), (None, 1)], loss_fn, cfg, validate)
+    trajectory = raw[1:] + [raw[-1] + 0.1]  # the weights after each of the 6 steps (Adam moves a constant gradient by lr)
+    average, expected = 0.0, []
+    for step, w in enumerate(trajectory, 1):
+        decay = min(0.5, step / (9 + step))  # ramps up: 0.1, 0.18, ... then 0.5
+        average = decay * average + (1 - decay) * w
+        if step % 2 == 0:
+            expected.append(average)
+    assert raw[2] == pytest.approx(0.2, abs=1e-4)  # training went on from the raw weights, not the average
+    assert seen == pytest.approx([0.0, *expected], abs=1e-4)
+    assert report.best_epoch == 1 and module.weight.item() == pytest.approx(expected[0], abs=1e-4)

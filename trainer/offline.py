@@ -50,6 +50,7 @@ class FitConfig:
     patience: int = 5  # evaluations without a better validation Recall@10
     eval_every: int = 1  # epochs
     grad_clip: float = 1.0
+    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (this decay per step)
 
 
 @dataclass
@@ -88,7 +89,8 @@ def fit_loop(module: nn.Module, batches, loss_fn, cfg: FitConfig, validate=None,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     first = batches(0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, cfg.epochs * len(first)))
-    report, best_state, bad = FitReport(), None, 0
+    report, best_state, bad, steps = FitReport(), None, 0, 0
+    average = [p.detach().clone() for p in params] if cfg.ema else None
     started = time.perf_counter()
     if validate is not None:
         # The starting point is a candidate too: a phase that starts from a trained model (the
@@ -108,11 +110,17 @@ def fit_loop(module: nn.Module, batches, loss_fn, cfg: FitConfig, validate=None,
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            if average is not None:
+                # The decay ramps up over the first steps, so a short fine-tune is not held at its start.
+                decay = min(cfg.ema, (1 + steps) / (10 + steps))
+                torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - decay)
+            steps += 1
             losses.append(loss.item())
             report.items_seen += n_items
         report.epochs, report.final_loss = epoch + 1, float(np.mean(losses))
         if validate is not None and (epoch + 1) % cfg.eval_every == 0:
             module.eval()
+            _swap(params, average)
             score = validate()
             bar.set_postfix(loss=f"{report.final_loss:.3f}", valid_r10=f"{score:.4f}")
             if score > report.valid_recall10:
@@ -120,15 +128,27 @@ def fit_loop(module: nn.Module, batches, loss_fn, cfg: FitConfig, validate=None,
                 best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
                 bad += 1
-                if bad >= cfg.patience:
-                    break
+            _swap(params, average)
+            if bad >= cfg.patience:
+                break
         else:
             bar.set_postfix(loss=f"{report.final_loss:.3f}")
     report.train_seconds = time.perf_counter() - started
     if best_state is not None:
         module.load_state_dict(best_state)
+    else:
+        _swap(params, average)
     module.eval()
     return report
+
+
+@torch.no_grad()
+def _swap(params: list[torch.Tensor], average: list[torch.Tensor] | None) -> None:
+    """Exchange the weights with their moving average in place (nothing without one)."""
+    for p, a in zip(params, average or []):
+        tmp = p.detach().clone()
+        p.copy_(a)
+        a.copy_(tmp)
 
 
 # --- models ---------------------------------------------------------------------------------------
