@@ -66,7 +66,7 @@ class HyMiRecConfig:
     # Phase 1: DMIL pairs the target groups with the M pooled interests only; the last state learns
     # next-item prediction and the max-over-K term, as at K = 1 (docs/offline_results.md, session 6).
     coarse_dmil_pooled_only: bool = False
-    dropout: float = 0.2
+    dropout: float = 0.3  # coarse branch; with phase 1's weight average (trainer.offline.COARSE_FIT), session 9
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     # refined branch
     user_backbone: str = "tiny"
