@@ -281,7 +281,7 @@ class SASRecModel(_TorchRecommender):
 # ~950 validation users a 10-epoch horizon stopped ml-100k runs on noise (seed 1: 72 epochs,
 # validation 0.216, test 0.164; with 20: 140 epochs, 0.226, test 0.191). Phase 1 is validated and kept
 # as a moving average of its weights: at a constant lr the raw weights jitter from step to step, and
-# with dropout 0.3 the average lifted ml-100k K = 1 test Recall@10 on 3 of 3 seeds (+0.009 on
+# with dropout 0.3 the average lifted ml-100k K = 1 test Recall@10 on 4 of 4 paired seeds (+0.009 on
 # average, docs/offline_results.md, session 9).
 COARSE_FIT = dict(batch_size=64, lr=2e-3, weight_decay=0.01, warmup=0.1, patience=10, eval_every=2, ema=0.99)
 HYMIREC_FIT = dict(batch_size=32, lr=1e-4, weight_decay=0.01, warmup=0.1, patience=4, eval_every=1)
