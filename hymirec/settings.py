@@ -79,8 +79,14 @@ class Settings(BaseSettings):
     codebook_size: int = Field(256, ge=2, description="CSRC centres per level.")
     num_interests: int = Field(4, ge=1, description="K refined interests per user.")
     train_negatives: int = Field(
-        8192, ge=0, description="Negatives per training step, drawn uniformly from the catalogue and shared by the "
-        "batch (log-weighted to estimate the full softmax); 0, or a catalogue no larger, = every item.",
+        8192, ge=0, description="Negatives per training step, drawn from the catalogue and shared by the batch "
+        "(each weighted by its chance to be drawn, to estimate the full softmax); 0, or a catalogue no larger, "
+        "= every item.",
+    )
+    train_negatives_popular: float = Field(
+        0.9, ge=0.0, le=1.0, description="Share of the drawn negatives' probability given in proportion to "
+        "each item's training interactions, the rest uniform: popular items are the hard negatives, and the "
+        "uniform floor still draws the rest (ml-100k, 512 of 1,682 drawn: 0.9 > 1.0 > 0.5 > uniform).",
     )
     item_encoder: str = Field(
         "", description="Backbone of HyMiRec's frozen item content encoder ('smollm2', 'tiny', a path or "

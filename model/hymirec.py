@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from model.backbone import Backbone, load_backbone
 from model.codebook import CodebookConfig, ResidualCodebook
-from model.losses import LogitScale, Negatives, dmil_loss, draw_negatives, sampled_softmax_loss
+from model.losses import LogitScale, Negatives, dmil_loss, draw_negatives, negative_distribution, sampled_softmax_loss
 from model.sasrec import CausalBlock, causal_mask
 
 
@@ -81,7 +81,8 @@ class HyMiRecConfig:
     refined_dmil_weight: float = 1.0  # phase 2: DMIL's weight beside the max-over-K next-item term
     disentangle_weight: float = 0.0
     fn_threshold: float = 0.99
-    negatives: int = 0  # per step, drawn uniformly (losses.draw_negatives); 0 = every item (full softmax)
+    negatives: int = 0  # per step (losses.draw_negatives); 0 = every item (full softmax)
+    negatives_popular: float = 0.0  # share of the draw in proportion to popularity (set_item_counts); 0 = uniform
 
     def __post_init__(self) -> None:
         if self.use_coarse and self.coarse_interests + 1 < self.num_interests:
@@ -332,6 +333,12 @@ class HyMiRec(nn.Module):
         backbone = user_backbone or load_backbone(config.user_backbone, hidden=config.user_hidden)
         self.refined = RefinedBranch(config, backbone)
         self.scale = LogitScale()
+        self.register_buffer("negative_probs", None, persistent=False)
+
+    def set_item_counts(self, counts: torch.Tensor) -> None:
+        """counts [N+1] training interactions per item: sampled negatives are then drawn partly in
+        proportion to them (``config.negatives_popular``)."""
+        self.negative_probs = negative_distribution(counts, self.config.negatives_popular)
 
     def item_vectors(self) -> torch.Tensor:
         """[N+1, D] scoring table (row 0 = padding)."""
@@ -381,9 +388,10 @@ class HyMiRec(nn.Module):
 
     def _negatives(self, exact: torch.Tensor) -> Negatives:
         """Every item, or ``config.negatives`` drawn ones (the positive itself is masked by id)."""
-        return draw_negatives(exact, self.config.negatives)
+        return draw_negatives(exact, self.config.negatives, self.negative_probs)
 
-    def _next_item_loss(self, seq: torch.Tensor, states: torch.Tensor, exact: torch.Tensor, positions: int) -> torch.Tensor:
+    def _next_item_loss(self, seq: torch.Tensor, states: torch.Tensor, exact: torch.Tensor, neg: Negatives,
+                        positions: int) -> torch.Tensor:
         """SASRec's objective on the coarse states: state t predicts item t+1, at up to ``positions``
         random positions per user (0 = all). The same number per user, so heavy users do not
         dominate the loss (SASRec caps each user at its window for the same reason)."""
@@ -393,20 +401,19 @@ class HyMiRec(nn.Module):
             noise = torch.rand(seq.shape, device=seq.device).masked_fill(~valid, -1.0)
             keep = noise.topk(positions, dim=1).indices
             valid = valid & torch.zeros_like(valid).scatter_(1, keep, True)
-        neg = self._negatives(exact)
         return sampled_softmax_loss(
             states[valid], exact[nxt[valid]], neg.vectors, self.scale(), positive_ids=nxt[valid],
             negative_ids=neg.ids, fn_threshold=self.config.fn_threshold, negative_log_weight=neg.log_weight,
         )
 
     def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor,
-                             matched_from: int = 0, dmil_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                             neg: Negatives, matched_from: int = 0,
+                             dmil_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
         """Interests [B, C, K, D] at cut ends [B, C] of seq: (``dmil_weight``) DMIL of
         interests[:, :, matched_from:] against the next W items, plus (``retrieval_weight``) InfoNCE
-        of the next item on the max-over-K retrieval score of all K."""
+        of the next item on the max-over-K retrieval score of all K; both against the step's ``neg``."""
         cfg = self.config
         targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
-        neg = self._negatives(exact)
         loss, stats = interests.new_zeros(()), {}
         if dmil_weight > 0:
             dmil, stats = dmil_loss(
@@ -439,12 +446,13 @@ class HyMiRec(nn.Module):
         exact = self.item_vectors()
         pad = seq == 0
         states = self.coarse(self.items.history_inputs(seq, exact), pad)
-        loss = self._next_item_loss(seq, states, exact, cfg.coarse_positions)
+        neg = self._negatives(exact)  # one draw a step, shared by both terms
+        loss = self._next_item_loss(seq, states, exact, neg, cfg.coarse_positions)
         stats = {"aux": loss.item()}
         if cfg.num_interests > 1 and cfg.coarse_dmil_weight > 0:
             ends = cut_points(seq, cfg.cuts)
             interests = self.coarse.interests(states, pad, ends)[:, :, : cfg.num_interests]
-            multi, multi_stats = self._multi_interest_loss(interests, seq, ends, exact,
+            multi, multi_stats = self._multi_interest_loss(interests, seq, ends, exact, neg,
                                                            matched_from=int(cfg.coarse_dmil_pooled_only))
             loss = loss + cfg.coarse_dmil_weight * multi
             stats.update(multi=multi.item(), matched_cos=multi_stats["matched_cos"])
@@ -458,6 +466,7 @@ class HyMiRec(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
             exact = self.item_vectors()
         interests = self._interests_at(seq, ends, exact)
-        loss, stats = self._multi_interest_loss(interests, seq, ends, exact, dmil_weight=self.config.refined_dmil_weight)
+        loss, stats = self._multi_interest_loss(interests, seq, ends, exact, self._negatives(exact),
+                                                dmil_weight=self.config.refined_dmil_weight)
         stats["scale"] = self.scale().item()
         return loss, stats

@@ -41,24 +41,48 @@ class LogitScale(nn.Module):
 
 class Negatives(NamedTuple):
     """The negatives one training step shares: vectors [n, D], their item ids [n], and log_weight,
-    added to every negative's logit (log(N / n) when n of N items were drawn, else 0)."""
+    added to the negatives' logits: a float for all of them (log(N / n) when n of N items were drawn
+    uniformly, 0 for every item) or [n], one per negative (-log of its chance to be drawn)."""
 
     vectors: torch.Tensor
     ids: torch.Tensor
-    log_weight: float
+    log_weight: float | torch.Tensor
 
 
-def draw_negatives(table: torch.Tensor, count: int) -> Negatives:
+def negative_distribution(counts: torch.Tensor, popular_share: float) -> torch.Tensor | None:
+    """counts [N+1] training interactions per item (index 0 = padding) → the probabilities [N] that
+    ``draw_negatives`` draws items 1..N with: ``popular_share`` of the mass in proportion to the
+    counts, the rest uniform, so every item can be drawn. None (uniform draws) at share 0 or without
+    any count."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)[1:].clamp(min=0)
+    if popular_share <= 0 or counts.sum() <= 0:
+        return None
+    uniform = torch.full_like(counts, 1.0 / len(counts))
+    return ((1 - popular_share) * uniform + popular_share * counts / counts.sum()).float()
+
+
+def draw_negatives(table: torch.Tensor, count: int, probs: torch.Tensor | None = None) -> Negatives:
     """table [N+1, D] item vectors (row 0 = padding) → every item (``count`` 0 or ≥ N: the full
-    softmax), or ``count`` items drawn uniformly without replacement. A full softmax over a large
-    catalogue costs [positions × N] logits a step (100k items × a batch's 12,800 positions = 5 GB),
-    so large catalogues sample; weighting the drawn negatives by N / count (the logQ correction of a
-    uniform draw) keeps the loss an estimate of the full softmax's."""
+    softmax), or the items of ``count`` draws. A full softmax over a large catalogue costs
+    [positions × N] logits a step (100k items × a batch's 12,800 positions = 5 GB), so large
+    catalogues sample; each drawn negative's logit gets -log of its chance to be in the draw, so
+    the sum over the draw estimates the sum over every item (the logQ correction).
+
+    Without ``probs``: ``count`` distinct items, uniformly (chance count / N each). With ``probs``
+    [N] (``negative_distribution``): ``count`` draws with replacement from them, repeats dropped;
+    item i is in the draw with chance 1 - (1 - p_i)^count. Uniform draws seldom hold the popular
+    items a next item competes with, the negatives that teach most (ml-100k: 512 uniform of 1,682
+    items cost a quarter of Recall@10, docs/offline_results.md)."""
     N = table.size(0) - 1
     if count <= 0 or count >= N:
         return Negatives(table[1:], torch.arange(1, N + 1, device=table.device), 0.0)
-    ids = torch.randperm(N, device=table.device)[:count] + 1
-    return Negatives(table[ids], ids, math.log(N / count))
+    if probs is None:
+        ids = torch.randperm(N, device=table.device)[:count] + 1
+        return Negatives(table[ids], ids, math.log(N / count))
+    probs = probs.to(table.device)
+    ids = torch.multinomial(probs, count, replacement=True).unique() + 1
+    drawn = -torch.expm1(count * torch.log1p(-probs[ids - 1].double().clamp(max=1 - 1e-12)))
+    return Negatives(table[ids], ids, -drawn.log().to(table.dtype))
 
 
 # --- the InfoNCE core shared by both losses --------------------------------------------------------
@@ -97,14 +121,14 @@ def _info_nce(
     fn_threshold: float,
     pos_ids: torch.Tensor | None,
     neg_ids: torch.Tensor | None,
-    neg_log_weight: float = 0.0,
+    neg_log_weight: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """Mean InfoNCE over valid rows.
 
     user [M, D] or [M, K, D] (K interests: an item's score is the max cosine over them, the
     retrieval score), pos [M, D], neg [N, D] (any norm; L2-normalised here), scale scalar,
     valid [M] bool -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) + w for unmasked j)
-    - s·cos(u, p), w = ``neg_log_weight``. A batch with no valid row gives 0 (still attached to the graph).
+    - s·cos(u, p), w = ``neg_log_weight`` (a float, or [N]: one per negative). A batch with no valid row gives 0 (still attached to the graph).
     """
     user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
     with torch.no_grad():
@@ -131,7 +155,7 @@ def sampled_softmax_loss(
     positive_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
     fn_threshold: float = 0.99,
-    negative_log_weight: float = 0.0,
+    negative_log_weight: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """InfoNCE with shared sampled negatives.
 

@@ -14,6 +14,7 @@ from model.losses import (
     disentangle_penalty,
     dmil_loss,
     draw_negatives,
+    negative_distribution,
     hungarian_match,
     sampled_softmax_loss,
 )
@@ -257,3 +258,48 @@ def test_weighted_draws_estimate_the_full_softmax():
     unweighted = sum(loss(n, 0.0) for n in draws) / len(draws)
     assert weighted == pytest.approx(exact, abs=0.05)
     assert exact - unweighted > 0.5
+
+
+def test_negative_distribution_mixes_popularity_with_a_uniform_floor():
+    counts = torch.tensor([0.0, 6.0, 2.0, 0.0, 0.0])  # padding, then 4 items
+    assert negative_distribution(counts, 0.0) is None and negative_distribution(torch.zeros(5), 0.5) is None
+    assert negative_distribution(counts, 1.0).tolist() == pytest.approx([0.75, 0.25, 0.0, 0.0])
+    probs = negative_distribution(counts, 0.5)
+    assert probs.tolist() == pytest.approx([0.5 * 0.75 + 0.125, 0.5 * 0.25 + 0.125, 0.125, 0.125])
+
+
+def test_popular_draws_follow_the_distribution_and_weigh_by_the_chance_to_be_drawn():
+    table = torch.randn(41, 4)
+    counts = torch.cat([torch.zeros(1), torch.arange(40, 0, -1).float()])  # item 1 the most popular
+    probs = negative_distribution(counts, 0.5)
+    torch.manual_seed(0)
+    seen = torch.zeros(41)
+    for _ in range(400):
+        neg = draw_negatives(table, 10, probs)
+        assert len(neg.ids) == len(neg.ids.unique()) <= 10 and int(neg.ids.min()) >= 1
+        assert torch.equal(neg.vectors, table[neg.ids])
+        seen[neg.ids] += 1
+        chance = 1 - (1 - probs[neg.ids - 1].double()) ** 10
+        assert torch.allclose(neg.log_weight.double(), -chance.log(), rtol=1e-5)
+    chance = 1 - (1 - probs.double()) ** 10
+    assert torch.allclose(seen[1:].double() / 400, chance, atol=0.08)
+    assert seen[1:6].mean() > 1.5 * seen[-5:].mean()
+
+
+def test_popular_draws_estimate_the_full_softmax():
+    """Weighted by each item's chance to be drawn, the loss over draws from a skewed distribution
+    matches the full softmax's on average."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(2001, 16, generator=g)
+    users = torch.randn(32, 16, generator=g)
+    pos_ids = torch.randint(1, 2001, (32,), generator=g)
+    probs = negative_distribution(torch.cat([torch.zeros(1), torch.rand(2000, generator=g) ** 4 * 100]), 0.5)
+
+    def loss(neg):
+        return sampled_softmax_loss(users, table[pos_ids], neg.vectors, 5.0, positive_ids=pos_ids,
+                                    negative_ids=neg.ids, negative_log_weight=neg.log_weight).item()
+
+    exact = loss(draw_negatives(table, 0))
+    torch.manual_seed(1)
+    draws = [draw_negatives(table, 500, probs) for _ in range(50)]
+    assert sum(loss(n) for n in draws) / len(draws) == pytest.approx(exact, abs=0.05)

@@ -174,7 +174,8 @@ def test_phase_one_dmil_can_leave_the_last_state_out_of_the_matching(pooled_only
     seq = torch.as_tensor(pad_left(histories([20, 16, 18]), 20))
     ends = torch.tensor([[8, 10], [6, 9], [7, 11]])
     interests = torch.randn(3, 2, 4, D, requires_grad=True)
-    loss, _ = model._multi_interest_loss(interests, seq, ends, model.item_vectors().detach(),
+    exact = model.item_vectors().detach()
+    loss, _ = model._multi_interest_loss(interests, seq, ends, exact, model._negatives(exact),
                                          matched_from=int(pooled_only))
     loss.backward()
     last, pooled = interests.grad[:, :, 0], interests.grad[:, :, 1:]
@@ -245,6 +246,26 @@ def test_sampled_negatives_are_drawn_per_step_and_weighted():
     assert len(first.ids) == 7 and first.log_weight == pytest.approx(math.log(N / 7))
     assert not torch.equal(first.ids, second.ids)
     assert len(make_model(negatives=N)._negatives(exact).ids) == N
+
+
+def test_phase_one_draws_once_a_step_for_both_of_its_terms():
+    model = make_model(negatives=7).train()  # K = 4: next-item and the multi-interest terms
+    draws = []
+    sample = model._negatives
+    model._negatives = lambda exact: draws.append(sample(exact)) or draws[-1]
+    loss, stats = model.coarse_loss(torch.as_tensor(pad_left(histories([20, 16, 18]), 20)))
+    assert len(draws) == 1 and "multi" in stats and torch.isfinite(loss)
+
+
+def test_item_counts_steer_the_draw_toward_popular_items():
+    model = make_model(negatives=5, negatives_popular=1.0)
+    assert model.negative_probs is None  # uniform until the trainer gives counts
+    counts = torch.zeros(N + 1)
+    counts[1:6] = 10.0  # only items 1..5 were read
+    model.set_item_counts(counts)
+    neg = model._negatives(model.item_vectors())
+    assert set(neg.ids.tolist()) <= {1, 2, 3, 4, 5} and neg.log_weight.shape == neg.ids.shape
+    assert "negative_probs" not in model.state_dict()  # training data, not part of a checkpoint
 
 
 @pytest.mark.parametrize("negatives", [0, 8])

@@ -153,12 +153,17 @@ def test_hymirec_and_sasrec_train_on_the_settings_negatives():
 
     split = leave_one_out(frame([(f"u{u}", c, t) for u in range(4) for t, c in enumerate("abcde")]), ITEMS)
     settings = Settings(embedding_dim=16, codebook_levels=2, codebook_size=4, history_max_len=10, recent_len=3,
-                        train_negatives=3)
+                        train_negatives=3, train_negatives_popular=0.25)
     hymirec = build(RUNS["hymirec"], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1, torch.randn(8, 16))
     sasrec = build(RUNS["sasrec"], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1)
     assert hymirec.model.config.negatives == sasrec.negatives == 3
+    assert hymirec.model.config.negatives_popular == sasrec.negatives_popular == 0.25
     report = sasrec.fit(split.train, None, False)
     assert math.isfinite(report.final_loss)
+    hymirec.fit(split.train, None, False)
+    # the draw follows the training counts: a, b, c (1..3) were read in training (d and e are each
+    # user's validation and test items), the rest is drawn only through the uniform share
+    assert hymirec.model.negative_probs[:3].min() > hymirec.model.negative_probs[3:].max()
 
 
 class _Fixed:

@@ -29,7 +29,7 @@ from hymirec.settings import Settings
 from model.codebook import CodebookConfig
 from model.hymirec import HyMiRec, HyMiRecConfig, cut_points
 from model.item_encoder import cached_item_embeddings, frozen_encoder
-from model.losses import LogitScale, draw_negatives, sampled_softmax_loss
+from model.losses import LogitScale, draw_negatives, negative_distribution, sampled_softmax_loss
 from model.retrieval import rank_of_targets, topk_items
 from model.sasrec import SASRec, SASRecConfig
 from trainer.data import Catalogue, EvalCase, Sequences, Split, item_popularity, leave_one_out, pad_left
@@ -229,9 +229,10 @@ class SASRecModel(_TorchRecommender):
     catalogue (``Settings.train_negatives``): the loss HyMiRec uses."""
 
     def __init__(self, catalogue: Catalogue, device: torch.device, epochs: int | None = None, negatives: int = 0,
-                 **overrides) -> None:
+                 negatives_popular: float = 0.0, **overrides) -> None:
         self.config = SASRecConfig(num_items=catalogue.num_items, **{**SASREC_DEFAULTS, **overrides})
-        self.negatives = negatives  # per step, as HyMiRec's (model.losses.draw_negatives)
+        # per step, drawn as HyMiRec's (model.losses.draw_negatives)
+        self.negatives, self.negatives_popular = negatives, negatives_popular
         self.model = SASRec(self.config).to(device)
         self.scale = LogitScale().to(device)
         self.device = device
@@ -254,6 +255,8 @@ class SASRecModel(_TorchRecommender):
         inputs = torch.as_tensor(pad_left([s[:-1] for s in seqs], L))
         labels = torch.as_tensor(pad_left([s[1:] for s in seqs], L))
         bs = self.fit_config.batch_size
+        probs = negative_distribution(item_popularity(seqs, self.config.num_items), self.negatives_popular)
+        probs = probs.to(self.device) if probs is not None else None
 
         def batches(epoch):
             return [((inputs[g], labels[g]), int((labels[g] > 0).sum())) for g in torch.randperm(len(seqs)).split(bs)]
@@ -263,7 +266,7 @@ class SASRecModel(_TorchRecommender):
             h = self.model(x)
             table = self.model.item_vectors()
             valid_pos = y > 0
-            neg = draw_negatives(table, self.negatives)
+            neg = draw_negatives(table, self.negatives, probs)
             loss = sampled_softmax_loss(h[valid_pos], table[y[valid_pos]], neg.vectors, self.scale(), positive_ids=y[valid_pos],
                                         negative_ids=neg.ids, negative_log_weight=neg.log_weight)
             return loss, {}
@@ -317,6 +320,7 @@ class HyMiRecModel(_TorchRecommender):
             history_len=settings.history_max_len,
             recent_len=settings.recent_len,
             negatives=settings.train_negatives,
+            negatives_popular=settings.train_negatives_popular,
             codebook=CodebookConfig(levels=settings.codebook_levels, size=settings.codebook_size, seed=settings.seed),
             user_backbone="tiny" if backbone in ("tiny", "tiny-llama") else backbone,
         )
@@ -401,6 +405,7 @@ class HyMiRecModel(_TorchRecommender):
         cfg = self.config
         coarse_fit, refine_fit = self.fit_configs(validated=valid is not None)
         seqs = [s[-cfg.history_len :] for s in train.items if len(s) >= 2]
+        self.model.set_item_counts(torch.as_tensor(item_popularity(train.items, cfg.num_items)))
         coarse = self._fit_coarse(seqs, valid, progress, coarse_fit) if cfg.use_coarse else FitReport()
         if cfg.use_coarse:
             self.model.freeze_coarse()
@@ -540,7 +545,8 @@ def build(run: Run, catalogue: Catalogue, settings: Settings, device: torch.devi
     if run.kind == "pop":
         model = Popularity(catalogue)
     elif run.kind == "sasrec":
-        model = SASRecModel(catalogue, device, epochs=epochs, negatives=settings.train_negatives, **run.overrides)
+        model = SASRecModel(catalogue, device, epochs=epochs, negatives=settings.train_negatives,
+                            negatives_popular=settings.train_negatives_popular, **run.overrides)
     elif run.kind == "hymirec":
         model = HyMiRecModel(catalogue, device, settings, backbone=backbone, item_encoder=item_encoder,
                              epochs=epochs, content=content, progress=progress, phase1_cache=phase1_cache,
