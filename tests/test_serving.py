@@ -7,6 +7,7 @@ Two small HyMiRec models (tiny backbone, one epoch) are trained once per module 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -149,6 +150,18 @@ def test_prequential_scores_rank_the_full_catalogue(world):
     miss = prequential_scores(model, items, [Case("u", history, order[-1])])
     assert hit["recall@10"] == 1.0 and hit["ndcg@10"] == pytest.approx(1.0)
     assert miss["recall@10"] == 0.0 and miss["events"] == 1
+
+
+def test_fine_tuning_draws_negatives_as_todays_settings_say(world):
+    items = world["items"][["item_id", "text", "category"]]
+    sequences = {}
+    for event in world["interactions"][:200]:
+        sequences.setdefault(event["user_id"], []).append(event["item_id"])
+    live = copy.copy(world["m1"])
+    live.settings = live.settings.model_copy(update={"train_negatives": 5, "train_negatives_popular": 0.25})
+    tuned = live.fine_tune(items, sequences, epochs=1).module.config
+    assert (tuned.negatives, tuned.negatives_popular) == (5, 0.25)
+    assert world["m1"].module.config.negatives != 5
 
 
 def test_trainer_cycle_bootstraps_then_guards(settings, world, caplog):

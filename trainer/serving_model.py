@@ -232,7 +232,9 @@ class HyMiRecServing:
             content[torch.as_tensor(changed) + 1] = old.items.standardise(
                 encode_content(self.encoder, [cat.texts[j] for j in changed]))
         config = asdict(old.config)
-        overrides = {k: v for k, v in config.items() if k not in ("num_items", "content_dim", "codebook")}
+        # The draw of negatives is how to train, not what the model is: it follows today's settings.
+        keep_settings = ("num_items", "content_dim", "codebook", "negatives", "negatives_popular")
+        overrides = {k: v for k, v in config.items() if k not in keep_settings}
         overrides["codebook"] = CodebookConfig(**config["codebook"])
         model = HyMiRecModel(cat, _device(None), self.settings, epochs=epochs, content=content, **overrides)
         model.name = "hymirec"
