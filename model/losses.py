@@ -128,7 +128,8 @@ def _info_nce(
     user [M, D] or [M, K, D] (K interests: an item's score is the max cosine over them, the
     retrieval score), pos [M, D], neg [N, D] (any norm; L2-normalised here), scale scalar,
     valid [M] bool -> scalar loss. Row loss = logsumexp(s·cos(u, p), s·cos(u, n_j) + w for unmasked j)
-    - s·cos(u, p), w = ``neg_log_weight`` (a float, or [N]: one per negative). A batch with no valid row gives 0 (still attached to the graph).
+    - s·cos(u, p), w = ``neg_log_weight`` (a float, or [N]: one per negative). A batch with no valid
+    row gives 0 (still attached to the graph).
     """
     user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
     with torch.no_grad():
