@@ -338,8 +338,7 @@ class HyMiRec(nn.Module):
     def set_item_counts(self, counts: torch.Tensor) -> None:
         """counts [N+1] training interactions per item: sampled negatives are then drawn partly in
         proportion to them (``config.negatives_popular``)."""
-        probs = negative_distribution(counts, self.config.negatives_popular)
-        self.negative_probs = probs.to(self.scale.log_scale.device) if probs is not None else None
+        self.negative_probs = negative_distribution(counts, self.config.negatives_popular, self.scale.log_scale.device)
 
     def item_vectors(self) -> torch.Tensor:
         """[N+1, D] scoring table (row 0 = padding)."""

@@ -49,16 +49,17 @@ class Negatives(NamedTuple):
     log_weight: float | torch.Tensor
 
 
-def negative_distribution(counts: torch.Tensor, popular_share: float) -> torch.Tensor | None:
+def negative_distribution(counts: torch.Tensor, popular_share: float,
+                          device: torch.device | None = None) -> torch.Tensor | None:
     """counts [N+1] training interactions per item (index 0 = padding) → the probabilities [N] that
     ``draw_negatives`` draws items 1..N with: ``popular_share`` of the mass in proportion to the
-    counts, the rest uniform, so every item can be drawn. None (uniform draws) at share 0 or without
-    any count."""
+    counts, the rest uniform, so every item can be drawn, on ``device`` (the item table's: drawing
+    happens every step). None (uniform draws) at share 0 or without any count."""
     counts = torch.as_tensor(counts, dtype=torch.float64)[1:].clamp(min=0)
     if popular_share <= 0 or counts.sum() <= 0:
         return None
     uniform = torch.full_like(counts, 1.0 / len(counts))
-    return ((1 - popular_share) * uniform + popular_share * counts / counts.sum()).float()
+    return ((1 - popular_share) * uniform + popular_share * counts / counts.sum()).float().to(device)
 
 
 def draw_negatives(table: torch.Tensor, count: int, probs: torch.Tensor | None = None) -> Negatives:
@@ -79,7 +80,6 @@ def draw_negatives(table: torch.Tensor, count: int, probs: torch.Tensor | None =
     if probs is None:
         ids = torch.randperm(N, device=table.device)[:count] + 1
         return Negatives(table[ids], ids, math.log(N / count))
-    probs = probs.to(table.device)
     ids = torch.multinomial(probs, count, replacement=True).unique() + 1
     drawn = -torch.expm1(count * torch.log1p(-probs[ids - 1].double().clamp(max=1 - 1e-12)))
     return Negatives(table[ids], ids, -drawn.log().to(table.dtype))

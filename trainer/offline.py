@@ -255,8 +255,7 @@ class SASRecModel(_TorchRecommender):
         inputs = torch.as_tensor(pad_left([s[:-1] for s in seqs], L))
         labels = torch.as_tensor(pad_left([s[1:] for s in seqs], L))
         bs = self.fit_config.batch_size
-        probs = negative_distribution(item_popularity(seqs, self.config.num_items), self.negatives_popular)
-        probs = probs.to(self.device) if probs is not None else None
+        probs = negative_distribution(item_popularity(seqs, self.config.num_items), self.negatives_popular, self.device)
 
         def batches(epoch):
             return [((inputs[g], labels[g]), int((labels[g] > 0).sum())) for g in torch.randperm(len(seqs)).split(bs)]
