@@ -6,6 +6,9 @@
 #                                          the one GPU, none started that could not finish by SECONDS: per seed
 #                                          (default 0,1,2) HyMiRec, HyMiRec-K1 and SASRec-200; on ml-100k, with
 #                                          a carried user LLM, also HyMiRec with the tiny one (seed 0)
+#   bench/gpu.sh plan  [SECONDS] PLAN      the same, for the runs PLAN names, started in its order: words
+#                                          DATASET:MODEL:SEEDS, e.g. "ml-100k:hymirec-k1:0-4 ml-100k:sasrec-200:0-4"
+#                                          (SEEDS a comma list or a range A-B; SASRec runs use no user LLM)
 #
 # That machine has torch and transformers but nothing of ours and no network, and one call carries at
 # most 64 MiB: `python -m bench.gpu_prepare` builds what the call carries under .dev/ (git-ignored):
@@ -14,6 +17,11 @@
 # .dev/data, .dev/cache and .dev/llm. Results land in $OUT (JSON lines per run, logs); a table is
 # printed last. Session 8, on an H100 with 8 runs at once (`--datasets ml-100k,synthetic --layers 0`):
 # a whole ml-100k HyMiRec run 390-480 s (K = 1: 150-280 s), synthetic 180-260 s, SASRec-200 13-50 s.
+# Session 11, on an H200, PARALLEL=9, plan "ml-100k:hymirec-k1:0-4 synthetic:hymirec:0-2
+# ml-100k:sasrec-200:0-4 synthetic:sasrec-200:0-2": all 16 runs in 284 s (K = 1 175-247 s, synthetic
+# HyMiRec 204-232 s, SASRec-200 10-69 s). More processes than that on one GPU slow every run
+# (session 9: 14 at once, 415-550 s each), and tiny kernels from many processes queue for the GPU:
+# vectorise anything run beside the evals.
 set -u
 mode=${1:-smoke}
 limit=${2:-420}
@@ -62,14 +70,25 @@ run() {  # name dataset model backbone seed least-seconds-it-needs
     timeout "$left" python3 -m hymirec.cli eval $(data $2) --model $3 --backbone $4 --item-encoder smollm2 \
         --seed $5 --json > "$OUT/$1.jsonl" 2> "$OUT/$1.log" &
 }
-for seed in ${seeds//,/ }; do
-    for d in ml-100k synthetic; do
-        run ${d//-/}-hymirec-s$seed $d hymirec "$user_llm" $seed 120
-        run ${d//-/}-k1-s$seed $d hymirec-k1 "$user_llm" $seed 120
-        run ${d//-/}-sasrec200-s$seed $d sasrec-200 tiny $seed 40
+if [ "$mode" = plan ]; then
+    plan=${3:?plan needs its runs, e.g. ml-100k:hymirec-k1:0-4}
+else
+    plan=""
+    for seed in ${seeds//,/ }; do
+        for d in ml-100k synthetic; do plan="$plan $d:hymirec:$seed $d:hymirec-k1:$seed $d:sasrec-200:$seed"; done
+    done
+fi
+for word in $plan; do
+    IFS=: read -r d model seedlist <<< "$word"
+    case $seedlist in *-*) seedlist=$(seq -s, "${seedlist%-*}" "${seedlist#*-}") ;; esac
+    for seed in ${seedlist//,/ }; do
+        case $model in
+            sasrec*|pop) run ${d//-/}-${model//-/}-s$seed $d $model tiny $seed 40 ;;
+            *) run ${d//-/}-${model//-/}-s$seed $d $model "$user_llm" $seed 120 ;;
+        esac
     done
 done
-[ "$user_llm" = tiny ] || run ml100k-tinyllm-s0 ml-100k hymirec tiny 0 120
+[ "$mode" = full ] && [ "$user_llm" != tiny ] && run ml100k-tinyllm-s0 ml-100k hymirec tiny 0 120
 wait $(jobs -p | grep -v "^$monitor$")
 kill $monitor
 tail -4 "$OUT/monitor.log"
