@@ -50,6 +50,25 @@ def test_same_weights_give_the_same_interests_and_losses_on_cuda(overrides):
     assert grads and all(g.device.type == "cuda" and torch.isfinite(g).all() for g in grads)
 
 
+def test_negatives_drawn_by_popularity_stay_on_cuda_and_train():
+    from model.losses import draw_negatives
+
+    model = make_model(negatives=10, negatives_popular=0.9)
+    counts = torch.arange(model.config.num_items + 1, dtype=torch.float32)
+    model.set_item_counts(counts)  # on the CPU, then moved with the model, as the offline trainer does
+    gpu = model.to(CUDA)
+    assert gpu.negative_probs.device.type == "cuda"
+    neg = draw_negatives(gpu.item_vectors(), 10, gpu.negative_probs)
+    assert neg.ids.device.type == "cuda" and neg.log_weight.device.type == "cuda"
+    assert len(neg.ids) <= 10 and torch.all(neg.log_weight >= 0)
+    seq = torch.as_tensor(pad_left(histories([30, 12, 3, 25]), 30)).to(CUDA)
+    phase1, _ = gpu.coarse_loss(seq)
+    phase2, _ = gpu.loss(seq, cut_points(seq, gpu.config.cuts))
+    assert torch.isfinite(phase1) and torch.isfinite(phase2)
+    (phase1 + phase2).backward()
+    assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
+
+
 def test_codebook_fits_on_cuda_as_well_as_on_the_cpu():
     cpu = make_model()
     gpu = copy.deepcopy(cpu).to(CUDA)
