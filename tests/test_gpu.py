@@ -14,7 +14,7 @@ import torch
 
 from hymirec.settings import Settings
 from model.hymirec import cut_points
-from test_model import histories, make_model
+from test_model import N, histories, make_model
 from trainer.data import leave_one_out, pad_left
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -53,10 +53,12 @@ def test_same_weights_give_the_same_interests_and_losses_on_cuda(overrides):
 def test_negatives_drawn_by_popularity_stay_on_cuda_and_train():
     from model.losses import draw_negatives
 
-    model = make_model(negatives=10, negatives_popular=0.9)
-    counts = torch.arange(model.config.num_items + 1, dtype=torch.float32)
-    model.set_item_counts(counts)  # on the CPU, then moved with the model, as the offline trainer does
-    gpu = model.to(CUDA)
+    counts = torch.arange(N + 1, dtype=torch.float32)
+    moved = make_model(negatives=10, negatives_popular=0.9)
+    moved.set_item_counts(counts)
+    assert moved.to(CUDA).negative_probs.device.type == "cuda"  # the buffer travels with the model
+    gpu = make_model(negatives=10, negatives_popular=0.9).to(CUDA)
+    gpu.set_item_counts(counts)  # after the move, as HyMiRecModel.fit does
     assert gpu.negative_probs.device.type == "cuda"
     neg = draw_negatives(gpu.item_vectors(), 10, gpu.negative_probs)
     assert neg.ids.device.type == "cuda" and neg.log_weight.device.type == "cuda"
