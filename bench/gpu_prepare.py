@@ -12,6 +12,8 @@ no network and none of our other dependencies, within one call's 64 MiB:
   ``--layers 0`` leaves it out (the user LLM is then the tiny one) to make room for both datasets.
 
 Add ``/.dev/`` to .git/info/exclude, then run bench/gpu.sh with carry .dev/whl .dev/data .dev/cache .dev/llm.
+A rerun first removes what an earlier one wrote there (whatever the call carries must be this run's),
+and nothing else: a developer's own files under .dev/ stay.
 """
 
 from __future__ import annotations
@@ -25,8 +27,22 @@ import tempfile
 from pathlib import Path
 
 CALL_LIMIT = 64 * 2**20
+# What this script writes in each part, so that a rerun removes exactly that.
+OWN = {"whl": ["*.whl"], "data": ["*-interactions.parquet", "*-items.parquet"], "cache": ["item_embeddings/*.pt"],
+       "llm": ["smollm2-*.gguf"]}
 WHEELS = ["pydantic", "pydantic-core", "pydantic-settings", "python-dotenv", "typing-inspection", "annotated-types",
           "typing-extensions", "gguf"]
+
+
+def clear_previous(out: Path) -> dict[str, Path]:
+    """The parts' folders under ``out``, created, without what an earlier run wrote into them."""
+    parts = {name: out / name for name in OWN}
+    for name, path in parts.items():
+        for stale in (f for pattern in OWN[name] for f in path.glob(pattern)):
+            stale.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+    (parts["cache"] / "item_embeddings").mkdir(exist_ok=True)
+    return parts
 
 
 def download_wheels(dest: Path) -> None:
@@ -98,11 +114,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(".dev"))
     args = parser.parse_args()
     settings = Settings()
-    parts = {name: args.out / name for name in ("whl", "data", "cache", "llm")}
-    for path in parts.values():
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-    (parts["cache"] / "item_embeddings").mkdir()
+    parts = clear_previous(args.out)
     download_wheels(parts["whl"])
     for name in args.datasets.split(","):
         export_dataset(name.strip(), parts["data"], parts["cache"] / "item_embeddings", settings)
@@ -110,6 +122,11 @@ def main() -> int:
         truncated_smollm2(args.layers, parts["llm"] / f"smollm2-{args.layers}.gguf")
     total = sum(f.stat().st_size for path in parts.values() for f in path.rglob("*") if f.is_file())
     print(f"{args.out}: {total / 2**20:.1f} MiB to carry (a call takes {CALL_LIMIT / 2**20:.0f} MiB with the repo)")
+    own = {f for name, path in parts.items() for pattern in OWN[name] for f in path.glob(pattern)}
+    others = [f for path in parts.values() for f in path.rglob("*") if f.is_file() and f not in own]
+    if others:
+        size = sum(f.stat().st_size for f in others) / 2**20
+        print(f"  with {len(others)} file(s) this script did not write ({size:.1f} MiB; they travel too), e.g. {others[0]}")
     return 0 if total < CALL_LIMIT else 1
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench.freshness import histogram_quantiles
+from bench.gpu_prepare import clear_previous
 from bench.harness import catalogue, fill_histories
 from bench.report import reported, target
 from hymirec.settings import Settings
@@ -121,3 +122,18 @@ def test_histogram_quantiles_interpolate_within_buckets():
     assert q["p95"] == pytest.approx(1.5)
     assert q["p99"] == pytest.approx(1.9)
     assert histogram_quantiles({}, "lag") == {"p50": None, "p95": None, "p99": None}
+
+
+def test_gpu_prepare_rerun_removes_what_it_wrote_and_nothing_else(tmp_path: Path):
+    written = ["whl/gguf-0.1-py3-none-any.whl", "data/ml-100k-interactions.parquet", "data/ml-100k-items.parquet",
+               "cache/item_embeddings/abc.pt", "llm/smollm2-18.gguf"]
+    kept = ["data/ml-100k/interactions.jsonl", "data/notes.txt", "cache/other.pt", "llm/mine.gguf", "exp/run.py"]
+    for name in written + kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    parts = clear_previous(tmp_path)
+    assert sorted(parts) == ["cache", "data", "llm", "whl"] and all(p.is_dir() for p in parts.values())
+    assert (tmp_path / "cache" / "item_embeddings").is_dir()
+    assert not any((tmp_path / name).exists() for name in written)
+    assert all((tmp_path / name).read_text() == "x" for name in kept)
+    assert clear_previous(tmp_path / "fresh")["whl"].is_dir()  # a first run creates the folders
