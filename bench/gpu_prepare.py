@@ -34,12 +34,16 @@ WHEELS = ["pydantic", "pydantic-core", "pydantic-settings", "python-dotenv", "ty
           "typing-extensions", "gguf"]
 
 
+def own_files(parts: dict[str, Path]) -> list[Path]:
+    return [f for name, path in parts.items() for pattern in OWN[name] for f in path.glob(pattern)]
+
+
 def clear_previous(out: Path) -> dict[str, Path]:
     """The parts' folders under ``out``, created, without what an earlier run wrote into them."""
     parts = {name: out / name for name in OWN}
-    for name, path in parts.items():
-        for stale in (f for pattern in OWN[name] for f in path.glob(pattern)):
-            stale.unlink()
+    for stale in own_files(parts):
+        stale.unlink()
+    for path in parts.values():
         path.mkdir(parents=True, exist_ok=True)
     (parts["cache"] / "item_embeddings").mkdir(exist_ok=True)
     return parts
@@ -120,10 +124,10 @@ def main() -> int:
         export_dataset(name.strip(), parts["data"], parts["cache"] / "item_embeddings", settings)
     if args.layers > 0:
         truncated_smollm2(args.layers, parts["llm"] / f"smollm2-{args.layers}.gguf")
-    total = sum(f.stat().st_size for path in parts.values() for f in path.rglob("*") if f.is_file())
+    carried = [f for path in parts.values() for f in path.rglob("*") if f.is_file()]
+    total = sum(f.stat().st_size for f in carried)
     print(f"{args.out}: {total / 2**20:.1f} MiB to carry (a call takes {CALL_LIMIT / 2**20:.0f} MiB with the repo)")
-    own = {f for name, path in parts.items() for pattern in OWN[name] for f in path.glob(pattern)}
-    others = [f for path in parts.values() for f in path.rglob("*") if f.is_file() and f not in own]
+    others = sorted(set(carried) - set(own_files(parts)))
     if others:
         size = sum(f.stat().st_size for f in others) / 2**20
         print(f"  with {len(others)} file(s) this script did not write ({size:.1f} MiB; they travel too), e.g. {others[0]}")
