@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     item_cache_refresh_s: float = Field(
         60.0, gt=0, description="How often the worker reloads the known item ids from the items table."
     )
+    lag_report_s: float = Field(
+        5.0, gt=0, description="How often the worker sets its per-partition lag gauges (applied position vs end offset)."
+    )
     optimize_interval_s: float = Field(
         300.0, gt=0, description="How often the worker compacts the LanceDB tables it writes (its shards, items)."
     )

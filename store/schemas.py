@@ -31,6 +31,13 @@ MAX_SHARD = 999  # three digits in the table name
 
 KEYS = {ITEMS: "item_id", HISTORIES: "user_id", INTERESTS: "user_id", REGISTRY: "version"}
 
+# The key of the one row of a ``user_histories_pNNN`` shard that is not a user: its Kafka partition's
+# applied position (``watermark_offset``: every offset up to it has been applied, skipped as a
+# duplicate or dead-lettered). It is written in the same ``merge_insert`` as the batch's user rows,
+# so the position can never run ahead of the rows (DESIGN §7b). "" is no user id: the event
+# contract requires at least one character.
+POSITION_KEY = ""
+
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
 
@@ -53,7 +60,8 @@ def histories_schema() -> pa.Schema:
 
     ``watermark_partition``/``watermark_offset``: the highest Kafka offset applied for this user,
     so a redelivered event (offset ≤ watermark) is skipped; ``recent_event_ids`` is a bounded
-    dedupe set for producers that resend the same event under a new offset.
+    dedupe set for producers that resend the same event under a new offset. The row keyed
+    ``POSITION_KEY`` holds the shard's applied position in ``watermark_offset`` instead.
     """
     return pa.schema([
         pa.field("user_id", pa.string(), nullable=False),

@@ -26,14 +26,14 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.expr import col
+from lancedb.expr import col, lit
 from lancedb.index import BTree
 from lancedb.table import Table
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from store.schemas import (
-    HISTORIES, INTERESTS, ITEMS, KEYS, TIMESTAMP, parse_table_name, schema_for, shard_table,
+    HISTORIES, INTERESTS, ITEMS, KEYS, POSITION_KEY, TIMESTAMP, parse_table_name, schema_for, shard_table,
 )
 
 log = logging.getLogger(__name__)
@@ -212,13 +212,44 @@ class Store:
         return table.search().select(columns).limit(None).to_arrow()
 
     # --- user state (one writer per shard = Kafka partition) -----------------------------------
-    def upsert_histories(self, shard: int, rows: Rows) -> int:
-        """Insert or replace users' history rows in ``shard`` (the Kafka partition this writer owns)."""
+    def upsert_histories(self, shard: int, rows: Rows, *, position: int | None = None) -> int:
+        """Insert or replace users' history rows in ``shard`` (the Kafka partition this writer owns);
+        with ``position``, the partition's applied position is written in the same commit."""
+        if position is not None:
+            rows = [*rows, {"user_id": POSITION_KEY, "watermark_partition": shard, "watermark_offset": position,
+                            "history_item_ids": [], "recent_item_ids": [], "recent_event_ids": [], "event_count": 0}]
         return self._upsert(HISTORIES, shard_table(HISTORIES, shard), rows)
 
     def get_histories(self, user_ids: Iterable[str], shard: int | None = None) -> dict[str, dict]:
         """{user_id: row} for the users found, in ``shard`` or (None) in every shard."""
-        return self._get(HISTORIES, self._shard_names(HISTORIES, shard), user_ids)
+        return self._get(HISTORIES, self._shard_names(HISTORIES, shard), [u for u in user_ids if u != POSITION_KEY])
+
+    def get_histories_and_position(self, user_ids: Iterable[str], shard: int) -> tuple[dict[str, dict], int | None]:
+        """The users' rows of ``shard`` and its applied position (None if it has none yet), in one read."""
+        rows = self._get(HISTORIES, [shard_table(HISTORIES, shard)], [POSITION_KEY, *user_ids])
+        position = rows.pop(POSITION_KEY, None)
+        return rows, None if position is None else position["watermark_offset"]
+
+    def positions(self, shards: Iterable[int] | None = None) -> dict[int, int]:
+        """{shard: applied position} of the shards that have one (None: every existing shard).
+
+        Every offset of the shard's partition up to its position has been applied, skipped or
+        dead-lettered; the next one to read is position + 1.
+        """
+        wanted = self.shards(HISTORIES) if shards is None else sorted(set(shards))
+        found = {shard: self.get_histories_and_position([], shard)[1] for shard in wanted}
+        return {shard: position for shard, position in found.items() if position is not None}
+
+    def scan_histories(self, shard: int, columns: Sequence[str], since: datetime | None = None) -> pa.Table:
+        """``columns`` of every user row of ``shard`` (written at or after ``since``), without its position row."""
+        _reject_unknown(columns, self._schema(HISTORIES), HISTORIES)
+        table = self._open(HISTORIES, shard_table(HISTORIES, shard), create=False)
+        if table is None:
+            return self._schema(HISTORIES).empty_table().select(list(columns))
+        where = col(KEYS[HISTORIES]) != lit(POSITION_KEY)
+        if since is not None:
+            where = where & (col("updated_at") >= lit(since))
+        return table.search().where(where).select(list(columns)).limit(None).to_arrow()
 
     def upsert_interests(self, shard: int, rows: Rows) -> int:
         return self._upsert(INTERESTS, shard_table(INTERESTS, shard), rows)
@@ -245,8 +276,10 @@ class Store:
 
     # --- maintenance ----------------------------------------------------------------------------
     def table_counts(self) -> dict[str, int]:
-        """Rows per project table (shards listed one by one)."""
-        return {name: self.table(name).count_rows() for name in self._project_tables()}
+        """Rows per project table (shards listed one by one; a history shard counts its users)."""
+        users = f"{KEYS[HISTORIES]} != '{POSITION_KEY}'"
+        return {name: self.table(name).count_rows(users if parse_table_name(name)[0] == HISTORIES else None)
+                for name in self._project_tables()}
 
     def optimize(self, tables: Iterable[str] | None = None, *,
                  cleanup_older_than: timedelta = CLEANUP_OLDER_THAN) -> list[str]:

@@ -7,17 +7,33 @@ one becomes a dead-letter record instead of a deserialisation error that would s
 Agents run with ``concurrency=1`` (faust #606: with more, an offset can be committed past a message
 still in flight), in micro-batches of ``batch_size`` events or ``batch_within_s`` seconds.
 
+Offsets (DESIGN §7b). Faust acknowledges messages it never handed to an agent: after a rebalance
+or while its flow is paused, queued messages of the old generation are skipped *and acked*
+(faust/streams.py ``_py_aiter``), and its commit loop then commits past them. So the input topics
+are declared ``acks=False``: Faust commits nothing of them. Each ``user_histories_pNNN`` shard
+stores its partition's applied position in the same write as its rows; on every assignment the
+worker commits and seeks each ``interactions`` partition to position + 1, and after each write
+it commits the new position (for monitoring; the stored position is what counts). Items are
+committed after their write (an item upsert is idempotent, so a re-read costs nothing).
+
     GET /metrics   Prometheus text format (stream.metrics)
     GET /health    JSON: app id, model version, known items, counters
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Mapping
+
 import faust
+from faust.types import TP
 
 from hymirec.settings import load_settings
 from stream.ingest import Ingestor, RawEvent
 from stream.metrics import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
 
 settings = load_settings()
 settings.worker_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
@@ -41,13 +57,39 @@ app = faust.App(
 # internal=True makes faust create the topics (with the project's partition count) before it
 # subscribes, so a worker started before `hymirec kafka topics` does not get the broker's defaults.
 interactions_topic = app.topic(settings.topic_interactions, key_serializer="raw", value_serializer="raw",
-                               partitions=settings.partitions, internal=True)
+                               partitions=settings.partitions, internal=True, acks=False)
 items_topic = app.topic(settings.topic_items, key_serializer="raw", value_serializer="raw",
-                        partitions=settings.partitions, internal=True)
+                        partitions=settings.partitions, internal=True, acks=False)
 dead_letter_topic = app.topic(settings.topic_dead_letter, key_serializer="raw", value_serializer="json",
                               partitions=settings.partitions)
 
 ingestor = Ingestor(settings)
+COMMIT_TIMEOUT_S = 10.0
+
+
+class FaustKafka:
+    """The ingest path's ``KafkaSide`` over this app's consumer."""
+
+    def owns(self, topic: str, partition: int) -> bool:
+        return TP(topic, partition) in app.consumer.assignment()
+
+    async def seek(self, topic: str, partition: int, offset: int) -> None:
+        if self.owns(topic, partition):
+            await app.consumer.seek(TP(topic, partition), offset)
+
+    async def commit(self, topic: str, offsets: Mapping[int, int], *, during_rebalance: bool = False) -> None:
+        if not offsets or (app.rebalancing and not during_rebalance):
+            return  # the next batch's commit, or the next assignment's, carries it
+        # Faust's public commit() commits only what it acked, and it acks nothing of these topics:
+        # this is the step its own commit path ends in, given the offsets to record.
+        tps = {TP(topic, partition): offset for partition, offset in offsets.items()}
+        try:
+            await asyncio.wait_for(app.consumer._commit(tps), COMMIT_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 — monitoring only: the positions in LanceDB count
+            log.warning("committing %s to Kafka failed: %s: %s", tps, type(exc).__name__, exc)
+
+
+kafka = FaustKafka()
 
 
 def _raw(events) -> list[RawEvent]:
@@ -64,13 +106,39 @@ async def send_dead(records: list[dict]) -> None:
 @app.agent(interactions_topic, concurrency=1)
 async def ingest_interactions(stream):
     async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        await ingestor.interactions(_raw(events), send_dead)
+        await ingestor.interactions(_raw(events), send_dead, kafka)
 
 
 @app.agent(items_topic, concurrency=1)
 async def ingest_items(stream):
     async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        await ingestor.items(_raw(events), send_dead)
+        await ingestor.items(_raw(events), send_dead, kafka)
+
+
+def _owned(topic: str) -> list[int]:
+    return sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topic)
+
+
+@app.on_rebalance_complete.connect
+async def resume_from_stored_positions(sender, **kwargs) -> None:
+    """Before Faust seeks its partitions to their committed offsets (right after this signal),
+    make those offsets the positions stored with the shards, and seek there ourselves too."""
+    offsets = await ingestor.resume(_owned(settings.topic_interactions))
+    log.info("resuming %r from the positions stored in LanceDB: %s", settings.topic_interactions, offsets)
+    await kafka.commit(settings.topic_interactions, offsets, during_rebalance=True)
+    for partition, offset in offsets.items():
+        await kafka.seek(settings.topic_interactions, partition, offset)
+
+
+@app.on_partitions_revoked.connect
+async def finish_the_batch_in_flight(sender, *args, **kwargs) -> None:
+    """A revoked partition's new owner must not start before this worker's last write to it lands."""
+    await ingestor.wait_idle()
+
+
+def _end_offsets() -> dict[int, int]:
+    ends = {p: app.consumer.highwater(TP(settings.topic_interactions, p)) for p in _owned(settings.topic_interactions)}
+    return {p: end for p, end in ends.items() if end is not None}
 
 
 @app.task
@@ -83,6 +151,11 @@ async def on_started() -> None:
 @app.timer(settings.item_cache_refresh_s)
 async def refresh_items() -> None:
     await ingestor.refresh_items()
+
+
+@app.timer(settings.lag_report_s)
+async def report_lag() -> None:
+    ingestor.report_lag(_end_offsets())
 
 
 @app.timer(settings.optimize_interval_s)
@@ -102,7 +175,7 @@ async def metrics(web, request):
 
 @app.page("/health")
 async def health(web, request):
-    return web.json(ingestor.health())
+    return web.json(ingestor.health(_end_offsets()))
 
 # The retrieval side (hot-swap, interest refresh, GET /recommend) registers on this app.
 from stream import serving_agents  # noqa: E402,F401

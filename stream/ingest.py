@@ -42,7 +42,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -83,17 +83,36 @@ class RawEvent:
 
 @dataclass
 class BatchResult:
+    """What one micro-batch of interactions does: counted and prepared by ``prepare_interactions``,
+    made durable by ``write_interactions``."""
+
     applied: int = 0
     duplicate_offsets: int = 0
     duplicate_event_ids: int = 0
+    already_applied: int = 0  # at or below the shard's position: read again after a restart or rebalance
     unknown_items: int = 0
     dead: list[dict] = field(default_factory=list)
-    touched: dict[int, list[str]] = field(default_factory=dict)  # shard -> user ids written
+    rows: dict[int, list[dict]] = field(default_factory=dict)  # shard -> user rows to write
+    positions: dict[int, int] = field(default_factory=dict)  # shard -> applied position the write records
+    gaps: dict[int, Gap] = field(default_factory=dict)  # partitions left out: offsets missing before them
     applied_timestamps: list[float] = field(default_factory=list)  # message timestamps, for freshness
 
     @property
     def duplicates(self) -> int:
         return self.duplicate_offsets + self.duplicate_event_ids
+
+    @property
+    def touched(self) -> dict[int, list[str]]:
+        """shard -> the user ids the write changes."""
+        return {shard: [row["user_id"] for row in rows] for shard, rows in self.rows.items() if rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A partition's events started past its applied position: ``expected`` .. ``first`` - 1 never arrived."""
+
+    expected: int
+    first: int
 
 
 @dataclass
@@ -174,7 +193,7 @@ class _Pending:
     event_ids: set[str] = field(default_factory=set)
 
 
-def apply_interactions(
+def prepare_interactions(
     store: Store,
     settings: Settings,
     batch: Sequence[RawEvent],
@@ -182,24 +201,43 @@ def apply_interactions(
     topic: str | None = None,
     known_items: ItemCache | None = None,
     encoder: Encoder | None = None,
+    accepted_gaps: Mapping[int, int] | None = None,
 ) -> BatchResult:
-    """Validate and apply one micro-batch of ``interactions`` messages; one read and one write per shard."""
+    """Validate one micro-batch of ``interactions`` messages and build the rows it changes; one read
+    per shard (its touched users and its applied position), nothing written.
+
+    Per partition, offsets at or below the shard's applied position were handled by an earlier
+    write and are skipped (not even dead-lettered again). A partition whose first offset lies past
+    position + 1 has a gap: its events are left out (``gaps``) so that the caller can read the
+    missing offsets first, unless ``accepted_gaps[partition]`` names that first offset (a re-read
+    met the same gap: those offsets do not exist, e.g. removed by retention).
+    """
     topic = topic or settings.topic_interactions
     result = BatchResult()
-    by_shard: dict[int, list[tuple[RawEvent, Interaction]]] = defaultdict(list)
+    by_partition: dict[int, list[RawEvent]] = defaultdict(list)
     for raw in batch:
-        event = _validate(raw, parse_interaction, "user_id", topic)
-        if isinstance(event, dict):
-            result.dead.append(event)
-        else:
-            by_shard[raw.partition].append((raw, event))
+        by_partition[raw.partition].append(raw)
 
-    pending: dict[int, dict[str, _Pending]] = {}
-    for shard, events in sorted(by_shard.items()):
-        events.sort(key=lambda pair: pair[0].offset)
-        stored = store.get_histories(dict.fromkeys(ev.user_id for _, ev in events), shard=shard)
+    pending: list[tuple[int, _Pending]] = []
+    for shard, raws in sorted(by_partition.items()):
+        raws.sort(key=lambda raw: raw.offset)
+        checked = [(raw, _validate(raw, parse_interaction, "user_id", topic)) for raw in raws]
+        users_wanted = dict.fromkeys(ev.user_id for _, ev in checked if not isinstance(ev, dict))
+        stored, position = store.get_histories_and_position(users_wanted, shard)
+        position = -1 if position is None else position  # a shard without one: nothing of it applied yet
+        if raws[0].offset > position + 1 and (accepted_gaps or {}).get(shard) != raws[0].offset:
+            result.gaps[shard] = Gap(position + 1, raws[0].offset)
+            continue
+        fresh = [(raw, ev) for raw, ev in checked if raw.offset > position]
+        result.already_applied += len(checked) - len(fresh)
+        if not fresh:
+            continue
+        result.positions[shard] = fresh[-1][0].offset
         users: dict[str, _Pending] = {}
-        for raw, ev in events:
+        for raw, ev in fresh:
+            if isinstance(ev, dict):
+                result.dead.append(ev)
+                continue
             user = users.get(ev.user_id)
             if user is None:
                 row = stored.get(ev.user_id) or new_history_row(ev.user_id, shard)
@@ -225,13 +263,24 @@ def apply_interactions(
                 result.applied_timestamps.append(raw.timestamp)
             if known_items is not None and ev.item_id not in known_items:
                 result.unknown_items += 1
-        pending[shard] = {uid: user for uid, user in users.items() if user.appended}
+        pending += [(shard, user) for user in users.values() if user.appended]
 
-    _finish_rows([u for users in pending.values() for u in users.values()], settings, encoder)
-    for shard, users in pending.items():
-        if users:
-            store.upsert_histories(shard, [u.row for u in users.values()])
-            result.touched[shard] = list(users)
+    _finish_rows([user for _, user in pending], settings, encoder)
+    for shard in result.positions:
+        result.rows[shard] = [user.row for s, user in pending if s == shard]
+    return result
+
+
+def write_interactions(store: Store, result: BatchResult) -> None:
+    """Make a prepared batch durable: per shard ONE merge_insert of its rows and its new position."""
+    for shard, position in result.positions.items():
+        store.upsert_histories(shard, result.rows[shard], position=position)
+
+
+def apply_interactions(store: Store, settings: Settings, batch: Sequence[RawEvent], **options: Any) -> BatchResult:
+    """``prepare_interactions`` then ``write_interactions`` (dead letters are the caller's to send)."""
+    result = prepare_interactions(store, settings, batch, **options)
+    write_interactions(store, result)
     return result
 
 
@@ -316,6 +365,34 @@ def apply_items(store: Store, settings: Settings, batch: Sequence[RawEvent], *, 
 SendDead = Callable[[list[dict]], Awaitable[None]]
 
 
+class KafkaSide(Protocol):
+    """What the ingest path needs of its Kafka consumer (stream.app implements it over Faust)."""
+
+    def owns(self, topic: str, partition: int) -> bool:
+        """True while ``partition`` of ``topic`` is assigned to this worker."""
+
+    async def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Read ``partition`` again from ``offset``."""
+
+    async def commit(self, topic: str, offsets: Mapping[int, int]) -> None:
+        """Record {partition: next offset to read} in the group's committed offsets (for monitoring
+        and a quick restart; the positions stored with the shards are what counts)."""
+
+
+def partition_lag(positions: Mapping[int, int], end_offsets: Mapping[int, int]) -> dict[int, dict[str, int | None]]:
+    """{partition: {"applied": position or None, "end": end offset, "lag": events not yet applied}}."""
+    return {p: {"applied": positions.get(p), "end": end, "lag": max(0, end - positions.get(p, -1) - 1)}
+            for p, end in sorted(end_offsets.items())}
+
+
+def next_offsets(batch: Sequence[RawEvent]) -> dict[int, int]:
+    """{partition: the offset after the batch's last one}."""
+    offsets: dict[int, int] = {}
+    for raw in batch:
+        offsets[raw.partition] = max(offsets.get(raw.partition, 0), raw.offset + 1)
+    return offsets
+
+
 class Ingestor:
     """State the agents share: the store (used from one thread only), metrics, item cache, encoder."""
 
@@ -330,6 +407,9 @@ class Ingestor:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hymirec-store")
         self._store: Store | None = None
         self._waiting_logged_at: float | None = None
+        self._busy = asyncio.Lock()  # held while a batch is applied, so a revoke can wait for its write
+        self.positions: dict[int, int] = {}  # applied position of each owned shard, as last written
+        self._gaps_sought: dict[int, int] = {}  # partition -> first offset of a gap sought back from
 
     @property
     def store(self) -> Store:
@@ -382,23 +462,51 @@ class Ingestor:
         names = [shard_table(HISTORIES, shard) for shard in sorted(shards)] + ([ITEMS] if items else [])
         return self.store.optimize([name for name in names if name in existing])
 
-    async def interactions(self, batch: Sequence[RawEvent], send_dead: SendDead) -> BatchResult:
-        return await _complete(self._interactions(batch, send_dead))
+    async def resume(self, partitions: Iterable[int]) -> dict[int, int]:
+        """On assignment: the next offset to read in each ``interactions`` partition, from the
+        positions stored with the shards (0 where a shard has none: nothing of it was applied)."""
+        partitions = sorted(set(partitions))
+        async with self._busy:
+            stored = await self._retrying(self.settings.topic_interactions, "reading the applied positions",
+                                          self.store.positions, partitions)
+            self.positions = {p: stored[p] for p in partitions if p in stored}
+            self._gaps_sought.clear()
+        return {p: stored.get(p, -1) + 1 for p in partitions}
 
-    async def items(self, batch: Sequence[RawEvent], send_dead: SendDead) -> ItemsResult:
-        return await _complete(self._items(batch, send_dead))
+    async def wait_idle(self) -> None:
+        """Return once no batch is being applied (a revoked partition's last write has landed)."""
+        async with self._busy:
+            pass
 
-    async def _interactions(self, batch: Sequence[RawEvent], send_dead: SendDead) -> BatchResult:
+    async def interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> BatchResult:
+        return await _complete(self._interactions(batch, send_dead, kafka))
+
+    async def items(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> ItemsResult:
+        return await _complete(self._items(batch, send_dead, kafka))
+
+    async def _interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> BatchResult:
         topic, m = self.settings.topic_interactions, self.metrics
         started = time.perf_counter()
         self.log_waiting_for_model()
-        result = await self._retrying(topic, "applying interactions", self._apply_interactions, batch)
-        await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
+        async with self._busy:
+            result = await self._retrying(topic, "reading histories", self._prepare_interactions, batch)
+            # Dead letters first: once the position passes their offsets they are never read again.
+            await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
+            lost = [p for p in result.positions if not kafka.owns(topic, p)]
+            if lost:  # revoked meanwhile: the new owner reads them again from the stored position
+                log.warning("not writing partitions %s of %r: no longer assigned to this worker", lost, topic)
+                for p in lost:
+                    del result.positions[p], result.rows[p]
+            await self._retrying(topic, "writing histories", write_interactions, self.store, result)
+            self.positions.update(result.positions)
+            await kafka.commit(topic, {p: position + 1 for p, position in result.positions.items()})
+            await self._seek_over_gaps(topic, result, kafka)
         now = time.time()
         m.events_in.labels(topic).inc(len(batch))
         m.applied.inc(result.applied)
         m.duplicates.labels("offset").inc(result.duplicate_offsets)
         m.duplicates.labels("event_id").inc(result.duplicate_event_ids)
+        m.duplicates.labels("position").inc(result.already_applied)
         m.unknown_items.inc(result.unknown_items)
         for record in result.dead:
             m.dead_lettered.labels(topic, record["reason"]).inc()
@@ -407,16 +515,32 @@ class Ingestor:
         m.batch_latency.labels(topic).observe(time.perf_counter() - started)
         return result
 
-    def _apply_interactions(self, batch: Sequence[RawEvent]) -> BatchResult:
+    async def _seek_over_gaps(self, topic: str, result: BatchResult, kafka: KafkaSide) -> None:
+        """Read a gap's missing offsets before what came after them: seek back to the position once;
+        the events already buffered past the gap are left out until the re-read reaches them."""
+        for partition in result.positions:
+            self._gaps_sought.pop(partition, None)
+        for partition, gap in result.gaps.items():
+            self.metrics.offset_gaps.inc()
+            if partition in self._gaps_sought:
+                continue
+            self._gaps_sought[partition] = gap.first
+            log.warning("%r partition %d: offsets %d..%d were not delivered; reading again from %d",
+                        topic, partition, gap.expected, gap.first - 1, gap.expected)
+            await kafka.seek(topic, partition, gap.expected)
+
+    def _prepare_interactions(self, batch: Sequence[RawEvent]) -> BatchResult:
         # Until the item ids are loaded (refresh_items, at start and on a timer) unknown items are not counted.
         known = self.known_items if self.known_items.loaded else None
-        return apply_interactions(self.store, self.settings, batch, known_items=known, encoder=self.encoder)
+        return prepare_interactions(self.store, self.settings, batch, known_items=known, encoder=self.encoder,
+                                    accepted_gaps=self._gaps_sought)
 
-    async def _items(self, batch: Sequence[RawEvent], send_dead: SendDead) -> ItemsResult:
+    async def _items(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> ItemsResult:
         topic, m = self.settings.topic_items, self.metrics
         started = time.perf_counter()
         result = await self._retrying(topic, "writing items", self._apply_items, batch)
         await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
+        await kafka.commit(topic, next_offsets(batch))
         m.events_in.labels(topic).inc(len(batch))
         m.items_upserted.inc(result.upserted)
         m.known_items.set(len(self.known_items))
@@ -442,13 +566,22 @@ class Ingestor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
-    def health(self) -> dict[str, Any]:
+    def report_lag(self, end_offsets: Mapping[int, int]) -> dict[int, dict[str, int | None]]:
+        """Per owned ``interactions`` partition: applied position, end offset and the events between
+        (also set as gauges); ``end_offsets`` are the partitions' high-water marks."""
+        lag = partition_lag(self.positions, end_offsets)
+        for partition, row in lag.items():
+            self.metrics.set_partition(partition, row)
+        return lag
+
+    def health(self, end_offsets: Mapping[int, int]) -> dict[str, Any]:
         return {
             "status": "ok",
             "app_id": self.settings.app_id,
             "model_version": getattr(self.encoder, "version", None),
             "known_items": len(self.known_items),
             "counts": self.metrics.totals(),
+            "partitions": {str(p): row for p, row in self.report_lag(end_offsets).items()},
         }
 
     def close(self) -> None:

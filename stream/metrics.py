@@ -6,7 +6,12 @@ apps or tests in one process do not collide. The worker serves ``render()`` at `
 
     hymirec_events_in_total{topic}                 payloads consumed (good and bad)
     hymirec_events_applied_total                   interactions appended to a user's history
-    hymirec_duplicates_skipped_total{kind}         offset (redelivery) | event_id (resent by producer)
+    hymirec_duplicates_skipped_total{kind}         offset (a user's redelivered event) | event_id (resent by
+                                                   producer) | position (at or below the shard's applied position)
+    hymirec_offset_gaps_total                      batches whose partition started past its applied position + 1
+    hymirec_partition_applied_offset{partition}    the interactions partition's applied position (LanceDB)
+    hymirec_partition_end_offset{partition}        its end offset (high-water mark) as the consumer last saw it
+    hymirec_partition_lag{partition}               events between the two: consumed-but-unapplied or not read yet
     hymirec_dead_lettered_total{topic,reason}      payloads put on the dead-letter topic
     hymirec_unknown_items_total                    interactions with an item not (yet) in the catalogue
     hymirec_items_upserted_total                   new or changed catalogue items written
@@ -52,9 +57,24 @@ class Metrics:
             "hymirec_freshness_lag_seconds", "Kafka message timestamp to history row written.",
             buckets=LAG_BUCKETS, registry=r,
         )
+        self.offset_gaps = Counter(
+            "hymirec_offset_gaps", "Batches whose partition skipped past its applied position.", registry=r
+        )
+        self.applied_offset = Gauge("hymirec_partition_applied_offset", "Applied position per interactions partition.",
+                                    ["partition"], registry=r)
+        self.end_offset = Gauge("hymirec_partition_end_offset", "End offset per interactions partition.",
+                                ["partition"], registry=r)
+        self.lag = Gauge("hymirec_partition_lag", "Events not yet applied per interactions partition.",
+                         ["partition"], registry=r)
         self.known_items = Gauge("hymirec_known_items", "Item ids in the worker's cache.", registry=r)
         self.model = Info("hymirec_model", "Codebook/model version used to encode histories.", registry=r)
         self.model.info({"version": "none"})
+
+    def set_partition(self, partition: int, row: dict[str, int | None]) -> None:
+        label = str(partition)
+        self.applied_offset.labels(label).set(-1 if row["applied"] is None else row["applied"])
+        self.end_offset.labels(label).set(row["end"])
+        self.lag.labels(label).set(row["lag"])
 
     def totals(self) -> dict[str, int]:
         """Every counter summed over its labels, by name without the ``hymirec_`` prefix."""

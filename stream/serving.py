@@ -358,8 +358,7 @@ def count_popularity(store: Store) -> pa.Table:
     """
     parts = []
     for shard in store.shards(HISTORIES):
-        table = store.table(shard_table(HISTORIES, shard))
-        ids = pc.list_flatten(table.search().select(["recent_item_ids"]).limit(None).to_arrow()["recent_item_ids"])
+        ids = pc.list_flatten(store.scan_histories(shard, ["recent_item_ids"])["recent_item_ids"])
         if len(ids):
             counted = pc.value_counts(ids)
             parts.append(pa.table({"item_id": counted.field("values"), "count": counted.field("counts")}))
@@ -639,7 +638,7 @@ class ServingRuntime:
                 continue
             mark = self._history_marks.setdefault(shard, Mark())
             first = mark.ts is None
-            rows = mark.unseen(_changed_since(self.store.table(name), mark, ["user_id", "updated_at"]), "user_id")
+            rows = mark.unseen(self.store.scan_histories(shard, ["user_id", "updated_at"], since=mark.ts), "user_id")
             users = self._stale(shard, rows) if first else rows["user_id"].to_pylist()
             step = self.settings.interest_batch_size
             for start in range(0, len(users), step):

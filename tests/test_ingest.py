@@ -9,7 +9,7 @@ import pytest
 
 from store import Store
 from store.schemas import HISTORIES, shard_table
-from stream.ingest import Ingestor, ItemCache, RawEvent, apply_interactions, apply_items
+from stream.ingest import Gap, Ingestor, ItemCache, RawEvent, apply_interactions, apply_items, prepare_interactions
 
 
 def click(user: str, item: str, ts: int, *, partition: int = 0, offset: int, event_id: str | None = None,
@@ -22,6 +22,22 @@ def click(user: str, item: str, ts: int, *, partition: int = 0, offset: int, eve
 def catalogue(item: str, text: str, *, offset: int, category: str | None = "Drama") -> RawEvent:
     payload = {"item_id": item, "text": text, "category": category}
     return RawEvent(json.dumps(payload).encode(), item.encode(), 0, offset)
+
+
+class Kafka:
+    """The consumer side the Ingestor is given: records what it is asked (no broker in these tests)."""
+
+    def __init__(self, owned=(0,)):
+        self.owned, self.seeks, self.commits = set(owned), [], []
+
+    def owns(self, topic, partition):
+        return partition in self.owned
+
+    async def seek(self, topic, partition, offset):
+        self.seeks.append((partition, offset))
+
+    async def commit(self, topic, offsets):
+        self.commits.append(dict(offsets))
 
 
 class Codes:
@@ -46,7 +62,8 @@ def test_replayed_batch_applies_nothing_the_second_time(store, db_settings):
     second = apply_interactions(store, db_settings, batch)
 
     assert (first.applied, first.duplicates) == (12, 0)
-    assert (second.applied, second.duplicate_offsets, second.touched) == (0, 12, {})
+    # Every offset is at or below the shard's stored position: skipped before any user row is looked at.
+    assert (second.applied, second.already_applied, second.duplicates, second.touched) == (0, 12, 0, {})
     after = store.get_histories(["u0", "u1", "u2"])
     for user in ("u0", "u1", "u2"):
         expected = [str(i) for i in range(12) if f"u{i % 3}" == user]
@@ -59,10 +76,10 @@ def test_replayed_batch_applies_nothing_the_second_time(store, db_settings):
 def test_event_id_resent_under_new_offset_counts_once(store, db_settings):
     apply_interactions(store, db_settings, [click("u", "1", 1, offset=0, event_id="e1")])
     result = apply_interactions(store, db_settings, [
-        click("u", "1", 1, offset=5, event_id="e1"),  # producer retry, new offset
-        click("u", "2", 2, offset=6, event_id="e2"),
-        click("u", "2", 2, offset=7, event_id="e2"),  # duplicate inside one batch
-        click("u", "3", 3, offset=8),                 # no event id: offset dedupe only
+        click("u", "1", 1, offset=1, event_id="e1"),  # producer retry, new offset
+        click("u", "2", 2, offset=2, event_id="e2"),
+        click("u", "2", 2, offset=3, event_id="e2"),  # duplicate inside one batch
+        click("u", "3", 3, offset=4),                 # no event id: offset dedupe only
     ])
     assert (result.applied, result.duplicate_event_ids, result.duplicate_offsets) == (2, 2, 0)
     row = store.get_histories(["u"])["u"]
@@ -202,7 +219,7 @@ def test_ingestor_retries_the_dead_letter_send_and_counts(db_settings):
 
     async def run():
         await ingestor.refresh_items()
-        return await ingestor.interactions(batch, send_dead)
+        return await ingestor.interactions(batch, send_dead, Kafka())
 
     try:
         result = asyncio.run(run())
@@ -236,3 +253,88 @@ def test_optimize_compacts_only_the_given_shards(db_settings):
     assert fragments(1) == before[1] > 1
     rows = store.get_histories([f"a{k}" for k in range(4)], shard=0)
     assert [rows[f"a{k}"]["history_item_ids"] for k in range(4)] == [["0"], ["1"], ["2"], ["3"]]
+
+
+# --- applied positions stored with the shards ---------------------------------------------------------------
+def test_the_position_is_written_with_the_rows_and_covers_dead_letters(store, db_settings):
+    batch = [click("u", "1", 1, offset=0), click("v", "2", 2, offset=1), RawEvent(b"nope", b"u", 0, 2)]
+    first = apply_interactions(store, db_settings, batch)
+    assert store.positions() == {0: 2}  # the trailing bad event counts: it is dead-lettered by then
+    assert [r["source"]["offset"] for r in first.dead] == [2]
+    # The position row is no user: readers of the shard never see it.
+    assert store.table_counts() == {shard_table(HISTORIES, 0): 2}
+    assert sorted(store.scan_histories(0, ["user_id"])["user_id"].to_pylist()) == ["u", "v"]
+    assert set(store.get_histories(["u", "v", ""])) == {"u", "v"}
+
+    again = apply_interactions(store, db_settings, batch + [click("u", "3", 3, offset=3)])
+    assert (again.applied, again.already_applied, again.dead) == (1, 3, [])  # not dead-lettered twice
+    assert store.positions() == {0: 3}
+    assert store.get_histories(["u"])["u"]["history_item_ids"] == ["1", "3"]
+
+
+def test_a_batch_of_only_bad_or_skipped_events_still_advances_the_position(store, db_settings):
+    apply_interactions(store, db_settings, [click("u", "1", 1, offset=0)])
+    result = apply_interactions(store, db_settings, [RawEvent(b"{}", b"u", 0, 1), click("u", "1", 1, offset=2, key="x")])
+    assert (result.applied, len(result.dead), result.touched) == (0, 2, {})
+    assert store.positions() == {0: 2}
+
+
+def test_a_shard_written_before_positions_existed_is_deduplicated_by_its_users_watermarks(store, db_settings):
+    store.upsert_histories(0, [{"user_id": "u", "history_item_ids": ["1", "2"], "recent_item_ids": ["1", "2"],
+                                "recent_event_ids": [], "event_count": 2, "watermark_partition": 0, "watermark_offset": 1}])
+    result = apply_interactions(store, db_settings, [click("u", "1", 1, offset=0), click("u", "2", 2, offset=1),
+                                                     click("u", "3", 3, offset=2)])
+    assert (result.applied, result.duplicate_offsets, result.already_applied) == (1, 2, 0)
+    assert store.get_histories(["u"])["u"]["history_item_ids"] == ["1", "2", "3"]
+    assert store.positions() == {0: 2}
+
+
+def test_a_partition_that_starts_past_its_position_is_left_out_until_the_gap_is_read(store, db_settings):
+    apply_interactions(store, db_settings, [click("a", "1", 1, offset=0), click("b", "1", 1, partition=1, offset=0)])
+    late = [click("a", "2", 2, offset=5), click("b", "2", 2, partition=1, offset=1)]
+    result = apply_interactions(store, db_settings, late)
+    assert result.gaps == {0: Gap(expected=1, first=5)}
+    assert (result.applied, store.positions()) == (1, {0: 0, 1: 1})  # partition 1 went on; 0 wrote nothing
+    assert store.get_histories(["a"])["a"]["history_item_ids"] == ["1"]
+    # A re-read that meets the same first offset again: offsets 1..4 do not exist (e.g. retention).
+    accepted = apply_interactions(store, db_settings, late[:1], accepted_gaps={0: 5})
+    assert (accepted.gaps, accepted.applied, store.positions()[0]) == ({}, 1, 5)
+
+
+def test_ingestor_seeks_back_once_over_a_gap_and_commits_what_it_wrote(db_settings):
+    ingestor = Ingestor(db_settings)
+    kafka = Kafka(owned=(0, 1))
+
+    async def nothing_dead(records):
+        assert not records
+
+    async def run():
+        assert await ingestor.resume([0, 1]) == {0: 0, 1: 0}
+        await ingestor.interactions([click("a", "0", 0, offset=0)], nothing_dead, kafka)
+        await ingestor.interactions([click("a", "4", 4, offset=3)], nothing_dead, kafka)  # 1, 2 never came
+        await ingestor.interactions([click("a", "5", 5, offset=4)], nothing_dead, kafka)  # still buffered past it
+        await ingestor.interactions([click("a", str(i), i, offset=i) for i in range(1, 5)], nothing_dead, kafka)
+        return await ingestor.resume([0, 1])
+
+    try:
+        resumed = asyncio.run(run())
+    finally:
+        ingestor.close()
+    assert kafka.seeks == [(0, 1)]  # once, however many buffered batches lay past the gap
+    assert kafka.commits == [{0: 1}, {}, {}, {0: 5}]
+    assert ingestor.store.get_histories(["a"])["a"]["history_item_ids"] == ["0", "1", "2", "3", "4"]
+    assert resumed == {0: 5, 1: 0}
+    assert ingestor.metrics.totals()["offset_gaps"] == 2
+
+
+def test_ingestor_does_not_write_a_partition_revoked_while_its_batch_was_prepared(db_settings):
+    ingestor = Ingestor(db_settings)
+
+    async def nothing_dead(records):
+        pass
+
+    try:
+        result = asyncio.run(ingestor.interactions([click("a", "1", 1, offset=0)], nothing_dead, Kafka(owned=())))
+    finally:
+        ingestor.close()
+    assert result.positions == {} and ingestor.store.positions() == {}

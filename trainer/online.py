@@ -72,28 +72,28 @@ def read_histories(store: Store, max_users: int | None = None, trained: dict[str
     most that many: those with the most events not in ``trained`` yet (the ids and counts of every
     user are read first, the histories only of those)."""
     columns = ["user_id", "history_item_ids", "event_count"]
-    tables = [store.table(shard_table(HISTORIES, s)) for s in store.shards(HISTORIES)]
-    if not tables:
+    shards = store.shards(HISTORIES)
+    if not shards:
         return pd.DataFrame({c: [] for c in columns})
     if max_users is not None:
-        counts = pd.concat([t.search().select(["user_id", "event_count"]).limit(None).to_pandas().assign(shard=j)
-                            for j, t in enumerate(tables)], ignore_index=True)
+        counts = pd.concat([store.scan_histories(s, ["user_id", "event_count"]).to_pandas().assign(shard=s)
+                            for s in shards], ignore_index=True)
         if len(counts) > max_users:
             new = counts["event_count"] - counts["user_id"].map(trained or {}).fillna(0)
             chosen = counts.loc[new.sort_values(ascending=False, kind="stable").index[:max_users]]
-            frames = [tables[j].search().where(col("user_id").isin(ids[start : start + 1000])).select(columns)
+            tables = {s: store.table(shard_table(HISTORIES, s)) for s in shards}
+            frames = [tables[s].search().where(col("user_id").isin(ids[start : start + 1000])).select(columns)
                       .limit(None).to_pandas()
-                      for j, ids in chosen.groupby("shard")["user_id"].agg(list).items()
+                      for s, ids in chosen.groupby("shard")["user_id"].agg(list).items()
                       for start in range(0, len(ids), 1000)]
             return pd.concat(frames, ignore_index=True).drop_duplicates("user_id", keep="last")
-    frames = [t.search().select(columns).limit(None).to_pandas() for t in tables]
+    frames = [store.scan_histories(s, columns).to_pandas() for s in shards]
     return pd.concat(frames, ignore_index=True).drop_duplicates("user_id", keep="last")
 
 
 def total_events(store: Store) -> int:
-    return int(sum(
-        store.table(shard_table(HISTORIES, s)).search().select(["event_count"]).limit(None).to_arrow()["event_count"]
-        .to_numpy().sum() for s in store.shards(HISTORIES)))
+    return int(sum(store.scan_histories(s, ["event_count"])["event_count"].to_numpy().sum()
+                   for s in store.shards(HISTORIES)))
 
 
 def split_stream(histories: pd.DataFrame, items: pd.DataFrame, trained: dict[str, int], holdout: int) -> CycleData:
