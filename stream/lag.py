@@ -1,0 +1,58 @@
+"""Where the ``interactions`` partitions stand: end offset, the position stored with each shard
+(what counts, DESIGN §7b) and the group's committed offset (monitoring only). ``hymirec status``
+prints it; the reliability tests assert on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
+
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings
+from store.tables import Store
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    partition: int
+    end: int  # the next offset a producer writes
+    stored: int | None  # the shard's applied position (None: nothing of it applied yet)
+    committed: int | None  # the group's committed offset (the next one to read), None if never committed
+
+    @property
+    def lag(self) -> int:
+        """Events of the partition not applied yet."""
+        return max(0, self.end - (-1 if self.stored is None else self.stored) - 1)
+
+    @property
+    def caught_up(self) -> bool:
+        return self.lag == 0 and self.committed in ((None, 0) if self.end == 0 else (self.end,))
+
+
+def _clients(settings: Settings) -> tuple[KafkaConsumer, KafkaAdminClient]:
+    try:
+        return KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap), KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    except (KafkaError, OSError) as exc:
+        raise HymirecError(f"no Kafka broker answers at {settings.kafka_bootstrap} ({type(exc).__name__})") from None
+
+
+def partition_lag(settings: Settings, store: Store | None = None) -> list[PartitionLag]:
+    """One row per partition of ``settings.topic_interactions``."""
+    consumer, admin = _clients(settings)
+    try:
+        partitions = consumer.partitions_for_topic(settings.topic_interactions)
+        if not partitions:
+            raise HymirecError(f"no topic {settings.topic_interactions!r} on {settings.kafka_bootstrap}")
+        ends = consumer.end_offsets([TopicPartition(settings.topic_interactions, p) for p in sorted(partitions)])
+        committed = {tp.partition: meta.offset for tp, meta in admin.list_group_offsets(settings.app_id).get(settings.app_id, {}).items()
+                     if tp.topic == settings.topic_interactions and meta.offset >= 0}
+    finally:
+        consumer.close()
+        admin.close()
+    stored = (store or Store(settings)).positions()
+    return [PartitionLag(tp.partition, end, stored.get(tp.partition), committed.get(tp.partition))
+            for tp, end in sorted(ends.items(), key=lambda kv: kv[0].partition)]
