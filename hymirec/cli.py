@@ -135,6 +135,21 @@ def _cmd_store(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.lag import partition_lag
+
+    rows = partition_lag(settings)
+    print(f"{settings.topic_interactions} (group {settings.app_id}, LanceDB {settings.lancedb_uri})")
+    print("partition\tend\tapplied\tlag\tcommitted")
+    for row in rows:
+        applied = "-" if row.stored is None else row.stored
+        committed = "-" if row.committed is None else row.committed
+        print(f"{row.partition}\t{row.end}\t{applied}\t{row.lag}\t{committed}")
+    print(f"total lag {sum(row.lag for row in rows)} events; 'applied' is the last offset stored with the shard "
+          f"(what counts), 'committed' the group's Kafka offset (monitoring only)")
+    return 0
+
+
 # --- offline model work ---------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from trainer import offline
@@ -266,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     st_sub.add_parser("optimize", help="compact fragments and refresh indices of every table")
     st_sub.add_parser("stats", help="row count of every table")
     st.set_defaults(func=_cmd_store)
+
+    sub.add_parser("status", help="per interactions partition: end offset, applied position stored in LanceDB, "
+                   "lag, committed offset").set_defaults(func=_cmd_status)
 
     ev = sub.add_parser("eval", help="train on the leave-one-out training part and report metrics")
     _add_model_args(ev, None, None)

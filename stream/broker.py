@@ -65,6 +65,8 @@ JVM_FLAGS = [
 def _pom(kafka_version: str) -> str:
     deps = [
         ("org.apache.kafka", "kafka_2.13", kafka_version),
+        # The command-line tools (ConsoleProducer, ConsumerGroupCommand) live apart from the broker.
+        ("org.apache.kafka", "kafka-tools", kafka_version),
         # kafka_2.13's POM names slf4j but no binding: without these the broker logs nothing.
         ("org.apache.logging.log4j", "log4j-api", LOG4J_VERSION),
         ("org.apache.logging.log4j", "log4j-core", LOG4J_VERSION),
@@ -212,7 +214,8 @@ class LocalKafka:
     def ensure_jars(self) -> Path:
         """Resolve the broker's jars into the cache (once per machine and version); returns libs/."""
         done = self.jar_root / "libs.done"
-        if done.exists():
+        pom = _pom(self.settings.kafka_version)
+        if self._resolved(done, pom):
             return self.libs
         _require_java()
         mvn = shutil.which("mvn")
@@ -222,9 +225,9 @@ class LocalKafka:
         # Two processes (two pytest runs, CLI + tests) may race here: the second waits for the first.
         with open(self.jar_root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if done.exists():
+            if self._resolved(done, pom):
                 return self.libs
-            (self.jar_root / "pom.xml").write_text(_pom(self.settings.kafka_version))
+            (self.jar_root / "pom.xml").write_text(pom)
             staging = self.jar_root / "libs.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             maven_log = self.jar_root / "maven.log"
@@ -236,7 +239,7 @@ class LocalKafka:
                      f"-DoutputDirectory={staging}"],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.jar_root,
                 )
-            if proc.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+            if proc.returncode != 0 or not all(any(staging.glob(f"{jar}-*.jar")) for jar in ("kafka_2.13", "kafka-tools")):
                 line = _maven_error(maven_log.read_text(errors="replace"))
                 raise HymirecError(f"Maven could not fetch the Kafka {self.settings.kafka_version} jars: {line} (full log: {maven_log})")
             shutil.rmtree(self.libs, ignore_errors=True)
@@ -244,6 +247,11 @@ class LocalKafka:
             done.write_text(f"{time.monotonic() - started:.1f} s\n")
             log.info("kafka jars resolved into %s in %.1f s", self.libs, time.monotonic() - started)
         return self.libs
+
+    def _resolved(self, done: Path, pom: str) -> bool:
+        """Jars resolved, and from this POM: a cache filled before a dependency was added resolves again."""
+        recorded = self.jar_root / "pom.xml"
+        return done.exists() and recorded.exists() and recorded.read_text() == pom
 
     # --- state -----------------------------------------------------------------------------------
     def _recorded_pid(self) -> int | None:

@@ -6,6 +6,7 @@ disturb the session broker other tests share.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -245,3 +246,33 @@ def test_start_refuses_a_remote_bootstrap(make_broker_settings):
     settings = make_broker_settings(kafka_bootstrap="kafka.example.com:9092")
     with pytest.raises(HymirecError, match="serves 127.0.0.1 only"):
         LocalKafka(settings).start(timeout=5)
+
+
+def test_the_readme_kafka_tool_commands_work_against_the_local_broker(topic_settings):
+    """The README's console-producer and consumer-groups commands, as written but for this test's
+    broker address, topic and group: the jars `hymirec kafka install` resolves include kafka-tools."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    producer_cmd = next(line for line in readme.splitlines() if "tools.ConsoleProducer" in line)
+    groups_cmd = next(line for line in readme.splitlines() if "ConsumerGroupCommand" in line)
+    libs = str(broker.LocalKafka(topic_settings).ensure_jars())
+
+    def as_here(command: str) -> str:
+        return (command.replace('"$HOME/.cache/hymirec/kafka/4.1.2/libs/*"', f'"{libs}/*"')
+                .replace("127.0.0.1:9092", topic_settings.kafka_bootstrap)
+                .replace("--topic interactions", f"--topic {topic_settings.topic_interactions}")
+                .replace("--group hymirec", f"--group {topic_settings.app_id}"))
+
+    produced = subprocess.run(["bash", "-c", as_here(producer_cmd)], capture_output=True, text=True, timeout=120)
+    assert produced.returncode == 0, produced.stderr[-2000:]
+    consumer = KafkaConsumer(topic_settings.topic_interactions, bootstrap_servers=topic_settings.kafka_bootstrap,
+                             group_id=topic_settings.app_id, auto_offset_reset="earliest", consumer_timeout_ms=10_000)
+    try:
+        got = [(m.key, json.loads(m.value)) for m in consumer]
+        consumer.commit()
+    finally:
+        consumer.close()
+    assert got == [(b"u42", {"user_id": "u42", "item_id": "242", "ts": 1764201600000})]
+
+    described = subprocess.run(["bash", "-c", as_here(groups_cmd)], capture_output=True, text=True, timeout=120)
+    assert described.returncode == 0, described.stderr[-2000:]
+    assert topic_settings.topic_interactions in described.stdout and "LAG" in described.stdout, described.stdout

@@ -119,20 +119,22 @@ def test_offsets_committed_past_unwritten_events_do_not_skip_them(broker_setting
 
 def test_a_worker_joining_and_leaving_mid_replay_loses_and_repeats_nothing(broker_settings, tmp_path):
     s = topics_for(broker_settings, tmp_path, 12)
-    events = synthetic_log(4000, users=80, items=150, seed=11)
+    events = synthetic_log(6000, users=80, items=150, seed=11)
     log_file = tmp_path / "log.jsonl"
     log_file.write_text("".join(json.dumps(e) + "\n" for e in events))
     second = s.model_copy(update={"web_port": private_worker(s, tmp_path).web_port, "worker_dir": tmp_path / "w2"})
     with worker(s, tmp_path / "first.log") as first:
         wait("the worker's /health", lambda: http_get(s, "/health"), first)
         summary: list = []
-        sender = threading.Thread(target=lambda: summary.append(replay(s, log_file, rate=400, progress=False)))
+        # Slow enough (40 s) that the joiner gets partitions while events still arrive.
+        sender = threading.Thread(target=lambda: summary.append(replay(s, log_file, rate=150, progress=False)))
         sender.start()
         try:
-            wait("a quarter of the replay applied", lambda: applied(s) >= len(events) // 4, first)
+            wait("a tenth of the replay applied", lambda: applied(s) >= len(events) // 10, first)
             with worker(second, tmp_path / "second.log") as joiner:
-                # The joiner owns some partitions once it has applied something of its own.
                 wait_for("the second worker applying", lambda: applied(second) > 0, joiner.proc, joiner.log_path)
+                joined_at = applied(s) + applied(second)
+                assert joined_at < len(events), "the replay ended before the second worker joined"
                 assert joiner.stop(30.0) == 0
         finally:
             sender.join(180)
