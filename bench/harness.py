@@ -233,7 +233,7 @@ def fill_histories(store, user_ids: list[str], histories: list[np.ndarray], item
                    codes: np.ndarray | None = None, version: str | None = None, chunk: int = 2000) -> dict[str, int]:
     """Write the users' history rows into the shard each belongs to (the partition Kafka's default
     partitioner gives its id, as for keyed events), ``chunk`` users per write → {user: shard}."""
-    from stream.serving import shard_hint
+    from serving.reader import shard_hint
 
     settings = store.settings
     item_ids = pa.array([str(i) for i in items["item_id"]], pa.string())

@@ -191,9 +191,14 @@ def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- online loop ----------------------------------------------------------------------------------
 def _cmd_topk(args: argparse.Namespace, settings: Settings) -> int:
-    from stream import serving
+    import json
 
-    return serving.topk_command(args, settings)
+    from serving.reader import format_recommendation, recommend
+    from store import Store
+
+    rec = recommend(Store(settings), args.user_id, args.k, include_seen=args.include_seen)
+    print(json.dumps(rec.to_json()) if args.json else format_recommendation(rec))
+    return 0
 
 
 def _cmd_trainer(args: argparse.Namespace, settings: Settings) -> int:

@@ -34,7 +34,7 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
     from store import Store
     from store.registry import ModelRegistry
     from stream import broker, datasets, replay
-    from stream.serving import format_recommendation, recommend
+    from serving.reader import format_recommendation, recommend
 
     steps = 8
     data_dir = Path(settings.kafka_home).parent
@@ -128,7 +128,7 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
 
 def _sample_users(path: Path, limit: int, count: int) -> list[str]:
     """The users with the most events among the first ``limit`` of the log (the ones replayed)."""
-    from stream.io import read_interactions
+    from store.logs import read_interactions
 
     replayed = read_interactions(path, limit=limit)
     return replayed["user_id"].value_counts().index[:count].tolist()

@@ -26,6 +26,9 @@ ITEMS = "items"
 HISTORIES = "user_histories"
 INTERESTS = "user_interests"
 REGISTRY = "model_registry"
+# The retrieval side's tables (serving/): written by the worker's serving runtime.
+VERSIONS = "serving_versions"
+POPULAR = "popular_items"
 SHARDED = (HISTORIES, INTERESTS)
 MAX_SHARD = 999  # three digits in the table name
 
@@ -98,6 +101,45 @@ def registry_schema() -> pa.Schema:
         pa.field("manifest_sha256", pa.string(), nullable=False),
         pa.field("manifest", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
+    ])
+
+
+def vectors_table(version: str) -> str:
+    """The item vectors of model ``version`` (shared by later versions with the same item encoder and codebook)."""
+    return f"item_vectors_{version}"
+
+
+def item_vectors_schema(dim: int) -> pa.Schema:
+    """``item_updated_at``: the ``items`` row the vector was computed from (a newer one is re-encoded)."""
+    return pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("codes", pa.binary()),
+        pa.field("item_updated_at", TIMESTAMP, nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def versions_schema() -> pa.Schema:
+    """One row per model version ready to serve; inserting it is a switch's commit point."""
+    return pa.schema([
+        pa.field("version", pa.string(), nullable=False),
+        pa.field("parent", pa.string()),
+        pa.field("vectors_table", pa.string(), nullable=False),
+        pa.field("item_encoder_id", pa.string(), nullable=False),
+        pa.field("codebook_id", pa.string()),
+        pa.field("items", pa.int64(), nullable=False),
+        pa.field("metrics", pa.string()),  # the trainer's scores (JSON)
+        pa.field("updated_at", TIMESTAMP, nullable=False),  # when it became ready
+    ])
+
+
+def popular_schema() -> pa.Schema:
+    """The most interacted-with items: the answer when there is no model."""
+    return pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 
 

@@ -1,4 +1,4 @@
-"""The Faust app of the online loop: its topics, agents and web views (the logic is in stream.ingest).
+"""The Faust app of the online loop: its topics, agents and web views (the logic is in stream.ingest, stream.ingestor).
 
     faust -A stream.app worker -l info      # reads HYMIREC_* (kafka_bootstrap, lancedb_uri, ...)
 
@@ -30,8 +30,10 @@ import faust
 from faust.types import TP
 
 from hymirec.settings import load_settings
-from stream.ingest import Ingestor, RawEvent
+from stream.ingest import RawEvent
+from stream.ingestor import Ingestor
 from stream.metrics import CONTENT_TYPE
+from stream.serving_agents import register as register_serving
 
 log = logging.getLogger(__name__)
 
@@ -177,5 +179,4 @@ async def metrics(web, request):
 async def health(web, request):
     return web.json(ingestor.health(_end_offsets()))
 
-# The retrieval side (hot-swap, interest refresh, GET /recommend) registers on this app.
-from stream import serving_agents  # noqa: E402,F401
+serving_side = register_serving(app, settings, ingestor)  # hot-swap, interest refresh, GET /recommend

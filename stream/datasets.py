@@ -25,7 +25,7 @@ import numpy as np
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from stream.io import write_jsonl
+from store.logs import write_jsonl
 
 RECBOLE_VERSION = "1.2.1"
 RECBOLE_WHEEL = f"recbole-{RECBOLE_VERSION}-py3-none-any.whl"

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from stream.events import Interaction, Item, to_json_bytes
-from stream.io import read_interactions, read_items
+from store.events import Interaction, Item, to_json_bytes
+from store.logs import read_interactions, read_items
 
 MAX_GAP_S = 2.0  # --speedup: longest wait between two events, after scaling
 BURST_S = 0.05  # --rate: the token bucket holds this many seconds' worth of events

@@ -185,7 +185,7 @@ def build_world(root: Path) -> dict:
     """A filled LanceDB directory under ``root`` (no versions) and two trained models: m1 and m1
     fine-tuned (m2)."""
     from stream.datasets import export_synthetic
-    from stream.io import read_interactions, read_items
+    from store.logs import read_interactions, read_items
     from trainer.online import read_histories
     from trainer.serving_model import bootstrap
 

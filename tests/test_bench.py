@@ -17,7 +17,7 @@ from bench.harness import catalogue, fill_histories
 from bench.report import reported, target
 from hymirec.settings import Settings
 from store import Store
-from stream.serving import shard_hint
+from serving.reader import shard_hint
 
 MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "load_average_1m", "noisy"}
 VERSION_KEYS = {"python", "torch", "lancedb", "kafka_broker", "aiokafka", "faust-streaming"}

@@ -13,8 +13,8 @@ import pytest
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from stream.datasets import ML100K_PREFIX, export_ml100k, export_synthetic, recbole_wheel
-from stream.events import parse_interaction, parse_item
-from stream.io import read_interactions, read_items
+from store.events import parse_interaction, parse_item
+from store.logs import read_interactions, read_items
 
 
 def parse_lines(path: Path, parse) -> list:

@@ -1,4 +1,4 @@
-"""The event contract (stream/events.py): what is accepted, what is rejected and why."""
+"""The event contract (store/events.py): what is accepted, what is rejected and why."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stream.events import (
+from store.events import (
     ACTIONS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES, MAX_TEXT_CHARS, MAX_TS_MS, EventError, Interaction, Item,
     dead_letter_record, parse_interaction, parse_item, to_json_bytes,
 )

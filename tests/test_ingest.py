@@ -9,7 +9,8 @@ import pytest
 
 from store import Store
 from store.schemas import HISTORIES, shard_table
-from stream.ingest import Gap, Ingestor, ItemCache, RawEvent, apply_interactions, apply_items, prepare_interactions
+from stream.ingest import Gap, ItemCache, RawEvent, apply_interactions, apply_items
+from stream.ingestor import Ingestor
 
 
 def click(user: str, item: str, ts: int, *, partition: int = 0, offset: int, event_id: str | None = None,

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from hymirec.errors import HymirecError
-from stream.events import parse_interaction
-from stream.io import iter_interactions, read_interactions, read_items, write_jsonl
+from store.events import parse_interaction
+from store.logs import iter_interactions, read_interactions, read_items, write_jsonl
 
 ROWS = [
     {"user_id": "u1", "item_id": "42", "ts": 1_000, "action": "rate", "event_id": "e1"},

@@ -20,7 +20,7 @@ import pytest
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
 from stream.replay import replay
-from stream.serving import recommend
+from serving.reader import recommend
 from trainer.online import total_events
 
 from helpers import http_get, private_worker, produce, running_worker, tail, wait_for, worker_env

@@ -39,7 +39,9 @@ from store import ModelRegistry, Store
 from store.tables import table_names
 from stream.broker import LocalKafka, create_topics
 from stream.replay import replay
-from stream.serving import ServingRuntime, item_vectors_schema, open_own, ready_versions, recommend
+from serving.reader import open_own, ready_versions, recommend
+from serving.runtime import ServingRuntime
+from store.schemas import item_vectors_schema
 from trainer.online import read_histories
 
 from conftest import start_or_unavailable

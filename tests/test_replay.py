@@ -16,7 +16,7 @@ import pytest
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from stream.datasets import export_ml100k
-from stream.io import read_interactions, write_jsonl
+from store.logs import read_interactions, write_jsonl
 from stream.replay import MAX_GAP_S, LogClock, TokenBucket, replay
 from conftest import free_ports
 

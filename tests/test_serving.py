@@ -19,7 +19,9 @@ import torch
 
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
-from stream.serving import ServingRuntime, item_vectors_schema, open_own, recommend
+from serving.reader import open_own, recommend
+from serving.runtime import ServingRuntime
+from store.schemas import item_vectors_schema
 from trainer.online import Case, OnlineTrainer, guardrail, prequential_scores, read_histories, split_stream
 
 from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures

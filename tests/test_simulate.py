@@ -15,8 +15,9 @@ import pytest
 from hymirec.settings import Settings
 from store import Store
 from stream.datasets import export_synthetic
-from stream.io import read_interactions
-from stream.serving import Recommender, ServingRuntime, recommend
+from store.logs import read_interactions
+from serving.reader import Recommender, recommend
+from serving.runtime import ServingRuntime
 from trainer.simulate import (SimConfig, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk, score_event,
                               summarise, summary_markdown, thirds, windows)
 

@@ -39,7 +39,7 @@ from model.retrieval import rank_of_targets
 from store.registry import ModelRegistry
 from store.schemas import HISTORIES, shard_table
 from store.tables import Store
-from stream.serving import EncodedItems, ServingModel
+from serving.model import EncodedItems, ServingModel
 from trainer.metrics import ndcg_at_k, recall_at_k
 
 log = logging.getLogger(__name__)

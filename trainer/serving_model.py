@@ -1,4 +1,4 @@
-"""The online loop's view of a HyMiRec version (``stream.serving.ServingModel``), over trainer.publish.
+"""The online loop's view of a HyMiRec version (``serving.model.ServingModel``), over trainer.publish.
 
 What the offline side leaves out and the online loop needs:
 
@@ -37,7 +37,7 @@ from model.backbone import TINY_NAMES, Backbone, tiny_config
 from model.codebook import CodebookConfig
 from model.item_encoder import ItemEncoder, frozen_encoder
 from store.registry import ModelRegistry
-from stream.serving import EncodedItems
+from serving.model import EncodedItems
 from trainer.data import Catalogue, Sequences, pad_left
 from trainer.publish import FORMAT, ITEMS, WEIGHTS, LoadedModel, _state_bytes, load_version
 
@@ -104,7 +104,7 @@ def encode_content(encoder: ItemEncoder, texts: list[str]) -> torch.Tensor:
 
 # --- the adapter ------------------------------------------------------------------------------------
 class HyMiRecServing:
-    """A HyMiRec version as a ``stream.serving.ServingModel`` (version None until published)."""
+    """A HyMiRec version as a ``serving.model.ServingModel`` (version None until published)."""
 
     def __init__(self, loaded: LoadedModel, settings: Settings, encoder: ItemEncoder | None,
                  encoder_files: dict[str, bytes], encoder_recipe: dict):

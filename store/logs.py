@@ -7,7 +7,7 @@
 
 Formats by suffix: JSON lines (``.jsonl``, ``.ndjson``, ``.json``), CSV (``.csv``, header row) and
 Parquet (``.parquet``); JSON lines and CSV may be gzipped (``.jsonl.gz``, ``.csv.gz``). Every row is
-held to the contract of ``stream.events``: numeric ids become strings, a missing ``action`` is
+held to the contract of ``store.events``: numeric ids become strings, a missing ``action`` is
 "click", and a row the contract rejects stops the read with a ``HymirecError`` naming the file, the
 line (JSON lines) or row (CSV, Parquet; header not counted) and the contract's reason. Nothing is
 dropped silently.
@@ -37,7 +37,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from hymirec.errors import HymirecError
-from stream.events import (
+from store.events import (
     ACTIONS,
     MAX_ID_CHARS,
     MAX_PAYLOAD_BYTES,
