@@ -45,8 +45,13 @@ class ServingModel(Protocol):
         train on are embedded from their text (and become known to ``interests``); an item it can
         embed neither way is left out of the result."""
 
-    def interests(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
-        """Users' item-id histories (oldest first; unknown ids ignored) → unit interests [B, K, D]."""
+    def interests(self, histories: Sequence[Sequence[str]], codes: Sequence[bytes | None] | None = None) -> np.ndarray:
+        """Users' item-id histories (oldest first; unknown ids ignored) → unit interests [B, K, D].
+
+        ``codes[i]``, where given, is user i's stored history: the packed CSRC codes aligned with
+        ``histories[i]``, encoded with this model's codebook. The coarse branch then reads their
+        reconstruction (what the store keeps); the refined branch reads the exact vectors of the
+        recent ids either way."""
 
 
 LoadModel = Callable[[Settings, str], ServingModel]

@@ -65,6 +65,7 @@ class Live:
     model: ServingModel
     row: dict  # its serving_versions row
     index: ItemIndex
+    codes_readable: set[str] = field(default_factory=set)  # versions whose history codes its codebook reads
 
     @property
     def version(self) -> str:
@@ -202,6 +203,9 @@ class ServingRuntime:
         return "refused"
 
     def _go_live(self, live: Live) -> None:
+        codebook = live.model.codebook_id
+        if codebook is not None:  # stored codes of any version with the same codebook decode alike
+            live.codes_readable = {v for v, row in ready_versions(self.store).items() if row["codebook_id"] == codebook}
         self.live = live
         self.metrics.version.info({"version": live.version})
         if self.on_live is not None:
@@ -320,7 +324,8 @@ class ServingRuntime:
         rows = list(self.store.get_histories(users, shard=shard).values())
         if not rows:
             return 0
-        vectors = self.live.model.interests([row["history_item_ids"] or [] for row in rows])
+        codes = [row["history_codes"] if row["codebook_version"] in self.live.codes_readable else None for row in rows]
+        vectors = self.live.model.interests([row["history_item_ids"] or [] for row in rows], codes)
         now = datetime.now(timezone.utc)
         self.store.upsert_interests(shard, [
             {"user_id": row["user_id"], "interests": v, "model_version": self.live.version, "updated_at": now}
