@@ -7,7 +7,7 @@ the item encoder (model/item_encoder.py) when it and the dataset are available h
 ``tiny`` random backbone by default (untrained: the vectors are real encoder outputs of real text,
 not trained embeddings), ``smollm2`` with --full.
 
-Recall@10: HyMiRec is trained (trainer.offline.run_eval, leave-one-out, tiny backbone) on the planted
+Recall@10: HyMiRec is trained (trainer.experiment.run_eval, leave-one-out, tiny backbone) on the planted
 multi-interest synthetic set with the codebook at a few (levels, size) and without it (the
 ``hymirec-nocodebook`` run: the coarse branch reads exact item vectors), same seed and epochs.
 """
@@ -142,7 +142,7 @@ def recall_effect(settings: Settings, opts: Options) -> list[dict]:
     from stream.datasets import export_synthetic
     from store.logs import read_interactions, read_items
     from trainer.data import leave_one_out
-    from trainer.offline import run_eval
+    from trainer.experiment import run_eval
 
     with tempfile.TemporaryDirectory(prefix="hymirec-bench-recall-") as tmp:
         export_synthetic(tmp, drift=0.0, seed=settings.seed, **RECALL_DATA[opts.quick])

@@ -60,8 +60,8 @@ def download_wheels(dest: Path) -> None:
 def export_dataset(name: str, data: Path, cache: Path, settings) -> None:
     from model.item_encoder import embedding_cache_key
     from stream.datasets import export_ml100k, export_synthetic
-    from trainer.data import leave_one_out
-    from trainer.offline import item_content, read_log
+    from trainer.data import leave_one_out, read_log
+    from trainer.models import item_content
 
     with tempfile.TemporaryDirectory() as tmp:
         if name == "ml-100k":

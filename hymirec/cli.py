@@ -152,15 +152,22 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- offline model work ---------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from trainer import offline
+    from trainer.experiment import eval_runs
 
-    return offline.eval_command(args, settings)
+    return eval_runs(settings, interactions=args.interactions, items=args.items, models=args.model,
+                     seeds=args.seeds or [settings.seed if args.seed is None else args.seed], backbone=args.backbone,
+                     item_encoder=args.item_encoder, epochs=args.epochs, device=args.device, json_lines=args.json,
+                     out=args.out)
 
 
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from trainer import offline
+    from trainer.publish import train_and_publish
 
-    return offline.train_command(args, settings)
+    version, _ = train_and_publish(settings, interactions=args.interactions, items=args.items, model=args.model,
+                                   backbone=args.backbone, item_encoder=args.item_encoder, epochs=args.epochs,
+                                   seed=args.seed, device=args.device)
+    print(f"published {version.version} (parent {version.parent or '-'}) at {version.path}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -221,7 +228,7 @@ def _sizes(text: str) -> list[int]:
 def _add_model_args(parser: argparse.ArgumentParser, models: list[str] | None, default: str | None) -> None:
     parser.add_argument("--interactions", type=_existing_file, required=True, help="interaction log (JSONL, CSV or Parquet)")
     parser.add_argument("--items", type=_existing_file, required=True, help="item catalogue (JSONL, CSV or Parquet)")
-    if models is None:  # eval: any run name of trainer.offline.RUNS, a comma list of them, or all
+    if models is None:  # eval: any run name of trainer.recipes.RUNS, a comma list of them, or all
         parser.add_argument("--model", required=True, help="hymirec, hymirec-k1, hymirec-kval (K = 4 or 1, "
                             "whichever validates better), hymirec-nocodebook, hymirec-dmil-pooled, multi, sasrec, "
                             "sasrec-200, pop; a comma list of them; or all (all but hymirec-dmil-pooled)")

@@ -15,7 +15,7 @@ An item's score for a user is the max cosine over the K interests. The coarse br
 a stored history holds: each item's CSRC codes (plus quantised scales), decoded. The recent items
 are read exactly (their ids are kept, DESIGN §1).
 
-Training runs in two phases (trainer.offline.HyMiRecModel drives them):
+Training runs in two phases (trainer.models.HyMiRecModel drives them):
 1. ``coarse_loss``: the item table and the coarse branch learn next-item prediction at (up to 200
    random) positions of every user's long history, SASRec's objective, over the exact item
    vectors; with K > 1 its first K coarse interests (last state + K-1 pooled) also learn the next
@@ -66,7 +66,7 @@ class HyMiRecConfig:
     # Phase 1: DMIL pairs the target groups with the M pooled interests only; the last state learns
     # next-item prediction and the max-over-K term, as at K = 1 (docs/offline_results.md, session 6).
     coarse_dmil_pooled_only: bool = False
-    dropout: float = 0.3  # coarse branch; with phase 1's weight average (trainer.offline.COARSE_FIT), session 9
+    dropout: float = 0.3  # coarse branch; with phase 1's weight average (trainer.models.COARSE_FIT), session 9
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     # refined branch
     user_backbone: str = "tiny"

@@ -131,3 +131,17 @@ def cached_item_embeddings(
     tmp.replace(path)
     log.info("cached %d item embeddings at %s", len(texts), path)
     return vectors
+
+
+def zero_textless(vectors: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """vectors [n, C] of ``texts`` → the same with the rows of items without text zeroed: such an
+    item has no content, it relies on its ID embedding."""
+    has_text = torch.as_tensor([bool(t.strip()) for t in texts], dtype=torch.bool)[:, None]
+    return vectors * has_text
+
+
+def encode_content(encoder: ItemEncoder, texts: list[str]) -> torch.Tensor:
+    """Content rows [n, C] of ``texts`` (an item without text is 0), as HyMiRec stores them before
+    standardising."""
+    vectors = encoder.encode_all(texts) if texts else torch.zeros(0, encoder.out_dim)
+    return zero_textless(vectors, texts)

@@ -6,9 +6,11 @@ chunk size. A single-interest model passes interests [B, 1, D].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -153,3 +155,11 @@ def rank_of_targets(
         _mask_pairs(s, rows, cols, start)
         ranks += (s >= target_score[:, None]).sum(dim=1)
     return ranks
+
+
+def popularity_vectors(counts: np.ndarray, top: float) -> torch.Tensor:
+    """A popularity ranking as item vectors, so the same max-cosine scoring serves it: counts [n] →
+    unit vectors [n, 2] at angle (1 − count / top)·π/2. Every user is (1, 0), so an item's cosine falls
+    as its count does."""
+    theta = (1.0 - torch.as_tensor(counts, dtype=torch.float64) / top) * (math.pi / 2)
+    return torch.stack([theta.cos(), theta.sin()], dim=1).float()

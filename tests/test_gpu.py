@@ -83,7 +83,8 @@ def test_codebook_fits_on_cuda_as_well_as_on_the_cpu():
 
 
 def test_offline_trainer_trains_and_ranks_on_cuda():
-    from trainer.offline import RUNS, build, evaluate
+    from trainer.evaluate import evaluate
+    from trainer.recipes import RUNS, build
 
     rng = np.random.default_rng(0)
     users, items = 80, 40

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -59,7 +58,7 @@ def test_missing_columns_are_a_clear_error():
 def test_hymirec_batches_mix_users_of_every_history_length():
     # Batches of users of similar length (less padding) made every batch one kind of user and cost
     # the coarse branch 0.03 test Recall@10 on ml-100k: an epoch must be a random partition.
-    from trainer.offline import HyMiRecModel
+    from trainer.models import HyMiRecModel
 
     log = frame([("u", "a", 1), ("u", "b", 2), ("u", "c", 3)])
     split = leave_one_out(log, ITEMS)
@@ -81,7 +80,8 @@ def test_phase1_runs_to_early_stopping_with_validation_and_to_a_cosine_budget_wi
     # A 40-epoch cosine schedule ended phase 1 while ml-100k validation was still rising; eval can stop
     # on validation, so it trains at a constant lr for as long as that helps. Train and the online
     # trainer have no validation set: their epochs stay a budget that the lr decays over.
-    from trainer.offline import COARSE_MAX_EPOCHS, HYMIREC_EPOCHS, FitConfig, HyMiRecModel, _schedule
+    from trainer.fit import FitConfig, lr_schedule
+    from trainer.models import COARSE_MAX_EPOCHS, HYMIREC_EPOCHS, HyMiRecModel
 
     split = leave_one_out(frame([("u", "a", 1), ("u", "b", 2), ("u", "c", 3)]), ITEMS)
 
@@ -100,8 +100,8 @@ def test_phase1_runs_to_early_stopping_with_validation_and_to_a_cosine_budget_wi
     coarse, refine = configs(validated=True, use_coarse=False, use_codebook=False)  # "multi": one phase
     assert refine.epochs == HYMIREC_EPOCHS
 
-    constant = _schedule(FitConfig(epochs=10, batch_size=1, lr=1.0, schedule="constant"), 100)
-    cosine = _schedule(FitConfig(epochs=10, batch_size=1, lr=1.0), 100)
+    constant = lr_schedule(FitConfig(epochs=10, batch_size=1, lr=1.0, schedule="constant"), 100)
+    cosine = lr_schedule(FitConfig(epochs=10, batch_size=1, lr=1.0), 100)
     assert {constant(step) for step in range(100)} == {1.0}
     assert cosine(0) < cosine(10) == 1.0 and cosine(99) < 0.01
 
@@ -135,7 +135,7 @@ def test_eval_cli_prints_metrics(capsys, synthetic, model):
 
 @pytest.mark.parametrize("name", ["hymirec-k1", "hymirec-nocodebook", "hymirec-dmil-pooled", "multi"])
 def test_ablation_runs_build_their_variant(name):
-    from trainer.offline import RUNS, build
+    from trainer.recipes import RUNS, build
 
     split = leave_one_out(frame([(f"u{u}", c, t) for u in range(4) for t, c in enumerate("abcde")]), ITEMS)
     settings = Settings(embedding_dim=16, codebook_levels=2, codebook_size=4, history_max_len=10, recent_len=3)
@@ -149,7 +149,7 @@ def test_ablation_runs_build_their_variant(name):
 
 
 def test_hymirec_and_sasrec_train_on_the_settings_negatives():
-    from trainer.offline import RUNS, build
+    from trainer.recipes import RUNS, build
 
     split = leave_one_out(frame([(f"u{u}", c, t) for u in range(4) for t, c in enumerate("abcde")]), ITEMS)
     settings = Settings(embedding_dim=16, codebook_levels=2, codebook_size=4, history_max_len=10, recent_len=3,
@@ -170,7 +170,7 @@ class _Fixed:
     """A candidate with a fixed validation score that records the first random number it drew."""
 
     def __init__(self, name, valid, seconds):
-        from trainer.offline import FitReport
+        from trainer.fit import FitReport
 
         self.name, self.draw = name, torch.rand(1).item()
         self.report = FitReport(valid_recall10=valid, train_seconds=seconds, items_seen=10, extra={"mine": name})
@@ -183,7 +183,7 @@ class _Fixed:
 
 
 def test_a_choice_run_keeps_the_candidate_that_validates_best_each_from_the_same_seed():
-    from trainer.offline import ChosenOnValidation
+    from trainer.models import ChosenOnValidation
 
     made = []
 
@@ -237,7 +237,7 @@ def test_eval_cli_several_seeds_reports_mean_and_spread(tmp_path, capsys, synthe
 
 
 def test_across_seeds_mean_and_sample_sd():
-    from trainer.offline import across_seeds
+    from trainer.results import across_seeds
 
     rows = across_seeds([{"model": "a", "recall@10": 0.1}, {"model": "b", "recall@10": 0.5},
                          {"model": "a", "recall@10": 0.3}])
@@ -266,9 +266,8 @@ def test_train_publishes_versions_and_load_reproduces_scores(tmp_path, monkeypat
     assert "published v0001" in capsys.readouterr().out
 
     settings = Settings()  # the same environment
-    args = argparse.Namespace(interactions=inter, items=items, model="hymirec", backbone=None, item_encoder=None, epochs=1,
-                              seed=2, device="cpu")
-    version, trained = train_and_publish(args, settings)
+    version, trained = train_and_publish(settings, interactions=inter, items=items, model="hymirec", epochs=1, seed=2,
+                                         device="cpu")
     assert version.version == "v0002" and version.parent == "v0001"
     manifest = version.manifest
     assert manifest["files"]["model.safetensors"]["sha256"]
@@ -292,7 +291,7 @@ def test_train_publishes_versions_and_load_reproduces_scores(tmp_path, monkeypat
 
 
 def test_fit_loop_validates_and_keeps_the_moving_average_of_the_weights():
-    from trainer.offline import FitConfig, fit_loop
+    from trainer.fit import FitConfig, fit_loop
 
     module = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(module.weight)

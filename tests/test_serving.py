@@ -222,13 +222,11 @@ def test_vectors_get_an_ann_index_that_keeps_the_exact_answers(world, settings):
 def test_a_version_from_hymirec_train_is_served_and_embeds_new_items(world, settings):
     """`hymirec train` publishes no encoder files: the worker rebuilds the encoder from the recipe,
     checks it against the stored content, and uses it for items that version has not seen."""
-    from argparse import Namespace
-
     from trainer.publish import train_and_publish
 
     data = world["root"] / "data"
-    train_and_publish(Namespace(interactions=data / "interactions.jsonl", items=data / "items.jsonl", model="hymirec",
-                                backbone="tiny", epochs=1, seed=None, device="cpu"), settings)
+    train_and_publish(settings, interactions=data / "interactions.jsonl", items=data / "items.jsonl", model="hymirec",
+                      backbone="tiny", epochs=1, device="cpu")
     store = Store(settings)
     runtime = ServingRuntime(settings)
     runtime.start()

@@ -13,11 +13,13 @@ when it is a repeat, so that a repeat purchase stays rankable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hymirec.errors import HymirecError
+from store.logs import read_interactions, read_items
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "ts")
 ITEM_COLUMNS = ("item_id", "text")
@@ -49,17 +51,10 @@ class Catalogue:
         interaction log (``extra_ids``) are appended with empty text, so they fall back to ID
         embeddings."""
         _require_columns(items, ITEM_COLUMNS, "items")
-        items = items.drop_duplicates("item_id", keep="last")
+        items = with_log_only_ids(items.drop_duplicates("item_id", keep="last"), extra_ids)
         ids = [str(i) for i in items["item_id"]]
         texts = ["" if pd.isna(t) else str(t) for t in items["text"]]
         cats = list(items["category"]) if "category" in items else [None] * len(ids)
-        known = set(ids)
-        for item_id in extra_ids:
-            if item_id not in known:
-                known.add(item_id)
-                ids.append(item_id)
-                texts.append("")
-                cats.append(None)
         names = sorted({str(c) for c in cats if c is not None and not pd.isna(c)})
         cat_index = {name: c + 1 for c, name in enumerate(names)}
         category = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -67,6 +62,25 @@ class Catalogue:
             if c is not None and not pd.isna(c):
                 category[i + 1] = cat_index[str(c)]
         return cls(item_ids=ids, texts=texts, category=category, category_names=names)
+
+    def append(self, item_ids: list[str]) -> None:
+        """New items at the end, without text or category yet; earlier items keep their index."""
+        start = len(self.item_ids)
+        self.item_ids.extend(item_ids)
+        self.texts.extend([""] * len(item_ids))
+        self.category = np.concatenate([self.category, np.zeros(len(item_ids), np.int64)])
+        self.index.update({item_id: start + k + 1 for k, item_id in enumerate(item_ids)})
+
+
+def with_log_only_ids(items: pd.DataFrame, item_ids) -> pd.DataFrame:
+    """``items`` plus a row without text or category for every id of ``item_ids`` (ids seen in the
+    interaction log) that it lacks: such an item falls back to its ID embedding."""
+    known = set(items["item_id"].astype(str))
+    extra = [i for i in dict.fromkeys(item_ids) if str(i) not in known]
+    if not extra:
+        return items
+    rows = pd.DataFrame({"item_id": extra, "text": [""] * len(extra), "category": [None] * len(extra)})
+    return pd.concat([items, rows], ignore_index=True)
 
 
 @dataclass
@@ -169,3 +183,9 @@ def item_popularity(sequences: list[np.ndarray], num_items: int) -> np.ndarray:
         np.add.at(counts, seq, 1.0)
     counts[0] = 0.0
     return counts
+
+
+def read_log(interactions: Path, items: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The interaction log and the item catalogue (JSONL, CSV or Parquet)."""
+
+    return read_interactions(interactions), read_items(items)

@@ -35,11 +35,12 @@ from lancedb.expr import col
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from model.retrieval import rank_of_targets
+from model.retrieval import popularity_vectors, rank_of_targets
 from store.registry import ModelRegistry
 from store.schemas import HISTORIES, shard_table
 from store.tables import Store
 from serving.model import EncodedItems, ServingModel
+from trainer.data import with_log_only_ids
 from trainer.metrics import ndcg_at_k, recall_at_k
 
 log = logging.getLogger(__name__)
@@ -108,18 +109,15 @@ def split_stream(histories: pd.DataFrame, items: pd.DataFrame, trained: dict[str
         sequences[user] = ids[:cut]
         cases += [Case(user, ids[:j], ids[j]) for j in range(cut, len(ids))]
         learned[user] = int(count) - held
-    seen = dict.fromkeys(i for seq in histories["history_item_ids"] for i in seq)
-    extra = [i for i in seen if i not in set(items["item_id"])]
-    catalogue = pd.concat([items[["item_id", "text", "category"]],
-                           pd.DataFrame({"item_id": extra, "text": [""] * len(extra), "category": [None] * len(extra)})],
-                          ignore_index=True)
+    seen = (i for seq in histories["history_item_ids"] for i in seq)
+    catalogue = with_log_only_ids(items[["item_id", "text", "category"]], seen)
     return CycleData(catalogue, sequences, cases, learned, int(histories["event_count"].sum()))
 
 
 # --- prequential scoring ------------------------------------------------------------------------
 class PopularScorer:
-    """The no-model answer (most popular among the training data) as a scorer: item i is the unit
-    vector at an angle decreasing with its count, every user is (1, 0), so cosine ranks by count."""
+    """The no-model answer (most popular among the training data) as a scorer
+    (model.retrieval.popularity_vectors)."""
 
     def __init__(self, sequences: dict[str, list[str]]):
         counts = pd.Series([i for seq in sequences.values() for i in seq], dtype=object).value_counts()
@@ -128,8 +126,8 @@ class PopularScorer:
 
     def encode_items(self, items: pd.DataFrame) -> EncodedItems:
         ids = [str(i) for i in items["item_id"]]
-        theta = np.array([(1.0 - self.counts.get(i, 0) / self.top) * np.pi / 2 for i in ids])
-        return EncodedItems(ids, np.stack([np.cos(theta), np.sin(theta)], axis=1).astype(np.float32), [None] * len(ids))
+        vectors = popularity_vectors(np.array([self.counts.get(i, 0) for i in ids], dtype=np.float64), self.top)
+        return EncodedItems(ids, vectors.numpy(), [None] * len(ids))
 
     def interests(self, histories) -> np.ndarray:
         return np.tile(np.array([[[1.0, 0.0]]], np.float32), (len(histories), 1, 1))

@@ -1,85 +1,64 @@
-"""Train on a whole log, publish a versioned checkpoint, and load one back ready to serve.
-
-A version holds ``model.safetensors`` (every weight and buffer: item content, codes, codebook),
-``items.json`` (item ids and categories in index order) and a manifest with the model kind,
-config, codebook description, training metrics and the parent version (the latest before it).
-The registry (store.registry) adds the sha256 of every file and verifies them on load.
+"""`hymirec train`: fit on a whole log for a fixed number of epochs, publish a registry version
+(model.artifact: its files and manifest), and load one back ready to serve. The registry
+(store.registry) adds the sha256 of every file and verifies them on load.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from model.hymirec import HyMiRec, HyMiRecConfig
+from model import artifact
+from model.item_encoder import encode_content, frozen_encoder
 from model.retrieval import TopK, topk_items
-from model.sasrec import SASRec, SASRecConfig
-from store.registry import ModelRegistry
-from trainer.data import Catalogue, build_sequences, load_catalogue, pad_left
-
-FORMAT = 1
-WEIGHTS = "model.safetensors"
-ITEMS = "items.json"
+from store.registry import ModelRegistry, ModelVersion
+from trainer.data import Catalogue, build_sequences, load_catalogue, pad_left, read_log
+from trainer.evaluate import RankingModel
+from trainer.recipes import RUNS, build, item_encoder_name
+from trainer.runtime import seed_everything, select_device
 
 
-def _state_bytes(module: torch.nn.Module) -> bytes:
-    # clone(): safetensors refuses tensors that share storage (tied or sliced views)
-    return save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()})
-
-
-def train_and_publish(args, settings: Settings):
-    """Fit ``args.model`` on the whole log and publish it → (ModelVersion, the trained Recommender)."""
-    from trainer.offline import RUNS, _device, _seed, build, item_encoder_name, read_log
-
-    interactions, items = read_log(args.interactions, args.items)
-    catalogue = load_catalogue(interactions, items)
-    sequences = build_sequences(interactions, catalogue)
-    seed = args.seed if args.seed is not None else settings.seed
-    _seed(seed)
-    backbone = args.backbone or "tiny"
-    item_encoder = item_encoder_name(args, settings)
-    model = build(RUNS[args.model], catalogue, settings, _device(args.device), backbone, item_encoder, args.epochs,
-                  progress=True)
-    report = model.fit(sequences, None, progress=True)
+def train_and_publish(settings: Settings, *, interactions: Path, items: Path, model: str = "hymirec",
+                      backbone: str | None = None, item_encoder: str | None = None, epochs: int | None = None,
+                      seed: int | None = None, device: str | None = None) -> tuple[ModelVersion, RankingModel]:
+    """Fit run ``model`` on the whole log and publish it → (the version, the trained model).
+    Defaults: the tiny backbone, HYMIREC_ITEM_ENCODER or the backbone, the model's own epochs,
+    HYMIREC_SEED, cuda when available."""
+    events, item_rows = read_log(interactions, items)
+    catalogue = load_catalogue(events, item_rows)
+    sequences = build_sequences(events, catalogue)
+    seed = settings.seed if seed is None else seed
+    seed_everything(seed)
+    item_encoder = item_encoder_name(item_encoder, backbone, settings)
+    backbone = backbone or "tiny"
+    trained = build(RUNS[model], catalogue, settings, select_device(device), backbone, item_encoder, epochs,
+                    progress=True)
+    report = trained.fit(sequences, None, progress=True)
+    kind = "sasrec" if model == "sasrec" else "hymirec"
+    config = trained.config
+    codebook = None
+    if getattr(config, "use_codebook", False) and getattr(config, "use_coarse", False):
+        codebook = {**trained.model.items.codebook.to_manifest(), "bytes_per_item": report.extra["bytes_per_item"],
+                    "reconstruction_cosine": round(report.extra["reconstruction_cosine"], 4)}
+    manifest = artifact.manifest(
+        model=model, kind=kind, config=asdict(config), backbone=backbone,
+        item_encoder={"backbone": item_encoder, "hidden": settings.embedding_dim, "seed": settings.seed},
+        codebook=codebook,
+        metrics={"final_loss": round(report.final_loss, 5), "epochs": report.epochs,
+                 "train_s": round(report.train_seconds, 1), "train_items_per_s": round(report.items_per_second)},
+        trained_on={"interactions": str(interactions), "events": len(events), "users": len(sequences),
+                    "items": catalogue.num_items, "seed": seed, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+    weights = trained.model if kind == "hymirec" else torch.nn.ModuleList([trained.model, trained.scale])
     registry = ModelRegistry(settings)
     parent = registry.latest()
-    manifest = {
-        "format": FORMAT,
-        "model": args.model,
-        "kind": "sasrec" if args.model == "sasrec" else "hymirec",
-        "config": asdict(model.config),
-        "backbone": backbone,
-        # what rebuilds the frozen content encoder (model.item_encoder.frozen_encoder) for new items
-        "item_encoder": {"backbone": item_encoder, "hidden": settings.embedding_dim, "seed": settings.seed},
-        "codebook": {**model.model.items.codebook.to_manifest(),
-                     "bytes_per_item": report.extra["bytes_per_item"],
-                     "reconstruction_cosine": round(report.extra["reconstruction_cosine"], 4)}
-        if getattr(model.config, "use_codebook", False) and getattr(model.config, "use_coarse", False) else None,
-        "metrics": {
-            "final_loss": round(report.final_loss, 5),
-            "epochs": report.epochs,
-            "train_s": round(report.train_seconds, 1),
-            "train_items_per_s": round(report.items_per_second),
-        },
-        "trained_on": {"interactions": str(args.interactions), "events": len(interactions),
-                       "users": len(sequences), "items": catalogue.num_items, "seed": seed,
-                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    }
-    files = {
-        WEIGHTS: _state_bytes(model.model if manifest["kind"] == "hymirec" else torch.nn.ModuleList([model.model, model.scale])),
-        ITEMS: json.dumps({"item_ids": catalogue.item_ids, "texts": catalogue.texts,
-                           "category": catalogue.category.tolist(),
-                           "category_names": catalogue.category_names}).encode("utf-8"),
-    }
-    return registry.publish(files, manifest, parent.version if parent else None), model
+    return registry.publish(artifact.to_files(weights, catalogue), manifest, parent.version if parent else None), trained
 
 
 @dataclass
@@ -111,15 +90,12 @@ class LoadedModel:
         """Items the model has not seen, by text → (vectors [n, D] from content alone: there is no
         ID embedding for them yet, codes [n, L], scales [n, L] of those vectors); codes/scales are
         None without a codebook. HyMiRec only."""
-        from model.item_encoder import frozen_encoder
-
         if self.kind != "hymirec":
             raise HymirecError(f"model {self.version} ({self.manifest['model']}) has no content encoder")
         if self._encoder is None:
             spec = self.manifest["item_encoder"]
             self._encoder = frozen_encoder(spec["backbone"], self.catalogue.texts, spec["hidden"], spec["seed"])
-        content = self._encoder.encode_all(texts)
-        content = self.module.items.standardise(content * torch.as_tensor([bool(t.strip()) for t in texts])[:, None])
+        content = self.module.items.standardise(encode_content(self._encoder, texts))
         vectors = self.module.items.content_vectors(content)
         if self.codebook is None:
             return vectors, None, None
@@ -161,19 +137,5 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedModel:
             raise HymirecError(f"no published model in {settings.lancedb_uri}; run `hymirec train` first")
         version = latest.version
     manifest, files = registry.load(version)
-    if manifest.get("format") != FORMAT:
-        raise HymirecError(f"model {version} has format {manifest.get('format')!r}; this build reads {FORMAT}")
-    items = json.loads(files[ITEMS])
-    catalogue = Catalogue(item_ids=items["item_ids"], texts=items["texts"],
-                          category=np.asarray(items["category"], dtype=np.int64),
-                          category_names=items["category_names"])
-    state = load_safetensors(files[WEIGHTS])
-    if manifest["kind"] == "hymirec":
-        config = HyMiRecConfig.from_dict(manifest["config"])
-        module = HyMiRec(config, torch.zeros(config.num_items + 1, config.content_dim))
-        module.load_state_dict(state)
-    else:
-        config = SASRecConfig(**manifest["config"])
-        module = SASRec(config)
-        module.load_state_dict({k.removeprefix("0."): v for k, v in state.items() if k.startswith("0.")})
-    return LoadedModel(version, manifest, catalogue, module.eval())
+    module, items = artifact.from_files(version, manifest, files)
+    return LoadedModel(version, manifest, Catalogue(**items), module)

@@ -19,7 +19,6 @@ What the offline side leaves out and the online loop needs:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -28,23 +27,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from model.backbone import TINY_NAMES, Backbone, tiny_config
+from model import artifact
 from model.codebook import CodebookConfig
-from model.item_encoder import ItemEncoder, frozen_encoder
+from model.item_encoder import ItemEncoder, encode_content, frozen_encoder
 from store.registry import ModelRegistry
 from serving.model import EncodedItems
 from trainer.data import Catalogue, Sequences, pad_left
-from trainer.publish import FORMAT, ITEMS, WEIGHTS, LoadedModel, _state_bytes, load_version
+from trainer.models import HyMiRecModel
+from trainer.publish import LoadedModel, load_version
+from trainer.runtime import seed_everything, select_device
 
 log = logging.getLogger(__name__)
 
-ENCODER_WEIGHTS = "item_encoder.safetensors"
-ENCODER_TOKENIZER = "item_tokenizer.json"
 VERIFY_ITEMS = 16  # catalogue items re-encoded to check a rebuilt content encoder
 VERIFY_COSINE = 0.999
 INTERESTS_BATCH = 64
@@ -59,47 +56,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # --- the content encoder (frozen item LLM) ----------------------------------------------------------
-def _encoder_files(encoder: ItemEncoder, recipe: dict) -> tuple[dict[str, bytes], dict]:
-    """A tiny encoder's weights and tokenizer (its tokenizer was trained on the bootstrap catalogue,
-    which later versions outgrow, so the recipe alone would not rebuild it); a pretrained one needs
-    only its recipe."""
-    if recipe["backbone"] not in TINY_NAMES:
-        return {}, recipe
-    recipe = {**recipe, "arch": "qwen2" if recipe["backbone"] == "tiny-qwen2" else "llama",
-              "vocab_size": len(encoder.tokenizer), "files": [ENCODER_WEIGHTS, ENCODER_TOKENIZER]}
-    files = {
-        ENCODER_WEIGHTS: save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}),
-        ENCODER_TOKENIZER: encoder.tokenizer.backend_tokenizer.to_str().encode("utf-8"),
-    }
-    return files, recipe
-
-
-def _encoder_from_files(recipe: dict, files: dict[str, bytes]) -> ItemEncoder:
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(files[ENCODER_TOKENIZER].decode("utf-8")),
-                                        pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    model = AutoModelForCausalLM.from_config(tiny_config(recipe["arch"], recipe["vocab_size"], recipe["hidden"]))
-    encoder = ItemEncoder(Backbone(recipe["backbone"], model, tokenizer, recipe["hidden"]), None)
-    encoder.load_state_dict(load_safetensors(files[ENCODER_WEIGHTS]))
-    return encoder.freeze_llm().eval()
-
-
 def _recipe(manifest: dict) -> dict:
     """How the version's content encoder was made: its ``item_encoder`` entry, or (older
-    manifests) what trainer.offline.item_content used: the backbone, width content_dim, the seed."""
+    manifests) what trainer.models.item_content used: the backbone, width content_dim, the seed."""
     spec = manifest.get("item_encoder") or {}
     return {"backbone": spec.get("backbone", manifest.get("backbone", "tiny")),
             "hidden": spec.get("hidden", manifest["config"]["content_dim"]),
             "seed": spec.get("seed", (manifest.get("trained_on") or {}).get("seed", 0)), **spec}
-
-
-def encode_content(encoder: ItemEncoder, texts: list[str]) -> torch.Tensor:
-    """Content rows [n, C] as trainer.offline.item_content makes them: an item without text is 0."""
-    vectors = encoder.encode_all(texts) if texts else torch.zeros(0, encoder.out_dim)
-    has_text = torch.as_tensor([bool(t.strip()) for t in texts], dtype=torch.bool)[:, None]
-    return vectors * has_text
 
 
 # --- the adapter ------------------------------------------------------------------------------------
@@ -177,10 +140,7 @@ class HyMiRecServing:
         new = [i for i in dict.fromkeys(ids) if i not in cat.index]
         if new:
             n = len(new)
-            cat.item_ids.extend(new)
-            cat.texts.extend([""] * n)
-            cat.category = np.concatenate([cat.category, np.zeros(n, np.int64)])
-            cat.index.update({item_id: len(cat.item_ids) - n + k + 1 for k, item_id in enumerate(new)})
+            cat.append(new)
             grow = {"content": torch.zeros(n, items.content.size(1)), "has_content": torch.zeros(n, 1)}
             if items.codebook is not None:
                 grow |= {"codes": torch.zeros(n, items.codes.size(1), dtype=torch.long),
@@ -220,8 +180,6 @@ class HyMiRecServing:
     # --- training ---------------------------------------------------------------------------------
     def fine_tune(self, items: pd.DataFrame, sequences: dict[str, list[str]], epochs: int) -> HyMiRecServing:
         """A new model: this one's weights and codebook on the grown catalogue, trained ``epochs`` more."""
-        from trainer.offline import HyMiRecModel, _device
-
         old = self.module
         cat = _catalogue(items, sequences, base=self.catalogue)
         content = torch.zeros(cat.num_items + 1, old.config.content_dim)
@@ -236,7 +194,7 @@ class HyMiRecServing:
         keep_settings = ("num_items", "content_dim", "codebook", "negatives", "negatives_popular")
         overrides = {k: v for k, v in config.items() if k not in keep_settings}
         overrides["codebook"] = CodebookConfig(**config["codebook"])
-        model = HyMiRecModel(cat, _device(None), self.settings, epochs=epochs, content=content, **overrides)
+        model = HyMiRecModel(cat, select_device(None), self.settings, epochs=epochs, content=content, **overrides)
         model.name = "hymirec"
         new = model.model
         state = new.state_dict()
@@ -263,24 +221,17 @@ class HyMiRecServing:
         return HyMiRecServing(loaded, self.settings, self.encoder, self.encoder_files, self.encoder_recipe)
 
     def to_files(self, metrics: dict) -> tuple[dict[str, bytes], dict]:
-        cat, module = self.catalogue, self.module
-        files = {
-            WEIGHTS: _state_bytes(module),
-            ITEMS: json.dumps({"item_ids": cat.item_ids, "texts": cat.texts, "category": cat.category.tolist(),
-                               "category_names": cat.category_names}).encode("utf-8"),
-            **self.encoder_files,
-        }
-        keep = ("format", "model", "kind", "backbone", "trained_on")
-        manifest = {k: v for k, v in self.manifest.items() if k in keep}
-        manifest |= {
-            "format": FORMAT, "model": "hymirec", "kind": "hymirec",
-            "config": asdict(module.config),
-            "codebook": module.items.codebook.to_manifest() if module.items.codebook is not None else {},
-            "item_encoder": self.encoder_recipe,
-            "item_encoder_id": self.item_encoder_id, "codebook_id": self.codebook_id,
-            "metrics": metrics,
-        }
-        return files, manifest
+        manifest = artifact.manifest(
+            model="hymirec", kind="hymirec", config=asdict(self.module.config), backbone=self.manifest.get("backbone"),
+            item_encoder=self.encoder_recipe, codebook=_codebook(self.module), metrics=metrics,
+            trained_on=self.manifest.get("trained_on"), item_encoder_id=self.item_encoder_id, codebook_id=self.codebook_id,
+        )
+        return artifact.to_files(self.module, self.catalogue, self.encoder_files), manifest
+
+
+def _codebook(module: nn.Module) -> dict:
+    codebook = module.items.codebook
+    return codebook.to_manifest() if codebook is not None else {}
 
 
 def _catalogue(items: pd.DataFrame, sequences: dict[str, list[str]], base: Catalogue | None = None) -> Catalogue:
@@ -304,25 +255,22 @@ def _indices(cat: Catalogue, seq: list[str]) -> np.ndarray:
 def bootstrap(settings: Settings, items: pd.DataFrame, sequences: dict[str, list[str]], epochs: int,
               backbone: str = "tiny") -> HyMiRecServing:
     """The first model: content encoder, codebook and HyMiRec trained from scratch on ``sequences``."""
-    from trainer.offline import HyMiRecModel, _device, _seed
-
-    _seed(settings.seed)
+    seed_everything(settings.seed)
     cat = _catalogue(items, sequences)
     recipe = {"backbone": backbone, "hidden": settings.embedding_dim, "seed": settings.seed}
     encoder = frozen_encoder(backbone, cat.texts, recipe["hidden"], recipe["seed"])
     content = torch.cat([torch.zeros(1, encoder.out_dim), encode_content(encoder, cat.texts)])
-    model = HyMiRecModel(cat, _device(None), settings, backbone=backbone, epochs=epochs, content=content)
+    model = HyMiRecModel(cat, select_device(None), settings, backbone=backbone, epochs=epochs, content=content)
     model.name = "hymirec"
     report = model.fit(Sequences(list(sequences), [_indices(cat, s) for s in sequences.values()]), None, False)
-    files, recipe = _encoder_files(encoder, recipe)
-    manifest = {
-        "format": FORMAT, "model": "hymirec", "kind": "hymirec", "backbone": backbone, "parent": None,
-        "item_encoder": recipe,
-        "config": asdict(model.config),
-        "trained_on": {"users": len(sequences), "items": cat.num_items, "seed": settings.seed, "epochs": report.epochs,
-                       "final_loss": round(report.final_loss, 5), "train_s": round(report.train_seconds, 1),
-                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    }
+    files, recipe = artifact.encoder_files(encoder, recipe)
+    manifest = artifact.manifest(
+        model="hymirec", kind="hymirec", config=asdict(model.config), backbone=backbone, item_encoder=recipe,
+        codebook=_codebook(model.model), metrics={}, parent=None,
+        trained_on={"users": len(sequences), "items": cat.num_items, "seed": settings.seed, "epochs": report.epochs,
+                    "final_loss": round(report.final_loss, 5), "train_s": round(report.train_seconds, 1),
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
     loaded = LoadedModel(None, manifest, cat, model.model.cpu().eval())
     return HyMiRecServing(loaded, settings, encoder, files, recipe)
 
@@ -337,7 +285,7 @@ def load_model(settings: Settings, version: str) -> HyMiRecServing:
     if recipe.get("files"):
         _, all_files = ModelRegistry(settings).load(version)
         files = {name: all_files[name] for name in recipe["files"]}
-        encoder = _encoder_from_files(recipe, files)
+        encoder = artifact.encoder_from_files(recipe, files)
     else:
         encoder = _verified_rebuild(loaded, recipe)
     return HyMiRecServing(loaded, settings, encoder, files, recipe)
