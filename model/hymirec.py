@@ -171,11 +171,6 @@ class ItemTable(nn.Module):
             "reconstruction_cosine": self.codebook.reconstruction_cosine(e[1:]),
         }
 
-    def from_codes(self, codes: torch.Tensor, scales: torch.Tensor | None, pad: torch.Tensor) -> torch.Tensor:
-        """What the coarse branch reads of a stored history: codes [B, T, L] (+ scales) → [B, T, D]."""
-        decoded = self.codebook.decode(codes, scales if self.config.codebook.scale_bits else None)
-        return decoded.masked_fill(pad.unsqueeze(-1), 0.0)
-
     def history_inputs(self, seq: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
         """seq [B, T] item indices (0 = pad) → coarse inputs [B, T, D]: the items' reconstruction
         from their codes once the codebook is fitted, else the exact vectors ``exact`` [N+1, D]."""
@@ -354,26 +349,32 @@ class HyMiRec(nn.Module):
     def coarse_frozen(self) -> bool:
         return self.coarse is not None and not any(p.requires_grad for p in self.coarse.parameters())
 
-    def _interests_at(self, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-        """seq [B, T] left-padded, ends [B, C] → interests [B, C, K, D]."""
+    def _interests_at(self, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor,
+                      history: torch.Tensor | None = None) -> torch.Tensor:
+        """seq [B, T] left-padded, ends [B, C] → interests [B, C, K, D]; ``history`` [B, T, D]: the
+        coarse branch's inputs as stored (decoded codes), else looked up from the item table."""
         B, C = ends.shape
         recent, recent_pad = window(seq, ends, self.config.recent_len, 0)
         coarse = None
         if self.coarse is not None:
             pad = seq == 0
+            inputs = self.items.history_inputs(seq, exact) if history is None else history.masked_fill(pad.unsqueeze(-1), 0.0)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.coarse_frozen):
-                states = self.coarse(self.items.history_inputs(seq, exact), pad)
+                states = self.coarse(inputs, pad)
                 coarse = self.coarse.interests(states, pad, ends).flatten(0, 1)
         recent_vecs = exact[recent.flatten(0, 1)]
         interests = self.refined(coarse, recent_vecs, recent_pad.flatten(0, 1))
         return interests.view(B, C, *interests.shape[1:])
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """seq [B, T] left-padded histories (the whole history; the coarse branch reads its last
-        ``history_len`` items, the refined branch the last ``recent_len``) → interests [B, K, D]."""
+        ``history_len`` items, the refined branch the last ``recent_len``) → interests [B, K, D].
+        ``history`` [B, T, D], aligned with seq: the coarse branch's inputs as the store keeps them
+        (the users' history codes, decoded); without it they are the items' codes in the table."""
         seq = seq[:, -self.config.history_len :]
+        history = history[:, -self.config.history_len :] if history is not None else None
         ends = torch.full((seq.size(0), 1), seq.size(1) - 1, device=seq.device)
-        return self._interests_at(seq, ends, self.item_vectors())[:, 0]
+        return self._interests_at(seq, ends, self.item_vectors(), history)[:, 0]
 
     @torch.no_grad()
     def coarse_user(self, seq: torch.Tensor) -> torch.Tensor:

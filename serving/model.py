@@ -54,14 +54,7 @@ class ServingModel(Protocol):
         recent ids either way."""
 
 
-LoadModel = Callable[[Settings, str], ServingModel]
-
-
-def load_serving_model(settings: Settings, version: str) -> ServingModel:
-    """The registry's ``version`` as a ServingModel; raises CorruptArtifact on any bad byte."""
-    from trainer.serving_model import load_model
-
-    return load_model(settings, version)
+LoadModel = Callable[[Settings, str], ServingModel]  # raises CorruptArtifact on any bad byte
 
 
 class ItemIndex:

@@ -45,7 +45,8 @@ from lancedb.index import IvfHnswSq
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from serving.metrics import ServingMetrics
-from serving.model import ItemIndex, LoadModel, ServingModel, load_serving_model
+from serving.hymirec import ServedHyMiRec
+from serving.model import ItemIndex, LoadModel, ServingModel
 from serving.reader import count_popularity, open_own, ready_versions
 from serving.versions import version_number
 from store.registry import CorruptArtifact, ModelRegistry
@@ -111,7 +112,7 @@ class ServingRuntime:
     ``on_live(index)`` is told the live version's codes (the ingest agent's Encoder) after a switch.
     """
 
-    def __init__(self, settings: Settings, *, load_model: LoadModel = load_serving_model,
+    def __init__(self, settings: Settings, *, load_model: LoadModel = ServedHyMiRec.load,
                  metrics: ServingMetrics | None = None, on_live: Callable[[ItemIndex], None] | None = None):
         self.settings = settings
         self.store = Store(settings)

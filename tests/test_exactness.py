@@ -31,7 +31,7 @@ from stream.lag import partition_lag
 from stream.replay import replay
 
 from helpers import http_get, private_worker, produce, read_dead_letters, scrape, wait_for
-from test_reliability import applied, event, expected_histories, matches, synthetic_log, wait, worker
+from test_reliability import applied, expected_histories, matches, synthetic_log, wait, worker
 
 pytestmark = [pytest.mark.reliability, pytest.mark.broker]
 

@@ -15,7 +15,8 @@ import torch
 from hymirec.settings import Settings
 from model.hymirec import cut_points
 from test_model import N, histories, make_model
-from trainer.data import leave_one_out, pad_left
+from model.catalogue import pad_left
+from trainer.data import leave_one_out
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

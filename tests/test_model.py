@@ -14,7 +14,7 @@ from model.codebook import CodebookConfig
 from model.hymirec import HyMiRec, HyMiRecConfig, length_groups, window
 from model.item_encoder import ItemEncoder
 from model.sasrec import SASRec, SASRecConfig
-from trainer.data import pad_left
+from model.catalogue import pad_left
 
 N, C, D = 40, 16, 32
 

@@ -255,7 +255,8 @@ def test_eval_cli_rejects_bad_input(tmp_path, capsys, synthetic):
 
 
 def test_train_publishes_versions_and_load_reproduces_scores(tmp_path, monkeypatch, capsys, synthetic):
-    from trainer.publish import load_version, train_and_publish
+    from serving.loader import load_version
+    from trainer.publish import train_and_publish
 
     inter, items = synthetic
     small = {"HYMIREC_LANCEDB_URI": str(tmp_path / "lancedb"), "HYMIREC_CODEBOOK_SIZE": "16",

@@ -22,7 +22,8 @@ from model.item_encoder import cached_item_embeddings, frozen_encoder, zero_text
 from model.losses import LogitScale, draw_negatives, negative_distribution, sampled_softmax_loss
 from model.retrieval import popularity_vectors
 from model.sasrec import SASRec, SASRecConfig
-from trainer.data import Catalogue, EvalCase, item_popularity, pad_left
+from model.catalogue import Catalogue, pad_left
+from trainer.data import EvalCase, item_popularity
 from trainer.evaluate import RankingModel, evaluate
 from trainer.fit import FitConfig, FitReport, fit_loop
 from trainer.runtime import seed_everything

@@ -40,7 +40,7 @@ from store.registry import ModelRegistry
 from store.schemas import HISTORIES, shard_table
 from store.tables import Store
 from serving.model import EncodedItems, ServingModel
-from trainer.data import with_log_only_ids
+from model.catalogue import with_log_only_ids
 from trainer.metrics import ndcg_at_k, recall_at_k
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import torch
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from trainer.data import Catalogue
+from model.catalogue import Catalogue
 from trainer.evaluate import RankingModel
 from trainer.models import ChosenOnValidation, HyMiRecModel, Popularity, SASRecModel
 
