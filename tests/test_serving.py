@@ -21,7 +21,8 @@ from hymirec.settings import Settings
 from store import ModelRegistry, Store
 from serving.reader import open_own, recommend
 from serving.runtime import ServingRuntime
-from store.schemas import item_vectors_schema
+from store.schemas import HISTORIES, item_vectors_schema
+from trainer.serving_model import load_model
 from trainer.online import Case, OnlineTrainer, guardrail, prequential_scores, read_histories, split_stream
 
 from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
@@ -258,3 +259,53 @@ def test_trainer_reads_at_most_max_users_those_with_most_untrained_events(settin
     for _, row in picked.iterrows():
         assert list(row["history_item_ids"]) == list(everyone.set_index("user_id").loc[row["user_id"], "history_item_ids"])
     assert len(read_histories(store, max_users=len(counts) + 1, trained=trained)) == len(counts)
+
+
+# --- the coarse branch reads the stored history codes ---------------------------------------------------------
+def stored_codes(model, history: list[str]) -> bytes:
+    """A history's codes as the ingest path stores them: each item's packed codes, back to back."""
+    items = model.module.items
+    rows = torch.as_tensor([model.catalogue.index[i] for i in history])
+    return items.codebook.pack_history(items.codes[rows], items.scales[rows])
+
+
+def test_interests_come_from_the_stored_codes_not_the_item_table(world, settings):
+    model = load_model(settings, publish(settings, world["m1"]))
+    store = Store(settings)
+    histories = [store.get_histories([u])[u]["history_item_ids"] for u in users_of(store)[:4]]
+    blobs = [stored_codes(model, h) for h in histories]
+    from_ids = model.interests(histories)
+    from_codes = model.interests(histories, blobs)
+    assert np.allclose(from_codes, from_ids, atol=1e-5)  # the same codebook: the same coarse inputs
+
+    # A corrupted code in the coarse window changes the interests; the other users' stay.
+    book = model.module.items.codebook
+    bad = bytearray(blobs[0])
+    at = (len(histories[0]) - 3) * book.bytes_per_item
+    bad[at] = (bad[at] + 1) % book.config.size
+    corrupted = model.interests(histories, [bytes(bad), *blobs[1:]])
+    assert not np.allclose(corrupted[0], from_codes[0], atol=1e-4)
+    assert np.allclose(corrupted[1:], from_codes[1:], atol=1e-6)
+
+    # Without the model's table of every item's decoded codes, histories with codes are served alike.
+    model.module.items.history_table.zero_()
+    assert np.allclose(model.interests(histories, blobs), from_codes, atol=1e-6)
+    assert not np.allclose(model.interests(histories), from_ids, atol=1e-4)
+
+
+def test_the_runtime_hands_the_model_the_rows_codes_of_its_codebook(world, settings):
+    store = Store(settings)
+    publish(settings, world["m1"])
+    runtime = ServingRuntime(settings)
+    runtime.start()
+    user = users_of(store)[0]
+    shard = next(s for s in store.shards(HISTORIES) if store.get_histories([user], shard=s))
+    row = store.get_histories([user], shard=shard)[user]
+    before = store.get_interests([user])[user]["interests"]
+    blob = bytearray(stored_codes(runtime.live.model, row["history_item_ids"]))
+    blob[-runtime.live.model.module.items.codebook.bytes_per_item] ^= 1  # the newest item's first code
+    store.upsert_histories(shard, [{**row, "history_codes": bytes(blob), "codebook_version": runtime.live.version,
+                                    "updated_at": None}])
+    assert runtime.refresh_interests() == 1
+    after = store.get_interests([user])[user]["interests"]
+    assert not np.allclose(np.asarray(after), np.asarray(before), atol=1e-4)
