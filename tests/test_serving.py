@@ -138,6 +138,11 @@ def test_guardrail_and_holdout():
     assert data.trained == {"a": 3, "b": 1, "c": 1}
     assert set(data.items["item_id"]) == {"1", "2", "3", "4", "5", "6", "7"}  # "7" only in a history
 
+    # Stored codes (two bytes an item here) follow each held-out history: the prefix of its items.
+    coded = histories.assign(history_codes=[b"a1a2a3a4", None, b"g7"], codebook_version=["v0001", None, "v0001"])
+    cases = split_stream(coded, items, trained={"a": 3}, holdout=2).holdout
+    assert [(c.codes, c.codes_version) for c in cases] == [(b"a1a2a3", "v0001"), (None, None)]
+
 
 def test_prequential_scores_rank_the_full_catalogue(world):
     items = world["items"][["item_id", "text", "category"]]

@@ -39,9 +39,11 @@ from model.retrieval import popularity_vectors, rank_of_targets
 from store.registry import ModelRegistry
 from store.schemas import HISTORIES, shard_table
 from store.tables import Store
-from serving.model import EncodedItems, ServingModel
 from model.catalogue import with_log_only_ids
+from serving.model import EncodedItems, ServingModel
+from serving.reader import ready_versions
 from trainer.metrics import ndcg_at_k, recall_at_k
+from trainer.serving_model import bootstrap, load_model
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class Case:
     user_id: str
     history: list[str]
     target: str
+    codes: bytes | None = None  # the history's stored codes (user_histories.history_codes), if any
+    codes_version: str | None = None  # the version whose codebook encoded them
 
 
 @dataclass
@@ -72,7 +76,7 @@ def read_histories(store: Store, max_users: int | None = None, trained: dict[str
     """user_id, history_item_ids, event_count of every user (all shards); with ``max_users``, of at
     most that many: those with the most events not in ``trained`` yet (the ids and counts of every
     user are read first, the histories only of those)."""
-    columns = ["user_id", "history_item_ids", "event_count"]
+    columns = ["user_id", "history_item_ids", "event_count", "history_codes", "codebook_version"]
     shards = store.shards(HISTORIES)
     if not shards:
         return pd.DataFrame({c: [] for c in columns})
@@ -101,13 +105,18 @@ def split_stream(histories: pd.DataFrame, items: pd.DataFrame, trained: dict[str
     """Hold out each user's newest not-yet-trained events (at most ``holdout``, always leaving one
     earlier item to predict from); the rest is the training data."""
     sequences, cases, learned = {}, [], {}
-    for user, ids, count in zip(histories["user_id"], histories["history_item_ids"], histories["event_count"]):
+    codes = histories["history_codes"] if "history_codes" in histories else [None] * len(histories)
+    versions = histories["codebook_version"] if "codebook_version" in histories else [None] * len(histories)
+    for user, ids, count, blob, version in zip(histories["user_id"], histories["history_item_ids"],
+                                               histories["event_count"], codes, versions):
         ids = [str(i) for i in ids]
         new = int(count) - trained.get(user, 0)
         held = max(0, min(holdout, new, len(ids) - 1))
         cut = len(ids) - held
         sequences[user] = ids[:cut]
-        cases += [Case(user, ids[:j], ids[j]) for j in range(cut, len(ids))]
+        block = len(blob) // len(ids) if blob is not None and len(ids) else 0  # codes are aligned with ids
+        cases += [Case(user, ids[:j], ids[j], blob[: j * block] if block else None, version if block else None)
+                  for j in range(cut, len(ids))]
         learned[user] = int(count) - held
     seen = (i for seq in histories["history_item_ids"] for i in seq)
     catalogue = with_log_only_ids(items[["item_id", "text", "category"]], seen)
@@ -129,14 +138,15 @@ class PopularScorer:
         vectors = popularity_vectors(np.array([self.counts.get(i, 0) for i in ids], dtype=np.float64), self.top)
         return EncodedItems(ids, vectors.numpy(), [None] * len(ids))
 
-    def interests(self, histories) -> np.ndarray:
+    def interests(self, histories, codes=None) -> np.ndarray:
         return np.tile(np.array([[[1.0, 0.0]]], np.float32), (len(histories), 1, 1))
 
 
 def prequential_scores(model: ServingModel | PopularScorer, items: pd.DataFrame, cases: list[Case], k: int = 10,
-                       batch: int = 256) -> dict[str, float]:
+                       batch: int = 256, codes_readable: frozenset[str] = frozenset()) -> dict[str, float]:
     """Recall@k / NDCG@k of the held-out events over the full catalogue (a target the model cannot
-    embed counts as a miss); each user's earlier items are excluded."""
+    embed counts as a miss); each user's earlier items are excluded. The model reads a history's
+    stored codes when they were encoded by a version in ``codes_readable`` (its codebook's)."""
     encoded = model.encode_items(items)
     position = {item_id: j for j, item_id in enumerate(encoded.item_ids)}
     vectors = torch.as_tensor(encoded.vectors)
@@ -146,7 +156,8 @@ def prequential_scores(model: ServingModel | PopularScorer, items: pd.DataFrame,
         rows = [j for j, c in enumerate(chunk) if c.target in position]
         if not rows:
             continue
-        interests = torch.as_tensor(model.interests([chunk[j].history for j in rows]))
+        codes = [chunk[j].codes if chunk[j].codes_version in codes_readable else None for j in rows]
+        interests = torch.as_tensor(model.interests([chunk[j].history for j in rows], codes))
         targets = torch.as_tensor([position[chunk[j].target] for j in rows])
         exclude = [torch.as_tensor([position[i] for i in set(chunk[j].history) if i in position], dtype=torch.long)
                    for j in rows]
@@ -196,9 +207,14 @@ class OnlineTrainer:
         _, files = self.registry.load(version)
         return json.loads(files[TRAINED]) if TRAINED in files else {}
 
-    def cycle(self) -> CycleResult:
-        from trainer.serving_model import bootstrap, load_model
+    def codes_readable(self, model) -> frozenset[str]:
+        """The versions whose stored history codes ``model``'s codebook decodes (the same codebook)."""
+        codebook = getattr(model, "codebook_id", None)
+        if codebook is None:
+            return frozenset()
+        return frozenset(v for v, row in ready_versions(self.store).items() if row["codebook_id"] == codebook)
 
+    def cycle(self) -> CycleResult:
         started = time.perf_counter()
         latest = self.registry.latest()
         live = load_model(self.settings, latest.version) if latest is not None else None
@@ -211,12 +227,13 @@ class OnlineTrainer:
         if not data.holdout:
             return CycleResult(None, live.version if live else None, "no events the live model has not trained on")
 
-        live_scores = prequential_scores(live if live is not None else PopularScorer(data.sequences), data.items, data.holdout)
+        live_scores = prequential_scores(live if live is not None else PopularScorer(data.sequences), data.items,
+                                         data.holdout, codes_readable=self.codes_readable(live))
         if live is None:
             candidate = bootstrap(self.settings, data.items, data.sequences, self.bootstrap_epochs, self.backbone)
         else:
             candidate = live.fine_tune(data.items, data.sequences, self.epochs)
-        cand_scores = prequential_scores(candidate, data.items, data.holdout)
+        cand_scores = prequential_scores(candidate, data.items, data.holdout, codes_readable=self.codes_readable(candidate))
         publish, why = guardrail(live_scores, cand_scores, self.margin)
         parent = live.version if live is not None else None
         against = parent or "popular items (no version yet)"
