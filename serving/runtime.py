@@ -48,8 +48,7 @@ from serving.metrics import ServingMetrics
 from serving.hymirec import ServedHyMiRec
 from serving.model import ItemIndex, LoadModel, ServingModel
 from serving.reader import count_popularity, open_own, ready_versions
-from serving.versions import version_number
-from store.registry import CorruptArtifact, ModelRegistry
+from store.registry import CorruptArtifact, ModelRegistry, version_number
 from store.schemas import (
     HISTORIES, INTERESTS, ITEMS, POPULAR, TIMESTAMP, VERSIONS, item_vectors_schema, popular_schema, shard_table,
     vectors_table, versions_schema,

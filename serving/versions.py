@@ -1,23 +1,13 @@
-"""Model version names (``v0001``…) and the ``model-versions`` message that announces one.
-
-The trainer builds the message (``version_message``), the worker's serving agent parses it.
-"""
+"""The ``model-versions`` message that announces a published version (trainer.online.announce
+sends it; the worker's serving agent parses it here)."""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from hymirec.errors import HymirecError
-
-VERSION = re.compile(r"^v(\d{4,})$")
-
-
-def version_number(version: str | None) -> int:
-    """``v0012`` -> 12; anything else -> 0 (older than every version)."""
-    match = VERSION.match(version or "")
-    return int(match[1]) if match else 0
+from store.registry import VERSION
 
 
 def parse_version_message(value: Any) -> dict:

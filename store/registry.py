@@ -35,7 +35,7 @@ from store.tables import connect, open_table, to_arrow
 
 MANIFEST = "manifest.json"
 PUBLISHED = "published"
-_VERSION = re.compile(r"^v(\d{4,})$")
+VERSION = re.compile(r"^v(\d{4,})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
@@ -55,9 +55,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _version_number(name: str) -> int | None:
-    match = _VERSION.match(name)
-    return int(match[1]) if match else None
+def version_number(version: str | None) -> int:
+    """``v0012`` -> 12; anything else -> 0 (older than every version)."""
+    match = VERSION.match(version or "")
+    return int(match[1]) if match else 0
 
 
 class ModelRegistry:
@@ -77,7 +78,7 @@ class ModelRegistry:
     def list(self) -> list[ModelVersion]:
         """Every published version, oldest first."""
         rows = self._rows()
-        rows.sort(key=lambda row: _version_number(row["version"]) or 0)
+        rows.sort(key=lambda row: version_number(row["version"]))
         return [self._model_version(row) for row in rows if row["status"] == PUBLISHED]
 
     def latest(self) -> ModelVersion | None:
@@ -177,7 +178,7 @@ class ModelRegistry:
         # Orphan folders (a publish that died before its row) count too: their names stay unused.
         listed = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         names = [row["version"] for row in rows] + [info.base_name for info in listed]
-        return max((n for n in map(_version_number, names) if n is not None), default=0) + 1
+        return max(map(version_number, names), default=0) + 1
 
     def _write_folder(self, folder: str, files: dict[str, bytes]) -> None:
         local = isinstance(self.fs, pafs.LocalFileSystem)
