@@ -46,7 +46,7 @@ import pandas as pd
 
 from bench import harness
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for, worker_health
+from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
 from store.registry import ModelRegistry
 from store.tables import Store
@@ -312,8 +312,7 @@ class Arm:
                  interval=0.05, what=f"the {self.name} worker to apply {events:,} events")
 
     def wait_serving(self, version: str, timeout: float) -> None:
-        wait_for(lambda: self.alive() and (worker_health(self.settings) or {}).get("model_version") == version,
-                 timeout=timeout, interval=0.1, what=f"the {self.name} worker to serve {version}")
+        wait_serving(self.settings, self.proc, version, timeout=timeout, interval=0.1)
         self.live = version
 
     def fresh_histories(self, users: list[str], timeout: float) -> dict[str, list[str]]:
@@ -402,7 +401,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         for name in ARMS:
             s = harness.fresh(base, work, f"sim-{name}", **WORKER_OVERRIDES)
             (logs / f"worker-{name}.log").unlink(missing_ok=True)
-            started_workers.append((name, s, stack.enter_context(harness.worker(s, logs / f"worker-{name}.log"))))
+            started_workers.append((name, s, stack.enter_context(faust_worker(s, logs / f"worker-{name}.log"))))
         # Only now (each Arm opens its Store) LanceDB is opened in this process: forking a worker after it
         # warns of deadlocks.
         arms = [Arm(name, s, proc) for name, s, proc in started_workers]
