@@ -3,6 +3,9 @@
 One module per benchmark, each with ``run(settings, options) -> bench.report.Result``; the runner
 (``bench.runner``) prints each result and writes it as JSON and Markdown, with the machine, the
 versions, the parameters and the DESIGN §7 targets (met / missed by how much).
+
+Also here, as it drives the whole system the same way: ``bench.simulate`` (`hymirec simulate`), the
+prequential frozen-vs-online experiment.
 """
 
 from __future__ import annotations

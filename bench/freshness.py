@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from bench import Options
-from bench.harness import (
-    RssSampler, broker, catalogue, fresh, metrics, publish_model, wait_serving, warm_up, worker,
-)
+from bench.harness import RssSampler, broker, catalogue, fresh, metrics, publish_model, warm_up
 from bench.report import Result, percentiles, reported, target
+from hymirec.procs import faust_worker, wait_serving
 from hymirec.settings import Settings
 from store import Store
 from stream.replay import TokenBucket
@@ -144,7 +143,7 @@ def run(settings: Settings, opts: Options) -> Result:
         rng = np.random.default_rng(settings.seed)
         version, _ = publish_model(s, items, {f"b{j}": [str(i) for i in rng.integers(0, ITEMS, 20)] for j in range(200)},
                                    backbone="tiny")
-        with worker(s, Path(tmp_name) / "worker.log") as proc, RssSampler(proc.proc.pid) as rss:
+        with faust_worker(s, Path(tmp_name) / "worker.log") as proc, RssSampler(proc.proc.pid) as rss:
             wait_serving(s, proc, version)
             warm_up(s, proc)
             prober = Prober(s)

@@ -1,4 +1,5 @@
-"""The moving parts the streaming benchmarks share: a broker, fresh topics, a real worker subprocess.
+"""The moving parts the streaming benchmarks share: a broker, fresh topics, and what is asked of a real
+worker subprocess (started with ``hymirec.procs.faust_worker``).
 
 Nothing here touches the user's data: each run gets its own topics (``bench-<run>-*``), consumer
 group, LanceDB directory (in a temporary directory) and web port. A broker already answering at
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -25,10 +25,8 @@ import pyarrow as pa
 from prometheus_client.parser import text_string_to_metric_families
 
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for, worker_get, worker_health
+from hymirec.procs import WORKER_START_S, ManagedProcess, wait_for, worker_exited, worker_get, worker_health
 from hymirec.settings import Settings
-
-WORKER_START_S = 180.0
 
 
 def free_port() -> int:
@@ -73,11 +71,6 @@ def fresh(settings: Settings, workdir: Path, tag: str, **overrides) -> Settings:
     return s
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as the HYMIREC_* variables a worker process reads."""
-    return {f"HYMIREC_{name.upper()}": str(getattr(settings, name)) for name in Settings.model_fields}
-
-
 health = worker_health
 
 
@@ -118,31 +111,6 @@ class RssSampler:
         self._thread.join(5)
 
 
-@contextmanager
-def worker(settings: Settings, log_path: Path) -> Iterator[ManagedProcess]:
-    """`faust -A stream.app worker` with these settings, up (its /health answers); stopped after."""
-    proc = ManagedProcess([str(Path(sys.executable).with_name("faust")), "-A", "stream.app", "worker", "-l", "info"],
-                          log_path=log_path, env=settings_env(settings))
-    proc.start()
-    try:
-        wait_for(lambda: health(settings) if proc.alive else exited(proc), timeout=WORKER_START_S,
-                 interval=0.2, what="the worker's /health")
-        yield proc
-    finally:
-        proc.stop()
-
-
-def wait_serving(settings: Settings, proc: ManagedProcess, version: str, timeout: float = WORKER_START_S) -> None:
-    """Wait until the worker serves ``version`` (a worker loads the registry's newest when it starts)."""
-    wait_for(lambda: (health(settings) or {}).get("model_version") == version if proc.alive else exited(proc),
-             timeout=timeout, interval=0.2, what=f"the worker to serve {version}")
-
-
-def exited(proc: ManagedProcess):
-    """Raise: the worker is gone (its log's last lines say why). For ``check if proc.alive else exited(proc)``."""
-    raise HymirecError(f"the worker exited; last lines of {proc.log_path}:\n{proc.tail()}")
-
-
 def counts(settings: Settings) -> dict[str, int]:
     return (health(settings) or {}).get("counts", {})
 
@@ -163,7 +131,7 @@ def warm_up(settings: Settings, proc: ManagedProcess, timeout: float = WORKER_ST
     finally:
         producer.close()
     wait_for(lambda: (counts(settings).get("events_applied", 0) - before >= settings.partitions) if proc.alive
-             else exited(proc), timeout=timeout, interval=0.2, what="the warm-up events")
+             else worker_exited(proc), timeout=timeout, interval=0.2, what="the warm-up events")
 
 
 # --- a model and a store filled without replaying a log -------------------------------------------------

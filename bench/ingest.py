@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 from bench import Options
-from bench.harness import RssSampler, broker, counts, fresh, metrics, worker
+from bench.harness import RssSampler, broker, counts, fresh, metrics
 from bench.report import Result, target
 from hymirec.errors import HymirecError
+from hymirec.procs import faust_worker, worker_exited
 from hymirec.settings import Settings
 from stream.replay import replay
 
@@ -83,7 +84,7 @@ def raw_consume(settings: Settings, expected: int, repeats: int = 3) -> dict:
 
 def worker_ingest(settings: Settings, expected: int, log_path: Path) -> dict:
     """Start a worker on the topic and time it from its first completed batch to the last event."""
-    with worker(settings, log_path) as proc, RssSampler(proc.proc.pid) as rss:
+    with faust_worker(settings, log_path) as proc, RssSampler(proc.proc.pid) as rss:
         first_at, first_applied = None, 0
         deadline = time.monotonic() + DEADLINE_S
         while True:
@@ -95,7 +96,7 @@ def worker_ingest(settings: Settings, expected: int, log_path: Path) -> dict:
                 done_at = now
                 break
             if not proc.alive:
-                raise HymirecError(f"the worker exited; last lines of {proc.log_path}:\n{proc.tail()}")
+                worker_exited(proc)
             if time.monotonic() > deadline:
                 raise HymirecError(f"the worker applied {applied} of {expected} events in {DEADLINE_S:.0f} s")
             time.sleep(POLL_S)

@@ -35,12 +35,13 @@ import pyarrow as pa
 
 from bench import Options
 from bench.harness import (
-    RssSampler, broker, catalogue, counts, exited, fill_histories, fresh, item_codes, metrics, publish_model,
-    settings_env, wait_serving, worker,
+    RssSampler, broker, catalogue, counts, fill_histories, fresh, item_codes, metrics, publish_model,
 )
 from bench.report import Result, not_measured, reported, target
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for, worker_get
+from hymirec.procs import (
+    ManagedProcess, faust_worker, settings_env, wait_for, wait_serving, worker_exited, worker_get,
+)
 from hymirec.settings import Settings
 from store import Store
 
@@ -128,13 +129,13 @@ def run_worker(s: Settings, log_path: Path, version: str, user_ids: list[str], p
 
     touched = [user_ids[j] for j in rng.choice(len(user_ids), p["touched"], replace=False)]
     started = time.perf_counter()
-    with worker(s, log_path) as proc, RssSampler(proc.proc.pid) as rss:
+    with faust_worker(s, log_path) as proc, RssSampler(proc.proc.pid) as rss:
         wait_serving(s, proc, version, timeout=DEADLINE_S)
 
         def computed() -> float:
             return total(metrics(s), "hymirec_interests_computed_total")
 
-        wait_for(lambda: computed() >= p["recompute"] if proc.alive else exited(proc), timeout=DEADLINE_S,
+        wait_for(lambda: computed() >= p["recompute"] if proc.alive else worker_exited(proc), timeout=DEADLINE_S,
                  interval=1.0, what="the stale users' interests")
         ready_s = time.perf_counter() - started
         before, applied = computed(), counts(s).get("events_applied", 0)
@@ -149,9 +150,9 @@ def run_worker(s: Settings, log_path: Path, version: str, user_ids: list[str], p
         finally:
             producer.close()
         sent = len(touched) * EVENTS_PER_USER
-        wait_for(lambda: counts(s).get("events_applied", 0) - applied >= sent if proc.alive else exited(proc),
+        wait_for(lambda: counts(s).get("events_applied", 0) - applied >= sent if proc.alive else worker_exited(proc),
                  timeout=DEADLINE_S, interval=1.0, what="the events")
-        wait_for(lambda: computed() - before >= len(touched) if proc.alive else exited(proc), timeout=DEADLINE_S,
+        wait_for(lambda: computed() - before >= len(touched) if proc.alive else worker_exited(proc), timeout=DEADLINE_S,
                  interval=1.0, what="the touched users' interests")
         answers = [json.loads(worker_get(s, f"/recommend/{user_ids[j]}") or b"{}")
                    for j in rng.choice(len(user_ids), QUERIES, replace=False)]

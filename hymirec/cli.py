@@ -178,7 +178,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from trainer import simulate
+    from bench import simulate
 
     return simulate.simulate_command(args, settings)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for, worker_health
+from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving, worker_exited, worker_health
 from hymirec.settings import Settings
 
 
@@ -40,14 +41,10 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
     data_dir = Path(settings.kafka_home).parent
     logs = data_dir / "logs"
     local = broker.LocalKafka(settings)
-    started_broker = False
-    worker = ManagedProcess(
-        [str(Path(sys.executable).with_name("faust")), "-A", "stream.app", "worker", "-l", "info"],
-        log_path=logs / "worker.log",
-    )
-    try:
+    with ExitStack() as stack:  # unwinds in reverse: the worker is stopped before the broker
         _step(1, steps, "Kafka broker (KRaft, 127.0.0.1)")
-        started_broker = not local.status().running
+        if not local.status().running:
+            stack.callback(_stop_broker, local)
         print(local.start().describe())
         print("topics:", ", ".join(broker.create_topics(settings)))
 
@@ -62,10 +59,9 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
         else:
             print(f"reusing {out}")
 
-        _step(3, steps, f"faust worker (log: {worker.log_path})")
-        worker.start()
-        before = _processed(wait_for(lambda: worker_health(settings) if worker.alive else _dead(worker),
-                                     timeout=120, what="the worker's /health"))
+        _step(3, steps, f"faust worker (log: {logs / 'worker.log'})")
+        worker = stack.enter_context(faust_worker(settings, logs / "worker.log", start_timeout=120))
+        before = _processed(worker_health(settings))
         print(f"worker up: http://{settings.web_host}:{settings.web_port}/metrics")
 
         _step(4, steps, f"replay {limit} interactions at {rate:.0f} events/s")
@@ -76,7 +72,7 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
         _step(5, steps, "waiting until the worker has applied every event")
         t0 = time.monotonic()
         wait_for(lambda: (_processed(worker_health(settings)) - before >= summary.interactions) if worker.alive
-                 else _dead(worker), timeout=timeout, what="the worker to apply the replay")
+                 else worker_exited(worker), timeout=timeout, what="the worker to apply the replay")
         print(f"all {summary.interactions} events processed {time.monotonic() - t0:.1f}s after the replay ended")
 
         _step(6, steps, f"trainer: one cycle ({epochs} epoch(s), log: {logs / 'trainer.log'})")
@@ -103,8 +99,7 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
 
         _step(7, steps, f"worker hot-swaps to {latest.version}")
         t0 = time.monotonic()
-        wait_for(lambda: ((worker_health(settings) or {}).get("model_version") == latest.version) if worker.alive
-                 else _dead(worker), timeout=timeout, what=f"the worker to serve {latest.version}")
+        wait_serving(settings, worker, latest.version, timeout=timeout)
         print(f"serving {latest.version} {time.monotonic() - t0:.1f}s after it was published")
 
         _step(8, steps, "what the system did")
@@ -119,11 +114,11 @@ def run_demo(settings: Settings, *, dataset: str, limit: int, rate: float, timeo
         for name, rows in store.table_counts().items():
             print(f"  {name:<24} {rows:>8} rows")
         return 0
-    finally:
-        worker.stop()
-        if started_broker:
-            local.stop()
-            print("broker stopped")
+
+
+def _stop_broker(local) -> None:
+    local.stop()
+    print("broker stopped")
 
 
 def _sample_users(path: Path, limit: int, count: int) -> list[str]:
@@ -132,7 +127,3 @@ def _sample_users(path: Path, limit: int, count: int) -> list[str]:
 
     replayed = read_interactions(path, limit=limit)
     return replayed["user_id"].value_counts().index[:count].tolist()
-
-
-def _dead(process: ManagedProcess):
-    raise HymirecError(f"the worker exited; last log lines:\n{process.tail()}")

@@ -2,6 +2,9 @@
 
 Seen here: a faust worker whose agent crashed ignored SIGTERM and hung, so stopping is SIGTERM,
 a bounded wait, then SIGKILL of the whole process group.
+
+``faust_worker`` is the one way the project starts a worker of its own (`hymirec demo`, the
+benchmarks, `hymirec simulate`, the tests): up once its /health answers, stopped however the block ends.
 """
 
 from __future__ import annotations
@@ -10,12 +13,19 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+
+
+WORKER_START_S = 180.0  # longest wait for a new worker's /health (a cold start imports torch)
+WORKER_STOP_S = 20.0  # SIGTERM grace before SIGKILL
 
 
 class WaitTimeout(HymirecError, TimeoutError):
@@ -107,3 +117,38 @@ def worker_health(settings: Settings) -> dict | None:
     """The worker's ``GET /health`` JSON; None while it does not answer."""
     body = worker_get(settings, "/health")
     return json.loads(body) if body else None
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as the HYMIREC_* variables a child process (worker, CLI) reads: every field."""
+    return {f"HYMIREC_{name.upper()}": str(getattr(settings, name)) for name in Settings.model_fields}
+
+
+def worker_exited(proc: ManagedProcess):
+    """Raise: the worker is gone (its log's last lines say why). For ``check if proc.alive else worker_exited(proc)``."""
+    raise HymirecError(f"the worker exited; last lines of {proc.log_path}:\n{proc.tail()}")
+
+
+def wait_serving(settings: Settings, proc: ManagedProcess, version: str, *, timeout: float = WORKER_START_S,
+                 interval: float = 0.2) -> None:
+    """Wait until the worker's /health says it serves ``version`` (WaitTimeout; HymirecError if it exits)."""
+    wait_for(lambda: (worker_health(settings) or {}).get("model_version") == version if proc.alive
+             else worker_exited(proc), timeout=timeout, interval=interval, what=f"the worker to serve {version}")
+
+
+@contextmanager
+def faust_worker(settings: Settings, log_path: Path, *, env: dict[str, str] | None = None,
+                 start_timeout: float = WORKER_START_S, stop_timeout: float = WORKER_STOP_S) -> Iterator[ManagedProcess]:
+    """`faust -A stream.app worker -l info` with ``settings`` (as HYMIREC_* variables, ``env`` on top),
+    output appended to ``log_path``; yielded once its GET /health answers. Stopped SIGTERM, then SIGKILL
+    after ``stop_timeout`` s, however the block ends (also when the start fails or times out)."""
+    faust = str(Path(sys.executable).with_name("faust"))
+    proc = ManagedProcess([faust, "-A", "stream.app", "worker", "-l", "info"], log_path=log_path,
+                          env=settings_env(settings) | (env or {}))
+    proc.start()
+    try:
+        wait_for(lambda: worker_health(settings) if proc.alive else worker_exited(proc), timeout=start_timeout,
+                 interval=0.2, what="the worker's /health")
+        yield proc
+    finally:
+        proc.stop(stop_timeout)

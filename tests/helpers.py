@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from hymirec.procs import worker_get
+from hymirec.procs import faust_worker, settings_env, worker_get
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
 
@@ -31,9 +29,8 @@ STOP_GRACE_S = 30.0
 
 # --- a worker subprocess ------------------------------------------------------------------------------
 def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYMIREC_")}
-    env.update({f"HYMIREC_{name.upper()}": str(getattr(settings, name)) for name in Settings.model_fields})
-    return env
+    """This environment without its HYMIREC_* variables, plus ``settings`` as HYMIREC_* (for a CLI subprocess)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HYMIREC_")} | settings_env(settings)
 
 
 def private_worker(base: Settings, tmp_path: Path, **overrides) -> Settings:
@@ -51,24 +48,10 @@ def private_worker(base: Settings, tmp_path: Path, **overrides) -> Settings:
 
 @contextmanager
 def running_worker(settings: Settings, log_file: Path):
-    faust = Path(sys.executable).parent / "faust"
-    with open(log_file, "wb") as out:
-        proc = subprocess.Popen(
-            [str(faust), "-A", "stream.app", "worker", "-l", "info"],
-            env=worker_env(settings), cwd=log_file.parent, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        # A worker whose agent crashed has been seen to ignore SIGTERM: SIGKILL after a grace period.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    """``hymirec.procs.faust_worker`` (up once /health answers; SIGTERM, then SIGKILL after
+    STOP_GRACE_S) yielding its ``subprocess.Popen``, as the tests that signal and wait on it want."""
+    with faust_worker(settings, log_file, stop_timeout=STOP_GRACE_S) as proc:
+        yield proc.proc
 
 
 def wait_for(what: str, check, proc: subprocess.Popen, log_file: Path, deadline_s: float = DEADLINE_S,

@@ -20,20 +20,18 @@ import json
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
-from hymirec.procs import ManagedProcess
+from hymirec.procs import ManagedProcess, faust_worker
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
 from store.tables import table_names
@@ -46,8 +44,7 @@ from trainer.online import read_histories
 
 from conftest import start_or_unavailable
 from helpers import (  # noqa: F401 — world, world_settings: fixtures
-    http_get, private_worker, produce, publish, read_dead_letters, scrape, tail, users_of, wait_for, worker_env, world,
-    world_settings,
+    http_get, private_worker, produce, publish, read_dead_letters, scrape, tail, users_of, wait_for, world, world_settings,
 )
 
 pytestmark = pytest.mark.reliability
@@ -58,17 +55,10 @@ BIG_LIMIT = 4 << 20  # max.message.bytes / max_request_size for the > 1 MiB payl
 
 
 # --- helpers --------------------------------------------------------------------------------------------
-@contextmanager
-def worker(settings: Settings, log_path: Path, **faust_env: str) -> Iterator[ManagedProcess]:
-    """`faust -A stream.app worker` as a subprocess; SIGTERM, then SIGKILL, however the block ends."""
-    faust = str(Path(sys.executable).parent / "faust")
-    proc = ManagedProcess([faust, "-A", "stream.app", "worker", "-l", "info"], log_path=log_path,
-                          env=worker_env(settings) | faust_env)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop(STOP_GRACE_S)
+def worker(settings: Settings, log_path: Path, **faust_env: str) -> AbstractContextManager[ManagedProcess]:
+    """``hymirec.procs.faust_worker``: up once /health answers; SIGTERM, then SIGKILL after
+    STOP_GRACE_S, however the block ends."""
+    return faust_worker(settings, log_path, env=faust_env, stop_timeout=STOP_GRACE_S)
 
 
 def wait(what: str, check, proc: ManagedProcess, deadline_s: float = DEADLINE_S):

@@ -12,14 +12,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.simulate import (SimConfig, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk, score_event,
+                            summarise, summary_markdown, thirds, windows)
 from hymirec.settings import Settings
 from store import Store
 from stream.datasets import export_synthetic
-from store.logs import read_interactions
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
-from trainer.simulate import (SimConfig, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk, score_event,
-                              summarise, summary_markdown, thirds, windows)
+from store.logs import read_interactions
 
 from helpers import publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 

@@ -44,9 +44,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import harness
 from hymirec.errors import HymirecError
-from hymirec.procs import ManagedProcess, wait_for
+from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
+from serving.reader import Recommender
+from store.logs import read_interactions, write_jsonl
+from store.registry import ModelRegistry
+from store.tables import Store
+from stream import datasets
+from stream.replay import replay
+from trainer.online import OnlineTrainer, announce
 
 K = 10
 ARMS = ("frozen", "online")
@@ -218,6 +226,8 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
     """PNG: each arm's rolling Recall@10 and NDCG@10 against the log position, the online arm's
     version switches after the bootstrap (dashed) and rejected cycles (dotted), and the end of the
     bootstrap, where both arms start serving v0001 (grey)."""
+    # Imported here on purpose: the headless backend must be chosen before pyplot loads, and only a
+    # run that draws should set it (or pay for it).
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,9 +284,7 @@ def write_outputs(out: Path, summary: dict, records: dict[str, list[dict]], cycl
 # --- the live system ------------------------------------------------------------------------------
 def processed(settings: Settings) -> int:
     """Interactions a worker has finished with (applied, or skipped as duplicates)."""
-    from bench.harness import counts
-
-    c = counts(settings)
+    c = harness.counts(settings)
     return int(c.get("events_applied", 0) + c.get("duplicates_skipped", 0))
 
 
@@ -290,9 +298,6 @@ class Arm:
     cycles: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        from store.tables import Store
-        from stream.serving import Recommender
-
         self.store = Store(self.settings)
         self.recommender = Recommender(self.store)
         self.base = processed(self.settings)
@@ -307,10 +312,7 @@ class Arm:
                  interval=0.05, what=f"the {self.name} worker to apply {events:,} events")
 
     def wait_serving(self, version: str, timeout: float) -> None:
-        from hymirec.procs import worker_health
-
-        wait_for(lambda: self.alive() and (worker_health(self.settings) or {}).get("model_version") == version,
-                 timeout=timeout, interval=0.1, what=f"the {self.name} worker to serve {version}")
+        wait_serving(self.settings, self.proc, version, timeout=timeout, interval=0.1)
         self.live = version
 
     def fresh_histories(self, users: list[str], timeout: float) -> dict[str, list[str]]:
@@ -341,15 +343,11 @@ class Arm:
 
 
 def _write_chunk(path: Path, events: pd.DataFrame) -> Path:
-    from stream.io import write_jsonl
-
     write_jsonl(path, events[["user_id", "item_id", "ts", "action", "event_id"]].to_dict("records"))
     return path
 
 
 def _produce(arms: list[Arm], path: Path, items: Path | None) -> None:
-    from stream.replay import replay
-
     for arm in arms:
         if replay(arm.settings, path, items_path=items, progress=False).interrupted:
             raise KeyboardInterrupt  # replay turns the first Ctrl-C into a short summary; here it ends the run
@@ -357,9 +355,6 @@ def _produce(arms: list[Arm], path: Path, items: Path | None) -> None:
 
 def _copy_version(source: Settings, target: Settings, version: str) -> str:
     """Publish ``source``'s ``version`` artefact unchanged to ``target``'s registry and announce it."""
-    from store.registry import ModelRegistry
-    from trainer.online import announce
-
     manifest, files = ModelRegistry(source).load(version)
     kept = {k: v for k, v in manifest.items() if k not in ("version", "parent", "created_at", "files")}
     published = ModelRegistry(target).publish(files, kept, parent=None)
@@ -384,9 +379,6 @@ def _cycle(arm: Arm, trainer, position: int, timeout: float) -> dict:
 def run_simulation(settings: Settings, interactions: Path, items: Path, *, config: SimConfig, out: Path,
                    dataset: str, limit: int | None = None, progress: bool = True) -> dict:
     """Both arms through the whole log (see the module doc); writes ``out`` and returns the summary."""
-    from bench import harness
-    from stream.io import read_interactions
-
     log = read_interactions(interactions, limit=limit)
     n = len(log)
     boot = int(round(config.frozen_after * n))
@@ -409,10 +401,9 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         for name in ARMS:
             s = harness.fresh(base, work, f"sim-{name}", **WORKER_OVERRIDES)
             (logs / f"worker-{name}.log").unlink(missing_ok=True)
-            started_workers.append((name, s, stack.enter_context(harness.worker(s, logs / f"worker-{name}.log"))))
-        # Only now LanceDB is opened in this process: forking a worker after it warns of deadlocks.
-        from trainer.online import OnlineTrainer
-
+            started_workers.append((name, s, stack.enter_context(faust_worker(s, logs / f"worker-{name}.log"))))
+        # Only now (each Arm opens its Store) LanceDB is opened in this process: forking a worker after it
+        # warns of deadlocks.
         arms = [Arm(name, s, proc) for name, s, proc in started_workers]
         frozen, online = arms
         say(f"workers up ({time.monotonic() - started:.0f} s); logs in {logs}", flush=True)
@@ -475,8 +466,6 @@ SYNTHETIC = dict(users=600, items=1500, interests=20, events_per_user=60, drift=
 def _dataset_files(name: str, settings: Settings) -> tuple[Path, Path]:
     """Export ``name`` once into the data directory's dataset cache (the demo's); the synthetic set
     with both drifts: users' topics (``drift``) and the catalogue (``fresh_items``)."""
-    from stream import datasets
-
     tag = name if name == "ml-100k" else "-".join(["simulate-synthetic", *(f"{k}{v}" for k, v in SYNTHETIC.items()),
                                                    f"seed{settings.seed}"])
     folder = Path(settings.kafka_home).parent / "datasets" / tag
