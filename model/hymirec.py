@@ -29,15 +29,17 @@ Training runs in two phases (trainer.models.HyMiRecModel drives them):
    multi-interest model. (Starting all K from the last state left them copies of each other:
    the matching had nothing to pair, docs/offline_results.md.)
 
-Flags for the ablations: ``num_interests=1``; ``use_codebook=False`` (the coarse branch reads the
-exact item vectors); ``use_coarse=False`` (= the "multi" baseline: HLLM-like user LLM over the
-recent items + K queries, trained in one phase); ``disentangle_weight``.
+The architecture (``HyMiRecConfig``, stored with a version) is apart from the training objective
+(``HyMiRecObjective``: loss weights, targets, cut points, negatives). Flags for the ablations:
+``num_interests=1``; ``use_codebook=False`` (the coarse branch reads the exact item vectors);
+``use_coarse=False`` (= the "multi" baseline: HLLM-like user LLM over the recent items + K queries,
+trained in one phase); the objective's ``disentangle_weight``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -51,6 +53,8 @@ from model.sasrec import CausalBlock, causal_mask
 
 @dataclass
 class HyMiRecConfig:
+    """The architecture: what a published version is (its manifest's ``config``)."""
+
     num_items: int  # N; item indices 1..N, 0 is padding
     content_dim: int  # width of the frozen content embeddings
     dim: int = 64  # item / interest width
@@ -62,10 +66,6 @@ class HyMiRecConfig:
     coarse_layers: int = 2
     coarse_heads: int = 1
     coarse_interests: int = 3  # M attention-pooled interests (plus the last state); M + 1 >= K
-    coarse_dmil_weight: float = 1.0  # phase 1: the multi-interest loss on the coarse interests (K > 1)
-    # Phase 1: DMIL pairs the target groups with the M pooled interests only; the last state learns
-    # next-item prediction and the max-over-K term, as at K = 1 (docs/offline_results.md, session 6).
-    coarse_dmil_pooled_only: bool = False
     dropout: float = 0.3  # coarse branch; with phase 1's weight average (trainer.models.COARSE_FIT), session 9
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     # refined branch
@@ -73,7 +73,31 @@ class HyMiRecConfig:
     user_hidden: int = 64  # width of a tiny user backbone
     recent_len: int = 50  # N recent items, read exactly
     num_interests: int = 4  # K
-    # training objective
+
+    def __post_init__(self) -> None:
+        if self.use_coarse and self.coarse_interests + 1 < self.num_interests:
+            raise ValueError(f"coarse_interests + 1 ({self.coarse_interests + 1}) must be at least num_interests "
+                             f"({self.num_interests}): refined interest k starts from coarse interest k")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HyMiRecConfig:
+        """From a manifest's ``config``; versions published before the objective had its own
+        dataclass carry its fields there too, which are not the architecture's and are left out."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["codebook"] = CodebookConfig(**d["codebook"])
+        return cls(**d)
+
+
+@dataclass
+class HyMiRecObjective:
+    """How a HyMiRec is trained: the losses and their negatives (not stored with a version; a
+    fine-tune takes today's)."""
+
+    coarse_dmil_weight: float = 1.0  # phase 1: the multi-interest loss on the coarse interests (K > 1)
+    # Phase 1: DMIL pairs the target groups with the M pooled interests only; the last state learns
+    # next-item prediction and the max-over-K term, as at K = 1 (docs/offline_results.md, session 6).
+    coarse_dmil_pooled_only: bool = False
     targets: int = 16  # W: next items each cut point predicts (k-means needs > K of them to find groups)
     cuts: int = 8  # C cut points per user per step
     coarse_positions: int = 200  # phase 1: next-item loss at up to this many positions per user per step
@@ -83,17 +107,6 @@ class HyMiRecConfig:
     fn_threshold: float = 0.99
     negatives: int = 0  # per step (losses.draw_negatives); 0 = every item (full softmax)
     negatives_popular: float = 0.0  # share of the draw in proportion to popularity (set_item_counts); 0 = uniform
-
-    def __post_init__(self) -> None:
-        if self.use_coarse and self.coarse_interests + 1 < self.num_interests:
-            raise ValueError(f"coarse_interests + 1 ({self.coarse_interests + 1}) must be at least num_interests "
-                             f"({self.num_interests}): refined interest k starts from coarse interest k")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> HyMiRecConfig:
-        d = dict(d)
-        d["codebook"] = CodebookConfig(**d["codebook"])
-        return cls(**d)
 
 
 class ItemTable(nn.Module):
@@ -320,9 +333,11 @@ def cut_points(seq: torch.Tensor, cuts: int) -> torch.Tensor:
 
 
 class HyMiRec(nn.Module):
-    def __init__(self, config: HyMiRecConfig, content: torch.Tensor, user_backbone: Backbone | None = None) -> None:
+    def __init__(self, config: HyMiRecConfig, content: torch.Tensor, user_backbone: Backbone | None = None,
+                 objective: HyMiRecObjective | None = None) -> None:
         super().__init__()
         self.config = config
+        self.objective = objective or HyMiRecObjective()
         self.items = ItemTable(config, content)
         self.coarse = CoarseBranch(config) if config.use_coarse else None
         backbone = user_backbone or load_backbone(config.user_backbone, hidden=config.user_hidden)
@@ -332,8 +347,8 @@ class HyMiRec(nn.Module):
 
     def set_item_counts(self, counts: torch.Tensor) -> None:
         """counts [N+1] training interactions per item: sampled negatives are then drawn partly in
-        proportion to them (``config.negatives_popular``)."""
-        self.negative_probs = negative_distribution(counts, self.config.negatives_popular, self.scale.log_scale.device)
+        proportion to them (``objective.negatives_popular``)."""
+        self.negative_probs = negative_distribution(counts, self.objective.negatives_popular, self.scale.log_scale.device)
 
     def item_vectors(self) -> torch.Tensor:
         """[N+1, D] scoring table (row 0 = padding)."""
@@ -388,8 +403,8 @@ class HyMiRec(nn.Module):
         return F.normalize(coarse, dim=-1)
 
     def _negatives(self, exact: torch.Tensor) -> Negatives:
-        """Every item, or ``config.negatives`` drawn ones (the positive itself is masked by id)."""
-        return draw_negatives(exact, self.config.negatives, self.negative_probs)
+        """Every item, or ``objective.negatives`` drawn ones (the positive itself is masked by id)."""
+        return draw_negatives(exact, self.objective.negatives, self.negative_probs)
 
     def _next_item_loss(self, seq: torch.Tensor, states: torch.Tensor, exact: torch.Tensor, neg: Negatives,
                         positions: int) -> torch.Tensor:
@@ -404,7 +419,7 @@ class HyMiRec(nn.Module):
             valid = valid & torch.zeros_like(valid).scatter_(1, keep, True)
         return sampled_softmax_loss(
             states[valid], exact[nxt[valid]], neg.vectors, self.scale(), positive_ids=nxt[valid],
-            negative_ids=neg.ids, fn_threshold=self.config.fn_threshold, negative_log_weight=neg.log_weight,
+            negative_ids=neg.ids, fn_threshold=self.objective.fn_threshold, negative_log_weight=neg.log_weight,
         )
 
     def _multi_interest_loss(self, interests: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor, exact: torch.Tensor,
@@ -413,7 +428,7 @@ class HyMiRec(nn.Module):
         """Interests [B, C, K, D] at cut ends [B, C] of seq: (``dmil_weight``) DMIL of
         interests[:, :, matched_from:] against the next W items, plus (``retrieval_weight``) InfoNCE
         of the next item on the max-over-K retrieval score of all K; both against the step's ``neg``."""
-        cfg = self.config
+        cfg = self.objective
         targets, target_pad = window(seq, ends, cfg.targets, cfg.targets)
         loss, stats = interests.new_zeros(()), {}
         if dmil_weight > 0:
@@ -443,16 +458,16 @@ class HyMiRec(nn.Module):
         """Training phase 1: the item table and coarse branch alone: next-item prediction on the
         states, plus (K > 1) DMIL on the first K coarse interests at random cut points.
         seq [B, T] left-padded training sequences → (loss, stats)."""
-        cfg = self.config
+        cfg, K = self.objective, self.config.num_interests
         exact = self.item_vectors()
         pad = seq == 0
         states = self.coarse(self.items.history_inputs(seq, exact), pad)
         neg = self._negatives(exact)  # one draw a step, shared by both terms
         loss = self._next_item_loss(seq, states, exact, neg, cfg.coarse_positions)
         stats = {"aux": loss.item()}
-        if cfg.num_interests > 1 and cfg.coarse_dmil_weight > 0:
+        if K > 1 and cfg.coarse_dmil_weight > 0:
             ends = cut_points(seq, cfg.cuts)
-            interests = self.coarse.interests(states, pad, ends)[:, :, : cfg.num_interests]
+            interests = self.coarse.interests(states, pad, ends)[:, :, :K]
             multi, multi_stats = self._multi_interest_loss(interests, seq, ends, exact, neg,
                                                            matched_from=int(cfg.coarse_dmil_pooled_only))
             loss = loss + cfg.coarse_dmil_weight * multi
@@ -468,6 +483,6 @@ class HyMiRec(nn.Module):
             exact = self.item_vectors()
         interests = self._interests_at(seq, ends, exact)
         loss, stats = self._multi_interest_loss(interests, seq, ends, exact, self._negatives(exact),
-                                                dmil_weight=self.config.refined_dmil_weight)
+                                                dmil_weight=self.objective.refined_dmil_weight)
         stats["scale"] = self.scale().item()
         return loss, stats

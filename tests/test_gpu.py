@@ -41,7 +41,7 @@ def test_same_weights_give_the_same_interests_and_losses_on_cuda(overrides):
         assert torch.allclose(cpu(seq), gpu(seq.to(CUDA)).cpu(), atol=1e-4)
         if cpu.config.use_coarse:
             assert torch.allclose(cpu.coarse_user(seq), gpu.coarse_user(seq.to(CUDA)).cpu(), atol=1e-4)
-    cuts = cut_points(seq, cpu.config.cuts)  # drawn once: both devices see the same cut points
+    cuts = cut_points(seq, cpu.objective.cuts)  # drawn once: both devices see the same cut points
     loss_cpu, _ = cpu.loss(seq, cuts)
     loss_gpu, _ = gpu.loss(seq.to(CUDA), cuts.to(CUDA))
     assert loss_gpu.device.type == "cuda" and torch.isfinite(loss_gpu)
@@ -66,7 +66,7 @@ def test_negatives_drawn_by_popularity_stay_on_cuda_and_train():
     assert len(neg.ids) <= 10 and torch.all(neg.log_weight >= 0)
     seq = torch.as_tensor(pad_left(histories([30, 12, 3, 25]), 30)).to(CUDA)
     phase1, _ = gpu.coarse_loss(seq)
-    phase2, _ = gpu.loss(seq, cut_points(seq, gpu.config.cuts))
+    phase2, _ = gpu.loss(seq, cut_points(seq, gpu.objective.cuts))
     assert torch.isfinite(phase1) and torch.isfinite(phase2)
     (phase1 + phase2).backward()
     assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)

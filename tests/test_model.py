@@ -4,14 +4,14 @@ that training lowers the loss."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
 
 from model.backbone import load_backbone
 from model.codebook import CodebookConfig
-from model.hymirec import HyMiRec, HyMiRecConfig, length_groups, window
+from model.hymirec import HyMiRec, HyMiRecConfig, HyMiRecObjective, length_groups, window
 from model.item_encoder import ItemEncoder
 from model.sasrec import SASRec, SASRecConfig
 from model.catalogue import pad_left
@@ -23,12 +23,13 @@ def make_model(**overrides) -> HyMiRec:
     torch.manual_seed(0)
     config = HyMiRecConfig(
         num_items=N, content_dim=C, dim=D, history_len=30, recent_len=5, coarse_interests=3, num_interests=4,
-        codebook=CodebookConfig(levels=2, size=8, kmeans_iters=5), targets=3, cuts=2, dropout=0.0,
-        user_hidden=32,
+        codebook=CodebookConfig(levels=2, size=8, kmeans_iters=5), dropout=0.0, user_hidden=32,
     )
-    config = replace(config, **overrides)
+    architecture = {f.name for f in fields(HyMiRecConfig)}
+    config = replace(config, **{k: v for k, v in overrides.items() if k in architecture})
+    objective = HyMiRecObjective(**{"targets": 3, "cuts": 2, **{k: v for k, v in overrides.items() if k not in architecture}})
     content = torch.cat([torch.zeros(1, C), torch.randn(N, C)])
-    model = HyMiRec(config, content)
+    model = HyMiRec(config, content, objective=objective)
     # The LLM head starts silent (refined = coarse); give it weights so the tests see the LLM path.
     for p in model.refined.head[-1].parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -295,3 +296,10 @@ def test_sasrec_is_causal_and_padding_invariant():
     b = torch.cat([model.user_vectors(torch.as_tensor(pad_left([h], 20))) for h in hs])
     assert a.shape == (2, 1, 16)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_manifest_config_from_before_the_objective_split_loads_its_architecture():
+    config = make_model().config
+    older = {**asdict(config), "negatives": 512, "targets": 16, "fn_threshold": 0.99}  # how training was set then
+    assert HyMiRecConfig.from_dict(older) == config
+    assert "negatives" not in asdict(config)  # what a version stores now is the architecture alone

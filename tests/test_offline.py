@@ -145,7 +145,7 @@ def test_ablation_runs_build_their_variant(name):
     assert (config.num_interests == 1) == (name == "hymirec-k1")
     assert config.use_codebook == (name in ("hymirec-k1", "hymirec-dmil-pooled"))
     assert config.use_coarse == (name != "multi")
-    assert config.coarse_dmil_pooled_only == (name == "hymirec-dmil-pooled")
+    assert model.model.objective.coarse_dmil_pooled_only == (name == "hymirec-dmil-pooled")
 
 
 def test_hymirec_and_sasrec_train_on_the_settings_negatives():
@@ -156,8 +156,8 @@ def test_hymirec_and_sasrec_train_on_the_settings_negatives():
                         train_negatives=3, train_negatives_popular=0.25)
     hymirec = build(RUNS["hymirec"], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1, torch.randn(8, 16))
     sasrec = build(RUNS["sasrec"], split.catalogue, settings, torch.device("cpu"), "tiny", "tiny", 1)
-    assert hymirec.model.config.negatives == sasrec.negatives == 3
-    assert hymirec.model.config.negatives_popular == sasrec.negatives_popular == 0.25
+    assert hymirec.model.objective.negatives == sasrec.negatives == 3
+    assert hymirec.model.objective.negatives_popular == sasrec.negatives_popular == 0.25
     report = sasrec.fit(split.train, None, False)
     assert math.isfinite(report.final_loss)
     hymirec.fit(split.train, None, False)

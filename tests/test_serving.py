@@ -167,9 +167,9 @@ def test_fine_tuning_draws_negatives_as_todays_settings_say(world):
         sequences.setdefault(event["user_id"], []).append(event["item_id"])
     live = copy.copy(world["m1"])
     live.settings = live.settings.model_copy(update={"train_negatives": 5, "train_negatives_popular": 0.25})
-    tuned = live.fine_tune(items, sequences, epochs=1).module.config
+    tuned = live.fine_tune(items, sequences, epochs=1).module.objective
     assert (tuned.negatives, tuned.negatives_popular) == (5, 0.25)
-    assert world["m1"].module.config.negatives != 5
+    assert world["m1"].module.objective.negatives != 5
 
 
 def test_trainer_cycle_bootstraps_then_guards(settings, world, caplog):

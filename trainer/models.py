@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.nn as nn
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from model.codebook import CodebookConfig
-from model.hymirec import HyMiRec, HyMiRecConfig, cut_points
+from model.hymirec import HyMiRec, HyMiRecConfig, HyMiRecObjective, cut_points
 from model.item_encoder import cached_item_embeddings, frozen_encoder, zero_textless
 from model.losses import LogitScale, draw_negatives, negative_distribution, sampled_softmax_loss
 from model.retrieval import popularity_vectors
@@ -175,13 +175,17 @@ class HyMiRecModel(_TorchModel):
             num_interests=settings.num_interests,
             history_len=settings.history_max_len,
             recent_len=settings.recent_len,
-            negatives=settings.train_negatives,
-            negatives_popular=settings.train_negatives_popular,
             codebook=CodebookConfig(levels=settings.codebook_levels, size=settings.codebook_size, seed=settings.seed),
             user_backbone="tiny" if backbone in ("tiny", "tiny-llama") else backbone,
         )
-        self.config = replace(config, **overrides)
-        self.model = HyMiRec(self.config, content).to(device)
+        objective = HyMiRecObjective(negatives=settings.train_negatives, negatives_popular=settings.train_negatives_popular)
+        architecture = {f.name for f in fields(HyMiRecConfig)}
+        unknown = set(overrides) - architecture - {f.name for f in fields(HyMiRecObjective)}
+        if unknown:
+            raise HymirecError(f"unknown HyMiRec setting(s) {sorted(unknown)}")
+        self.config = replace(config, **{k: v for k, v in overrides.items() if k in architecture})
+        self.objective = replace(objective, **{k: v for k, v in overrides.items() if k not in architecture})
+        self.model = HyMiRec(self.config, content, objective=self.objective).to(device)
         self.epochs = epochs
         self.phase1_cache = phase1_cache
         self.scoring = "refined"
@@ -208,8 +212,8 @@ class HyMiRecModel(_TorchModel):
         return batches
 
     def _phase1_key(self, fit: FitConfig) -> str:
-        fields = {k: v for k, v in asdict(self.config).items() if k not in PHASE2_FIELDS}
-        return json.dumps([fields, asdict(fit), torch.initial_seed()], sort_keys=True, default=str)
+        shared = {k: v for k, v in {**asdict(self.config), **asdict(self.objective)}.items() if k not in PHASE2_FIELDS}
+        return json.dumps([shared, asdict(fit), torch.initial_seed()], sort_keys=True, default=str)
 
     def _fit_coarse(self, seqs, valid, progress, fit: FitConfig) -> FitReport:
         """Phase 1: item table + coarse branch on next-item prediction, first over the exact item
@@ -268,7 +272,7 @@ class HyMiRecModel(_TorchModel):
 
         def loss_fn(batch):
             seq = torch.as_tensor(pad_left(batch, max(len(s) for s in batch)), device=self.device)
-            return self.model.loss(seq, cut_points(seq, cfg.cuts))
+            return self.model.loss(seq, cut_points(seq, self.objective.cuts))
 
         self.report = fit_loop(self.model, self._batches(seqs, refine_fit.batch_size), loss_fn, refine_fit,
                                self.validation(valid) if valid else None, progress, desc=self.name)

@@ -44,10 +44,9 @@ class HyMiRecServing(ServedHyMiRec):
         if changed and self.encoder is not None:
             content[torch.as_tensor(changed) + 1] = old.items.standardise(
                 encode_content(self.encoder, [cat.texts[j] for j in changed]))
+        # The architecture stays (on the grown catalogue); how to train follows today's settings.
         config = asdict(old.config)
-        # The draw of negatives is how to train, not what the model is: it follows today's settings.
-        keep_settings = ("num_items", "content_dim", "codebook", "negatives", "negatives_popular")
-        overrides = {k: v for k, v in config.items() if k not in keep_settings}
+        overrides = {k: v for k, v in config.items() if k not in ("num_items", "content_dim")}
         overrides["codebook"] = CodebookConfig(**config["codebook"])
         model = HyMiRecModel(cat, select_device(None), self.settings, epochs=epochs, content=content, **overrides)
         model.name = "hymirec"
