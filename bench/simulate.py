@@ -1,5 +1,6 @@
 """`hymirec simulate`: prequential evaluation (test-then-train, DESIGN §3) of a frozen model against
 the online loop, through the live system.
+(One file, longer than most: the experiment's protocol, its arms and its report are read together.)
 
 One time-ordered log is replayed through two copies of the system side by side — each its own
 topics, LanceDB directory and faust worker, on one broker — in lock-step:

@@ -1,4 +1,5 @@
 """HyMiRec: a lightweight coarse branch over the long history + an LLM refined branch (DESIGN §2).
+(One file for the whole model, as nanoGPT's model.py: its modules are read together, top to bottom.)
 
     item i ─► content_i (frozen item-encoder embedding, standardised)
            ─► item vector e_i = proj(content_i) + id_i ─────────────► scoring table, recent inputs

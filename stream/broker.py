@@ -1,4 +1,5 @@
 """A real single-node Kafka broker (KRaft combined mode) on 127.0.0.1, run from Maven Central jars.
+(One file, longer than most: the broker's whole life — jars, config, storage, start, stop — in one place.)
 
     local = LocalKafka(settings)
     local.start(timeout=90)      # resolve jars once, format storage once, launch, wait for clients
