@@ -1,0 +1,163 @@
+"""The simple streaming baselines of DESIGN §7a, the bar the live recommender has to clear.
+
+One small interface, ``StreamingBaseline``: ``apply`` (user_id, item_id) events in log order, then ask
+``top(user_id, k)``: the user's k best items, leaving out every item the user has an applied event of
+(the prequential protocol of ``hymirec simulate``: score against the state, then apply). ``history``
+is the user's applied items, oldest first (None: no event yet, a cold user).
+
+- ``MostPopular`` ("pop"): counts of every event applied so far.
+- ``RecentPopular`` ("recent-pop"): counts over the last ``window`` applied events (2,000).
+- ``SequentialRules`` ("rules"): after each applied event, for each of the user's previous 3 items j
+  (1, 2, 3 back) add 1/distance to count[j → new item]; a user's score of an item is the sum of
+  count[j → item] over the user's last 5 items j, weighted 1/recency (the most recent: 1).
+
+Ties: by all-time popularity (that is the rules' tie-break, as §7a says; the popularity rankings
+have none left), then by the order in which items first appeared in the stream. Pure python and
+numpy: no torch, no settings.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+
+class StreamingBaseline:
+    """Items by a score that events update; ``ranked`` (best first, every known item) is what a
+    subclass defines, ``learn`` what it adds to the all-time counts every baseline keeps."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []  # item index → id, in order of first appearance
+        self.index: dict[str, int] = {}
+        self.counts: list[int] = []  # all-time events per item index
+        self.histories: dict[str, list[int]] = {}
+        self._popular: np.ndarray | None = None  # cached ranking by all-time counts, reset by ``apply``
+
+    def apply(self, events: Iterable[tuple[str, str]]) -> None:
+        """Learn from (user_id, item_id) events, in the order given."""
+        for user, item in events:
+            i = self.index.get(item)
+            if i is None:
+                i = self.index[item] = len(self.ids)
+                self.ids.append(item)
+                self.counts.append(0)
+            history = self.histories.setdefault(user, [])
+            self.learn(history, i)
+            self.counts[i] += 1
+            history.append(i)
+        self._popular = None
+        self.changed()
+
+    def history(self, user: str) -> list[str] | None:
+        got = self.histories.get(user)
+        return None if got is None else [self.ids[i] for i in got]
+
+    def top(self, user: str, k: int) -> list[str]:
+        """The user's k best items, none the user has an event of (fewer when the stream knows fewer)."""
+        history = self.histories.get(user, [])
+        seen = set(history)
+        out = []
+        for i in self.ranked(history):
+            if i not in seen:
+                out.append(self.ids[i])
+                if len(out) == k:
+                    break
+        return out
+
+    def popular(self) -> np.ndarray:
+        """Item indices by all-time count, ties by first appearance."""
+        if self._popular is None:
+            self._popular = np.argsort(-np.asarray(self.counts, dtype=np.int64), kind="stable")
+        return self._popular
+
+    # --- what a baseline defines
+    def learn(self, history: list[int], item: int) -> None:
+        """One event of ``item`` by a user whose earlier items are ``history`` (before the counts move)."""
+
+    def changed(self) -> None:
+        """Called once after every ``apply``: drop what was cached of the old state."""
+
+    def ranked(self, history: list[int]) -> Iterable[int]:
+        raise NotImplementedError
+
+
+class MostPopular(StreamingBaseline):
+    name = "pop"
+
+    def ranked(self, history: list[int]) -> Iterable[int]:
+        return self.popular()
+
+
+class RecentPopular(StreamingBaseline):
+    name = "recent-pop"
+
+    def __init__(self, window: int = 2000) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window = window
+        self.recent: deque[int] = deque()
+        self.recent_counts: dict[int, int] = {}
+        self._order: list[int] | None = None
+
+    def learn(self, history: list[int], item: int) -> None:
+        self.recent.append(item)
+        self.recent_counts[item] = self.recent_counts.get(item, 0) + 1
+        if len(self.recent) > self.window:
+            old = self.recent.popleft()
+            self.recent_counts[old] -= 1
+            if not self.recent_counts[old]:
+                del self.recent_counts[old]
+
+    def changed(self) -> None:
+        self._order = None
+
+    def ranked(self, history: list[int]) -> Iterable[int]:
+        if self._order is None:
+            counts = self.counts
+            self._order = sorted(self.recent_counts, key=lambda i: (-self.recent_counts[i], -counts[i], i))
+        return _then_popular(self._order, self.popular())
+
+
+class SequentialRules(StreamingBaseline):
+    name = "rules"
+
+    def __init__(self, back: int = 3, last: int = 5) -> None:
+        super().__init__()
+        self.back, self.last = back, last
+        self.follows: dict[int, dict[int, float]] = {}  # count[j → item]
+
+    def learn(self, history: list[int], item: int) -> None:
+        for distance, j in enumerate(reversed(history[-self.back:]), start=1):
+            row = self.follows.setdefault(j, {})
+            row[item] = row.get(item, 0.0) + 1.0 / distance
+
+    def scores(self, history: list[int]) -> dict[int, float]:
+        """{item: Σ over the last ``last`` items j of count[j → item] / recency}, items with a rule only."""
+        acc: dict[int, float] = {}
+        for recency, j in enumerate(reversed(history[-self.last:]), start=1):
+            for item, count in self.follows.get(j, {}).items():
+                acc[item] = acc.get(item, 0.0) + count / recency
+        return acc
+
+    def ranked(self, history: list[int]) -> Iterable[int]:
+        scores = self.scores(history)
+        # Rounded: equal sums reached in another order must tie, so that popularity decides them.
+        ruled = sorted(scores, key=lambda i: (-round(scores[i], 9), -self.counts[i], i))
+        return _then_popular(ruled, self.popular())
+
+
+def _then_popular(first: list[int], popular: np.ndarray) -> Iterator[int]:
+    """``first``, then the popular items not in it (the zero scores, tied, by popularity)."""
+    yield from first
+    taken = set(first)
+    yield from (int(i) for i in popular if int(i) not in taken)
+
+
+def streaming_baselines(window: int = 2000) -> list[StreamingBaseline]:
+    """The three baselines of §7a, fresh: pop, recent-pop (``window`` events), rules."""
+    return [MostPopular(), RecentPopular(window), SequentialRules()]

@@ -1,0 +1,111 @@
+"""The simple streaming baselines (model.baselines, DESIGN §7a) on small logs whose counts and
+rankings are worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.baselines import MostPopular, RecentPopular, SequentialRules, streaming_baselines
+
+
+def pairs(text: str) -> list[tuple[str, str]]:
+    """'u1:a u2:b' → [("u1", "a"), ("u2", "b")]."""
+    return [tuple(p.split(":")) for p in text.split()]
+
+
+def test_popularity_counts_every_applied_event():
+    pop = MostPopular()
+    pop.apply(pairs("a:x b:x b:y c:z c:y d:x"))
+    # counts: x 3, y 2, z 1
+    assert pop.top("nobody", 10) == ["x", "y", "z"]  # a cold user: every item; fewer than k known
+    assert pop.history("nobody") is None and pop.history("b") == ["x", "y"]
+    assert pop.top("a", 2) == ["y", "z"]  # a's x left out
+    assert pop.top("b", 2) == ["z"]
+    # A second chunk: w 2, x 3, y 2, z 1 + 1 = 2 → x, then y / z / w tied at 2, in order of first
+    # appearance (y before z before w).
+    pop.apply(pairs("e:w f:w g:z"))
+    assert pop.top("nobody", 4) == ["x", "y", "z", "w"]
+    assert pop.top("e", 10) == ["x", "y", "z"]
+
+
+def test_recent_popularity_counts_the_window_only():
+    recent = RecentPopular(window=3)
+    recent.apply(pairs("u1:a u2:a u3:a u1:b u2:c u3:b"))
+    # The last 3 events: b c b → b 2, c 1; a has none in the window (all-time 3): after them.
+    assert recent.top("new", 3) == ["b", "c", "a"]
+    assert recent.top("u1", 3) == ["c"]  # u1 has a and b
+    # One more chunk: the window is now c b d → b 1, c 1, d 1, tied; all-time b 2, c 1, d 1: b first,
+    # then c and d by first appearance; a (0 in the window) last.
+    recent.apply(pairs("u4:d"))
+    assert recent.top("new", 4) == ["b", "c", "d", "a"]
+    with pytest.raises(ValueError):
+        RecentPopular(window=0)
+
+
+def test_recent_popularity_ties_go_to_all_time_popularity():
+    recent = RecentPopular(window=2)
+    recent.apply(pairs("u1:a u2:b u3:b u4:a u5:c"))
+    # window: a c → 1 each; all-time a 2, c 1 → a, c; then b (0 in the window, all-time 2)
+    assert recent.top("new", 3) == ["a", "c", "b"]
+    assert recent.top("u1", 2) == ["c", "b"]
+
+
+def named(rules: SequentialRules, table: dict[int, float]) -> dict[str, float]:
+    return {rules.ids[i]: pytest.approx(v) for i, v in table.items()}
+
+
+def test_sequential_rules_counts_one_over_distance_and_scores_one_over_recency():
+    rules = SequentialRules()
+    rules.apply(pairs("u:a u:b u:c u:d v:b v:d"))
+    # u's b: a→b +1. u's c: b→c +1, a→c +1/2. u's d: c→d +1, b→d +1/2, a→d +1/3. v's d: b→d +1.
+    follows = {(rules.ids[j], rules.ids[t]): c for j, row in rules.follows.items() for t, c in row.items()}
+    assert follows == {("a", "b"): 1.0, ("a", "c"): 0.5, ("a", "d"): pytest.approx(1 / 3),
+                       ("b", "c"): 1.0, ("b", "d"): 1.5, ("c", "d"): 1.0}
+    rules.apply(pairs("w:a"))  # w's first event: no rule
+    # w's last items: a (weight 1) → b 1, c 1/2, d 1/3.
+    assert named(rules, rules.scores(rules.histories["w"])) == {"b": 1.0, "c": 0.5, "d": pytest.approx(1 / 3)}
+    assert rules.top("w", 3) == ["b", "c", "d"]
+    # v's last items: d (weight 1, no rule out of d), b (weight 1/2): c 1/2, d 1.5/2. d and b are v's
+    # own: c, then the items without a rule by popularity (a: 2 events).
+    assert named(rules, rules.scores(rules.histories["v"])) == {"c": 0.5, "d": 0.75}
+    assert rules.top("v", 3) == ["c", "a"]
+    # A cold user has no rule: the popular items (b 2, d 2, a 2, c 1; ties by first appearance).
+    assert rules.top("nobody", 4) == ["a", "b", "d", "c"]
+
+
+def test_sequential_rules_look_three_back_and_score_five_back():
+    rules = SequentialRules()
+    rules.apply(pairs("u:a u:b u:c u:d u:e"))
+    # e: d→e 1, c→e 1/2, b→e 1/3; a is 4 back: no a→e.
+    into_e = {rules.ids[j]: row[rules.index["e"]] for j, row in rules.follows.items() if rules.index["e"] in row}
+    assert into_e == {"d": 1.0, "c": 0.5, "b": pytest.approx(1 / 3)}
+    rules.apply(pairs("o:z o:y"))  # z→y 1
+    rules.apply(pairs("h:z h:h1 h:h2 h:h3 h:h4"))
+    # h's last 5 items: h4 h3 h2 h1 z → z at recency 5: y scores 1/5.
+    assert rules.scores(rules.histories["h"])[rules.index["y"]] == pytest.approx(0.2)
+    rules.apply(pairs("h:h5"))  # z is now 6 back: no longer read
+    assert rules.index["y"] not in rules.scores(rules.histories["h"])
+
+
+def test_sequential_rules_ties_go_to_popularity():
+    rules = SequentialRules()
+    rules.apply(pairs("s1:p s1:q s2:p s2:r s3:r x:p"))
+    # p→q 1, p→r 1: tied for x (last item p); popularity r 2, q 1 → r before q (q appeared first).
+    assert named(rules, rules.scores(rules.histories["x"])) == {"q": 1.0, "r": 1.0}
+    assert rules.top("x", 2) == ["r", "q"]
+
+
+def test_chunks_applied_one_by_one_equal_one_apply():
+    log = pairs("u1:a u2:b u1:c u3:a u2:c u1:b u3:d u2:a u1:d u3:b")
+    whole, parts = streaming_baselines(window=4), streaming_baselines(window=4)
+    for model in whole:
+        model.apply(log)
+    for model in parts:
+        for start in range(0, len(log), 3):
+            model.apply(log[start : start + 3])
+    assert [m.name for m in whole] == ["pop", "recent-pop", "rules"]
+    for a, b in zip(whole, parts):
+        for user in ("u1", "u2", "u3", "cold"):
+            assert a.top(user, 10) == b.top(user, 10)
+            assert a.history(user) == b.history(user)
+            assert not set(a.top(user, 10)) & set(a.history(user) or [])
