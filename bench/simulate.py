@@ -26,6 +26,11 @@ chunk, so a user's second event within one chunk does not see the first (the sam
 smaller ``chunk`` = finer, slower). A bursty log feels it most: a new user's first session falls
 into one chunk and is scored cold.
 
+**Baseline arms.** The simple streaming baselines of DESIGN §7a (``model.baselines``: pop, recent-pop,
+rules) run in this process on the same log, with no worker: each learns the bootstrap part, then every
+chunk is scored against its state before the chunk (the user's applied items left out, a user with no
+applied event cold) by the same ``score_chunk``, and then applied.
+
 Reported per arm: Recall@10 / NDCG@10 of the warm events overall, per third of the scored part and
 split by item (*new*: no event in the bootstrap part), the cold events, the cycles and their
 decisions, and the paired online − frozen gap with its standard error (over events: it does not
@@ -49,6 +54,7 @@ from bench import harness
 from hymirec.errors import HymirecError
 from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
+from model.baselines import streaming_baselines
 from serving.reader import Recommender
 from store.logs import read_interactions, write_jsonl
 from store.registry import ModelRegistry
@@ -74,6 +80,7 @@ class SimConfig:
     margin: float = 0.01
     window: int = 1000
     timeout: float = 300.0  # longest wait for one worker step (apply a chunk, switch a version)
+    recent_window: int = 2000  # recent-pop: counts over this many events before the chunk
 
 
 # --- the pure parts: scoring, windows, summary, plot ------------------------------------------------
@@ -108,6 +115,27 @@ def score_chunk(events: pd.DataFrame, answers: dict[str, tuple[str | None, list[
                         "in_history": bool(history) and item in history, "new_item": item not in bootstrap_items,
                         "model_version": version,
                         "rank": rank, "hit": hit, "ndcg": ndcg})
+    return records
+
+
+def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig) -> dict[str, list[dict]]:
+    """{baseline name: records}: the baselines through ``log`` (position, user_id, item_id) with the live
+    arms' protocol — the first ``boot`` events learnt, then chunk by chunk each event scored by
+    ``score_chunk`` against the state before its chunk, then the chunk applied."""
+    models = streaming_baselines(config.recent_window)
+    bootstrap_items = set(log["item_id"].iloc[:boot])
+    events = list(zip(log["user_id"].tolist(), log["item_id"].tolist()))
+    for m in models:
+        m.apply(events[:boot])
+    records = {m.name: [] for m in models}
+    for start in range(boot, len(log), config.chunk):
+        chunk = log.iloc[start : start + config.chunk]
+        users = list(dict.fromkeys(chunk["user_id"].tolist()))
+        for m in models:
+            histories = {u: h for u in users if (h := m.history(u)) is not None}
+            records[m.name] += score_chunk(chunk, {u: (m.name, m.top(u, K)) for u in users}, histories, start,
+                                           bootstrap_items)
+            m.apply(events[start : start + config.chunk])
     return records
 
 
@@ -166,6 +194,7 @@ def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, 
         cold = [r for r in recs if r["cold"]]
         published = [c for c in done if c["published"]]
         arms[name] = {
+            "kind": "live" if name in ARMS else "baseline",
             **metrics_of(warm(recs)),
             "thirds": thirds(recs, bootstrap_events, log_events),
             "cold": metrics_of(cold),
@@ -181,9 +210,15 @@ def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, 
         for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
             mean, se = paired_gap(records["frozen"], records["online"], key)
             gap[metric] = {"online_minus_frozen": mean, "standard_error": se}
+    baselines = {name: arm for name, arm in arms.items() if arm["kind"] == "baseline" and arm[f"recall@{K}"] is not None}
+    best = {}
+    if baselines and arms.get("online", {}).get(f"recall@{K}") is not None:
+        name = max(baselines, key=lambda b: baselines[b][f"recall@{K}"])
+        top, online = baselines[name][f"recall@{K}"], arms["online"][f"recall@{K}"]
+        best = {"baseline": name, f"recall@{K}": top, "online_over_best": online / top if top else None}
     return {"dataset": dataset, "log_events": log_events, "bootstrap_events": bootstrap_events,
             "scored_events": len(next(iter(records.values()), [])), "config": asdict(config), "arms": arms,
-            "gap": gap}
+            "gap": gap, "best_baseline": best}
 
 
 def _fmt(value: float | None) -> str:
@@ -207,8 +242,9 @@ def summary_markdown(summary: dict) -> str:
         t = arm["thirds"]
         lines.append(
             f"| {name} | {arm['events']:,} | {_fmt(arm[r])} | {_fmt(arm[n])} | {_fmt(t[0][r])} | {_fmt(t[1][r])} | "
-            f"{_fmt(t[2][r])} | {arm['cold']['events']:,} ({_fmt(arm['cold'][r])}) | {len(arm['versions']) or 1} | "
-            f"{arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |")
+            f"{_fmt(t[2][r])} | {arm['cold']['events']:,} ({_fmt(arm['cold'][r])}) | "
+            + ("- | - | - |" if arm.get("kind") == "baseline" else
+               f"{len(arm['versions']) or 1} | {arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |"))
     lines += ["", "Warm events by item: *new* = no event in the bootstrap part (v0001 never saw it used).", "",
               f"| arm | new-item events | R@{K} | N@{K} | old-item events | R@{K} | N@{K} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, arm in summary["arms"].items():
@@ -219,12 +255,17 @@ def summary_markdown(summary: dict) -> str:
         lines.append("")
         lines.append(f"online − frozen {metric}: {g['online_minus_frozen']:+.4f} ± {g['standard_error']:.4f} "
                      f"(paired over the same events, ± one standard error)")
+    best = summary.get("best_baseline")
+    if best:
+        ratio = "-" if best["online_over_best"] is None else f"{best['online_over_best']:.2f}"
+        lines += ["", f"Best simple streaming baseline (DESIGN §7a): {best['baseline']} R@{K} {_fmt(best[r])}; "
+                      f"online / best = {ratio} (the target: ≥ 1.2)."]
     return "\n".join(lines) + "\n"
 
 
 def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int], path: Path, *, window: int,
          bootstrap_events: int, title: str) -> Path:
-    """PNG: each arm's rolling Recall@10 and NDCG@10 against the log position, the online arm's
+    """PNG: each arm's rolling Recall@10 and NDCG@10 against the log position (baselines dashed), the online arm's
     version switches after the bootstrap (dashed) and rejected cycles (dotted), and the end of the
     bootstrap, where both arms start serving v0001 (grey)."""
     # Imported here on purpose: the headless backend must be chosen before pyplot loads, and only a
@@ -235,13 +276,15 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    colours = {"frozen": "tab:blue", "online": "tab:orange"}
+    colours = {"frozen": "tab:blue", "online": "tab:orange", "pop": "tab:brown", "recent-pop": "tab:green",
+               "rules": "tab:purple"}
     for name, recs in records.items():
         curve = rolling(recs, window)
+        style = {"linewidth": 1.2} if name in ARMS else {"linewidth": 0.9, "linestyle": "--"}
         for ax, column in zip(axes, ("recall", "ndcg")):
-            ax.plot(curve["position"], curve[column], label=name, color=colours.get(name), linewidth=1.2)
+            ax.plot(curve["position"], curve[column], label=name, color=colours.get(name), **style)
     for ax, label in zip(axes, (f"Recall@{K}", f"NDCG@{K}")):
-        ax.axvline(bootstrap_events, color="grey", linewidth=1, label="v0001, both arms")
+        ax.axvline(bootstrap_events, color="grey", linewidth=1, label="v0001, both live arms")
         for i, x in enumerate(switches):
             ax.axvline(x, color="tab:orange", linestyle="--", linewidth=0.7, alpha=0.7,
                        label="online: new version" if i == 0 else None)
@@ -278,7 +321,7 @@ def write_outputs(out: Path, summary: dict, records: dict[str, list[dict]], cycl
     paths["plot"] = plot(records, [c["position"] for c in after if c["published"]],
                          [c["position"] for c in after if not c["published"]], out / "plot.png", window=window,
                          bootstrap_events=summary["bootstrap_events"], title=f"prequential, {summary['dataset']}: "
-                         "frozen after the bootstrap vs online fine-tuning")
+                         "frozen after the bootstrap vs online fine-tuning vs the simple baselines")
     return paths
 
 
@@ -379,7 +422,8 @@ def _cycle(arm: Arm, trainer, position: int, timeout: float) -> dict:
 
 def run_simulation(settings: Settings, interactions: Path, items: Path, *, config: SimConfig, out: Path,
                    dataset: str, limit: int | None = None, progress: bool = True) -> dict:
-    """Both arms through the whole log (see the module doc); writes ``out`` and returns the summary."""
+    """Both live arms and the baseline arms through the whole log (see the module doc); writes ``out`` and
+    returns the summary."""
     log = read_interactions(interactions, limit=limit)
     n = len(log)
     boot = int(round(config.frozen_after * n))
@@ -394,6 +438,10 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         flush=True)
     logs = out / "logs"
     started = time.monotonic()
+    baselines = baseline_arms(log, boot, config)
+    say("baselines (in this process, same chunks): " + ", ".join(
+        f"{name} R@{K} {_fmt(metrics_of(warm(recs))[f'recall@{K}'])}" for name, recs in baselines.items())
+        + f" ({time.monotonic() - started:.0f} s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="hymirec-simulate-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         base, how = stack.enter_context(harness.broker(settings, work))
@@ -447,11 +495,13 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             if end >= next_report or end == n:
                 next_report = end + max(config.chunk, (n - boot) // 10)
                 now = {a.name: metrics_of(warm(a.records))[f"recall@{K}"] for a in arms}
+                now |= {name: metrics_of(warm([r for r in recs if r["position"] < end]))[f"recall@{K}"]
+                        for name, recs in baselines.items()}
                 say(f"  {end:,}/{n:,} events ({time.monotonic() - started:.0f} s): running Recall@{K} "
                     + ", ".join(f"{k} {_fmt(v)}" for k, v in now.items()) + "; seconds waiting for "
                     + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), flush=True)
 
-    records = {a.name: a.records for a in arms}
+    records = {**{a.name: a.records for a in arms}, **baselines}
     cycles = {a.name: a.cycles for a in arms}
     summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
     summary["wall_s"] = round(time.monotonic() - started, 1)

@@ -12,9 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.simulate import (SimConfig, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk, score_event,
-                            summarise, summary_markdown, thirds, windows)
+import bench.simulate
+from bench.simulate import (SimConfig, baseline_arms, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk,
+                            score_event, summarise, summary_markdown, thirds, windows)
 from hymirec.settings import Settings
+from model.baselines import MostPopular
 from store import Store
 from stream.datasets import export_synthetic
 from serving.reader import Recommender, recommend
@@ -94,8 +96,64 @@ def test_summary_and_paired_gap():
     json.dumps(summary)  # the summary is written as JSON
 
 
+def test_summary_sets_the_baseline_arms_apart_and_names_the_best():
+    records = {"frozen": records_of([1, 0, 0, 0] * 10), "online": records_of([1, 1, 0, 0] * 10),
+               "pop": records_of([1, 0, 0, 0, 0] * 8), "rules": records_of([1, 0] * 20)}
+    cycles = {"frozen": [{"position": 100, "published": "v0001", "train_s": 3.0}],
+              "online": [{"position": 100, "published": "v0001", "train_s": 3.0}]}
+    summary = summarise(records, cycles, dataset="toy", log_events=140, bootstrap_events=100, config=SimConfig())
+    arms = summary["arms"]
+    assert [arms[a]["kind"] for a in arms] == ["live", "live", "baseline", "baseline"]
+    assert arms["pop"]["recall@10"] == pytest.approx(0.2) and arms["rules"]["cycles"] == 0
+    assert arms["rules"]["thirds"] and arms["rules"]["new_items"]["events"] == 10 and arms["rules"]["cold"]["events"] == 0
+    assert summary["best_baseline"] == {"baseline": "rules", "recall@10": 0.5, "online_over_best": 1.0}
+    assert list(summary["gap"]) == ["recall@10", "ndcg@10"]  # still online − frozen only
+    table = summary_markdown(summary)
+    assert "| rules | 40 | 0.5000 |" in table and "| pop | 40 | 0.2000 |" in table
+    assert "| 0 (-) | - | - | - |" in table  # no versions, cycles or training for a baseline
+    assert "online / best = 1.00" in table
+    json.dumps(summary)
+
+
+def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch):
+    """On a tiny synthetic stream: every event after the bootstrap, once per baseline, by ``score_chunk``
+    itself, in the live arms' chunks, against the state before the chunk (warm = an applied event)."""
+    export_synthetic(tmp_path, users=30, items=80, interests=4, events_per_user=12, drift=0.5, seed=3, fresh_items=0.3)
+    log = read_interactions(tmp_path / "interactions.jsonl")
+    log = log.assign(position=range(len(log)))
+    n, boot, config = len(log), 100, SimConfig(chunk=40, recent_window=50)
+    calls = []
+
+    def spy(events, answers, histories, applied, bootstrap_items, k=10):
+        calls.append((events["position"].tolist(), applied))
+        return score_chunk(events, answers, histories, applied, bootstrap_items, k)
+
+    monkeypatch.setattr(bench.simulate, "score_chunk", spy)
+    records = baseline_arms(log, boot, config)
+    assert list(records) == ["pop", "recent-pop", "rules"]
+    chunks = [(list(range(s, min(s + 40, n))), s) for s in range(boot, n, 40)]
+    assert calls == [c for c in chunks for _ in range(3)]  # each chunk, each baseline, before it is applied
+    users, items = log["user_id"].tolist(), log["item_id"].tolist()
+    for name, recs in records.items():
+        assert [r["position"] for r in recs] == list(range(boot, n))
+        for r in recs:
+            before = [i for u, i in zip(users[: r["applied"]], items[: r["applied"]]) if u == r["user_id"]]
+            assert r["applied"] == boot + (r["position"] - boot) // 40 * 40
+            assert r["cold"] == (not before) and r["history_len"] == len(before) and r["model_version"] == name
+            assert r["in_history"] == (r["item_id"] in before) and not (r["in_history"] and r["hit"])
+            assert r["new_item"] == (r["item_id"] not in items[:boot])
+        assert sum(r["hit"] for r in recs if not r["cold"]) > 0
+    # One chunk redone by hand: popularity learnt up to the chunk, its top-10 per user, scored.
+    pop, start = MostPopular(), boot + 40
+    pop.apply(zip(users[:start], items[:start]))
+    chunk = log.iloc[start : start + 40]
+    answers = {u: ("pop", pop.top(u, 10)) for u in chunk["user_id"]}
+    histories = {u: pop.history(u) for u in chunk["user_id"] if pop.history(u) is not None}
+    assert records["pop"][40:80] == score_chunk(chunk, answers, histories, start, set(items[:boot]))
+
+
 def test_plot_writes_a_png(tmp_path: Path):
-    recs = {"frozen": records_of([1, 0] * 50), "online": records_of([1, 1, 0] * 33)}
+    recs = {"frozen": records_of([1, 0] * 50), "online": records_of([1, 1, 0] * 33), "rules": records_of([1, 0, 0] * 33)}
     path = plot(recs, [120, 160], [180], tmp_path / "p" / "plot.png", window=10, bootstrap_events=100, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
@@ -177,5 +235,13 @@ def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
     # The online arm's answers carry the versions it switched to, in publishing order.
     served = online["model_version"].dropna().tolist()
     assert set(served) <= set(summary["arms"]["online"]["versions"]) and served == sorted(served)
+    # The baseline arms, in-process, scored the same events with the same warm users and seen items.
+    for name in ("pop", "recent-pop", "rules"):
+        base = pd.read_csv(out / f"{name}_events.csv", dtype={"user_id": str, "item_id": str})
+        assert base["position"].tolist() == frozen["position"].tolist()
+        for column in ("user_id", "cold", "history_len", "in_history", "new_item", "applied"):
+            assert (base[column] == frozen[column]).all(), column
+        assert summary["arms"][name]["kind"] == "baseline" and 0 <= summary["arms"][name]["recall@10"] <= 1
+    assert summary["best_baseline"]["baseline"] in ("pop", "recent-pop", "rules")
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "| frozen |" in (out / "summary.md").read_text() and json.loads((out / "summary.json").read_text())["arms"]
