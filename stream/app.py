@@ -179,4 +179,5 @@ async def metrics(web, request):
 async def health(web, request):
     return web.json(ingestor.health(_end_offsets()))
 
+
 serving_side = register_serving(app, settings, ingestor)  # hot-swap, interest refresh, GET /recommend
