@@ -9,7 +9,8 @@ The rule for the warning (``busy``), on a machine of N cores; any one clause is 
   still decays in it, which is why the next clause measures the others apart;
 - other processes used more than ``OTHERS_FRACTION`` × N cores (on 2 cores: half a core) just before
   the run, on average during it, or just after (CPU time of every process outside this one's tree,
-  sampled over ``SAMPLE_S`` seconds before and after, and every ``EVERY_S`` seconds in between).
+  sampled over ``SAMPLE_S`` seconds before and after, and every ``EVERY_S`` seconds in between). A
+  broker that was already running when the benchmark started is not its own: its work counts here.
 
 The benchmarks here fill every core (a worker, a broker, a producer or a reader), so half a core
 taken by something else already slows and scatters their timings.
@@ -55,11 +56,12 @@ def cpu_seconds_of_others() -> dict[int, float]:
 
 
 def others_cores(before: dict[int, float], after: dict[int, float], seconds: float) -> float:
-    """Cores' worth of CPU the other processes used between two ``cpu_seconds_of_others`` (processes
-    alive in both)."""
+    """Cores' worth of CPU the other processes used between two ``cpu_seconds_of_others``: a process
+    only in ``after`` started in between (all its CPU counts), one only in ``before`` ended in between
+    (its last moments are missed)."""
     if seconds <= 0:
         return 0.0
-    used = sum(max(0.0, after[pid] - before[pid]) for pid in after.keys() & before.keys())
+    used = sum(max(0.0, cpu - before.get(pid, 0.0)) for pid, cpu in after.items())
     return used / seconds
 
 
