@@ -242,7 +242,9 @@ def run(settings: Settings, opts: Options) -> Result:
                 "codebook": f"{settings.codebook_levels}×{settings.codebook_size}", "broker": how,
                 "seed": settings.seed},
         rows=rows, targets=targets,
-        notes=["The store is filled directly (no 100M-event replay): histories with the version's codes, and "
+        notes=["One run per backbone: --repeat does not apply here (each run takes minutes; a peak RSS depends "
+               "far less on other processes than a timing does).",
+               "The store is filled directly (no 100M-event replay): histories with the version's codes, and "
                "interests rows of that version for every user but the `recompute` ones (see the module docstring).",
                "peak_rss_gib: resident memory of the process and its children, sampled every 0.1 s, start to stop.",
                "The trainer reads at most trainer_max_users users per cycle (those with the most events not yet "

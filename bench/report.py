@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import psutil
 
+from bench.loadwatch import describe as describe_load
 from hymirec.settings import Settings
 
 NOT_MEASURED = "not measured"
+TARGET_COLUMNS = ["what", "target", "measured", "spread", "runs", "verdict", "note"]
 
 
 def machine() -> dict[str, Any]:
@@ -73,10 +75,38 @@ def percentiles(values, qs=(50, 95, 99)) -> dict[str, float | None]:
     return {f"p{q}": (float(np.percentile(arr, q)) if arr.size else None) for q in qs}
 
 
-def target(what: str, measured: float | None, bound: float, *, at_least: bool, unit: str = "",
+def repeated(values) -> dict[str, Any]:
+    """The median of a figure measured in several runs, with its spread: {"median", "min", "max",
+    "runs", "values"} (None for the figures when no run measured it; runs that measured nothing are
+    left out of the median and counted)."""
+    measured = [float(v) for v in values if v is not None]
+    if not measured:
+        return {"median": None, "min": None, "max": None, "runs": 0, "values": []}
+    return {"median": float(np.median(measured)), "min": min(measured), "max": max(measured),
+            "runs": len(measured), "values": [round(v, 4) for v in measured]}
+
+
+def spread_text(agg: dict[str, Any]) -> str:
+    """``min–max`` of a ``repeated`` figure ("" for one run or none)."""
+    if agg["runs"] < 2:
+        return ""
+    return f"{_cell(round(agg['min'], 4))}–{_cell(round(agg['max'], 4))}"
+
+
+def _with_runs(row: dict[str, Any], runs: dict[str, Any] | None) -> dict[str, Any]:
+    if runs is None:
+        return row | {"spread": "", "runs": 1 if row["measured"] is not None else 0}
+    return row | {"spread": spread_text(runs), "runs": runs["runs"]}
+
+
+def target(what: str, measured: float | dict | None, bound: float, *, at_least: bool, unit: str = "",
            note: str = "") -> dict[str, Any]:
-    """One DESIGN §7 target: met or missed, and by how much (relative to the bound)."""
-    row = {"what": what, "target": f"{'≥' if at_least else '≤'} {bound:g}{unit}", "measured": measured, "note": note}
+    """One DESIGN §7 target: met or missed, and by how much (relative to the bound). ``measured`` is
+    one figure, or a ``repeated`` one: then its median is judged and its spread shown beside it."""
+    runs = measured if isinstance(measured, dict) else None
+    measured = runs["median"] if runs is not None else measured
+    row = _with_runs({"what": what, "target": f"{'≥' if at_least else '≤'} {bound:g}{unit}", "measured": measured,
+                      "note": note}, runs)
     if measured is None:
         return row | {"met": None, "verdict": NOT_MEASURED}
     met = measured >= bound if at_least else measured <= bound
@@ -86,13 +116,17 @@ def target(what: str, measured: float | None, bound: float, *, at_least: bool, u
 
 
 def not_measured(what: str, why: str) -> dict[str, Any]:
-    return {"what": what, "target": "", "measured": None, "met": None, "verdict": NOT_MEASURED, "note": why}
+    return {"what": what, "target": "", "measured": None, "spread": "", "runs": 0, "met": None,
+            "verdict": NOT_MEASURED, "note": why}
 
 
-def reported(what: str, measured: float | None, note: str = "") -> dict[str, Any]:
-    """A figure shown next to the targets that DESIGN §7 gives no bound for."""
-    return {"what": what, "target": "", "measured": None if measured is None else round(measured, 4), "met": None,
-            "verdict": "reported (no target)" if measured is not None else NOT_MEASURED, "note": note}
+def reported(what: str, measured: float | dict | None, note: str = "") -> dict[str, Any]:
+    """A figure shown next to the targets that DESIGN §7 gives no bound for (one, or ``repeated``)."""
+    runs = measured if isinstance(measured, dict) else None
+    measured = runs["median"] if runs is not None else measured
+    return _with_runs({"what": what, "target": "", "measured": None if measured is None else round(measured, 4),
+                       "met": None, "verdict": "reported (no target)" if measured is not None else NOT_MEASURED,
+                       "note": note}, runs)
 
 
 @dataclass
@@ -111,14 +145,20 @@ class Result:
     versions: dict[str, str] = field(default_factory=dict)
     started_at: str = ""
     seconds: float = 0.0
+    load: dict[str, Any] = field(default_factory=dict)  # bench.loadwatch.record around the run
+    # Text files written next to the results: {suffix: text} → <name>_<suffix> (e.g. a profile).
+    attachments: dict[str, str] = field(default_factory=dict)
 
 
-def stamp(result: Result, settings: Settings, started: float) -> Result:
-    """Fill in machine, versions and timing (machine last: the load average of the run itself)."""
+def stamp(result: Result, settings: Settings, started: float, load: dict[str, Any] | None = None) -> Result:
+    """Fill in machine, versions, timing and the load around the run (machine last: the load
+    average of the run itself)."""
     result.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
     result.seconds = round(time.time() - started, 1)
     result.machine = machine()
     result.versions = versions(settings)
+    if load is not None:
+        result.load = load
     return result
 
 
@@ -153,7 +193,12 @@ def header(result: Result) -> str:
         f"Run {result.started_at}, {result.seconds:g} s. Machine: {m['cpu_model']}, {m['cores']} cores, "
         f"{m['ram_gib']} GiB RAM, load average {m['load_average_1m']} ({m['os']}).",
     ]
-    if m["noisy"]:
+    if result.load:
+        lines += ["", describe_load(result.load)]
+        if result.load["busy"]:
+            lines.append(f"**Warning: the machine was busy** ({result.load['warning']}): these figures are slower "
+                         f"and noisier than the machine's own; rule: {result.load['rule']}.")
+    elif m["noisy"]:
         lines.append(f"**Noisy numbers:** the load average ({m['load_average_1m']}) exceeded the {m['cores']} "
                      "cores during the run; other processes shared the CPU.")
     lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
@@ -166,7 +211,8 @@ def to_markdown(result: Result) -> str:
     for heading, rows in result.tables.items():
         parts += ["", f"## {heading}", "", markdown_table(rows)]
     if result.targets:
-        parts += ["", "## Targets (DESIGN §7)", "", markdown_table(result.targets, ["what", "target", "measured", "verdict", "note"])]
+        parts += ["", "## Targets (DESIGN §7)", "", markdown_table(result.targets, TARGET_COLUMNS),
+                  "measured: the median of the runs; spread: their min–max."]
     if result.extra:
         parts += ["", "## Also measured", "", "```json", json.dumps(result.extra, indent=2, default=str), "```"]
     if result.notes:
@@ -175,9 +221,15 @@ def to_markdown(result: Result) -> str:
 
 
 def write(result: Result, out_dir: Path) -> tuple[Path, Path]:
+    """<name>.json, <name>.md and each attachment as <name>_<suffix>; the JSON names the attachments."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{result.name}.json", out_dir / f"{result.name}.md"
-    json_path.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    data = asdict(result)
+    data["attachments"] = []
+    for suffix, text in result.attachments.items():
+        (out_dir / f"{result.name}_{suffix}").write_text(text)
+        data["attachments"].append(f"{result.name}_{suffix}")
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     md_path.write_text(to_markdown(result))
     return json_path, md_path
 
@@ -185,10 +237,12 @@ def write(result: Result, out_dir: Path) -> tuple[Path, Path]:
 def write_summary(results: list[Result], out_dir: Path) -> tuple[Path, Path]:
     """Every benchmark's targets in one table (``hymirec bench all``)."""
     rows = [{"benchmark": r.name, **t} for r in results for t in r.targets]
-    summary = {"machine": machine(), "results": [r.name for r in results], "targets": rows}
+    busy = {r.name: r.load["warning"] for r in results if r.load.get("busy")}
+    summary = {"machine": machine(), "results": [r.name for r in results], "targets": rows, "busy": busy}
     json_path, md_path = out_dir / "summary.json", out_dir / "summary.md"
     json_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    noisy = " (noisy: load average above the core count)" if summary["machine"]["noisy"] else ""
-    md_path.write_text(f"# Benchmarks: DESIGN §7 targets{noisy}\n\n"
-                       + markdown_table(rows, ["benchmark", "what", "target", "measured", "verdict", "note"]))
+    warning = (f"**Warning: the machine was busy** during {', '.join(busy)} (see each benchmark's page).\n\n"
+               if busy else "")
+    md_path.write_text("# Benchmarks: DESIGN §7 targets\n\n" + warning
+                       + markdown_table(rows, ["benchmark", *TARGET_COLUMNS]))
     return json_path, md_path

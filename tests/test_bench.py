@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import ingest_profile, loadwatch
 from bench.freshness import histogram_quantiles
 from bench.gpu_prepare import clear_previous
 from bench.harness import catalogue, fill_histories
-from bench.report import reported, target
+from bench.ingest import write_log
+from bench.report import Result, repeated, reported, target, to_markdown, write
 from hymirec.settings import Settings
 from store import Store
 from serving.reader import shard_hint
@@ -137,3 +139,80 @@ def test_gpu_prepare_rerun_removes_what_it_wrote_and_nothing_else(tmp_path: Path
     assert not any((tmp_path / name).exists() for name in written)
     assert all((tmp_path / name).read_text() == "x" for name in kept)
     assert clear_previous(tmp_path / "fresh")["whl"].is_dir()  # a first run creates the folders
+
+
+def test_repeated_figures_judge_the_median_and_show_the_spread():
+    runs = repeated([0.31, 0.25, None, 0.4])  # a run that measured nothing is left out
+    assert runs["median"] == pytest.approx(0.31) and (runs["min"], runs["max"], runs["runs"]) == (0.25, 0.4, 3)
+    assert repeated([]) == {"median": None, "min": None, "max": None, "runs": 0, "values": []}
+    assert repeated([2.0, 1.0])["median"] == pytest.approx(1.5)
+    row = target("ratio", repeated([0.2, 0.5, 0.35]), 0.3, at_least=True)
+    assert row["measured"] == 0.35 and row["met"] is True and row["spread"] == "0.2–0.5" and row["runs"] == 3
+    # One slow run among three does not decide the verdict; the median does.
+    assert target("p95", repeated([1.2, 9.0, 1.4]), 2.0, at_least=False, unit=" s")["met"] is True
+    single = target("p95", 1.5, 2.0, at_least=False)
+    assert single["spread"] == "" and single["runs"] == 1
+    shown = reported("top-k p95 (s)", repeated([4.0, 5.0, 6.0]))
+    assert shown["measured"] == 5.0 and shown["spread"] == "4–6" and shown["verdict"] == "reported (no target)"
+    assert target("x", repeated([None]), 1.0, at_least=True)["verdict"] == "not measured"
+
+
+def test_the_warning_rule_on_a_two_core_machine():
+    quiet = loadwatch.record(2, (0.4, 0.6, 0.7), (1.9, 1.2, 0.9), {"before": 0.1, "during": 0.3, "after": 0.2})
+    assert quiet["busy"] is False and quiet["warning"] == "" and quiet["cores"] == 2
+    assert quiet["load_average_before"] == [0.4, 0.6, 0.7] and quiet["load_average_after"] == [1.9, 1.2, 0.9]
+    # The load average before the run above half the cores.
+    loaded = loadwatch.record(2, (1.3, 1.0, 1.0), (2.0, 1.5, 1.1), {"before": 0.1, "during": None, "after": 0.1})
+    assert loaded["busy"] and "1-minute load average 1.30" in loaded["warning"]
+    # Other processes (not this one's tree) took more than a quarter of the cores while it ran.
+    others = loadwatch.record(2, (0.2, 0.2, 0.2), (0.9, 0.5, 0.3), {"before": 0.0, "during": 0.8, "after": 0.1})
+    assert others["busy"] and others["warning"] == "other processes used 0.80 cores during the run > 0.25 × 2 cores"
+    assert "busy if" in others["rule"]
+    # pid 3 ended, pid 4 started between the two readings: all of its CPU time counts.
+    assert loadwatch.others_cores({1: 10.0, 2: 5.0, 3: 1.0}, {1: 11.0, 2: 5.5, 4: 0.5}, 2.0) == pytest.approx(1.0)
+
+
+def test_load_watch_counts_its_own_children_out(tmp_path: Path):
+    """A child burning CPU inside the watch is this benchmark's own work, not another process's."""
+    burn = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        assert burn.pid in loadwatch.own_pids()
+        with loadwatch.LoadWatch(sample_s=0.5, every_s=0.5) as watch:
+            assert burn.pid not in loadwatch.cpu_seconds_of_others()
+    finally:
+        burn.wait(10)
+    load = watch.record
+    assert set(load["others_cores"]) == {"before", "during", "after"} and load["cores"] >= 1
+    assert len(load["load_average_before"]) == 3 and isinstance(load["busy"], bool)
+    result = Result(name="demo", title="Demo", params={}, rows=[{"a": 1}],
+                    targets=[target("ratio", repeated([0.1, 0.2, 0.3]), 0.3, at_least=True)],
+                    machine={"cpu_model": "cpu", "cores": 2, "ram_gib": 1, "os": "os", "load_average_1m": 0.1,
+                             "noisy": False}, load=load | {"busy": True, "warning": "w"},
+                    attachments={"profile.txt": "top functions"})
+    markdown = to_markdown(result)
+    assert "Load average (1/5/15 min) before" in markdown and "**Warning: the machine was busy** (w)" in markdown
+    assert "| spread" in markdown and "0.1–0.3" in markdown
+    json_path, _ = write(result, tmp_path)
+    written = json.loads(json_path.read_text())
+    assert written["load"]["warning"] == "w" and written["attachments"] == ["demo_profile.txt"]
+    assert (tmp_path / "demo_profile.txt").read_text() == "top functions"
+
+
+def test_the_ingest_profile_names_where_the_time_goes(db_settings: Settings, tmp_path: Path):
+    write_log(tmp_path / "log.jsonl", 600, seed=0)
+    settings = db_settings.model_copy(update={"partitions": 2})
+    events = ingest_profile.raw_events((tmp_path / "log.jsonl").read_bytes().splitlines(), settings.partitions)
+    assert [e.offset for e in events if e.partition == events[0].partition][:3] == [0, 1, 2]
+    assert all(e.partition == shard_hint(e.key.decode(), 2) for e in events)
+    stats = ingest_profile.profile_ingest(settings, events, 200, tmp_path / "lancedb")
+    rows = ingest_profile.summary(stats, len(events))
+    by_function = {r["function"]: r for r in rows if r["function"]}
+    assert {"get_histories_and_position", "upsert_histories", "execute", "_validate"} <= set(by_function)
+    assert by_function["_validate"]["calls"] == 600 and by_function["upsert_histories"]["calls"] == 3 * 2
+    total = rows[-1]
+    assert total["part"].startswith("total") and total["ms_per_1000_events"] > 0 and total["share"] == 1.0
+    named = ("get_histories_and_position", "upsert_histories", "_validate")
+    assert sum(by_function[f]["share"] for f in named) + rows[-2]["share"] == pytest.approx(1.0, abs=0.01)
+    text = ingest_profile.top_functions(stats, "heading")
+    assert text.startswith("heading") and "prepare_interactions" in text and "write_interactions" in text
+    assert Store(settings).get_histories_and_position([], 0)[1] is not None  # the events were written
