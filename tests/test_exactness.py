@@ -18,6 +18,8 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,46 +119,50 @@ def test_offsets_committed_past_unwritten_events_do_not_skip_them(broker_setting
         assert_exact(s, proc, events, bad)
 
 
-def test_a_worker_joining_and_leaving_mid_replay_loses_and_repeats_nothing(broker_settings, tmp_path):
+def two_workers(broker_settings: Settings, tmp_path: Path, n: int, seed: int) -> tuple[Settings, Settings, list[dict], Path]:
+    """Settings of a 12-partition group and of a second worker in it (own web port and state), and a
+    logged stream of ``n`` events written to a file for the replay."""
     s = topics_for(broker_settings, tmp_path, 12)
-    events = synthetic_log(6000, users=80, items=150, seed=11)
+    events = synthetic_log(n, users=80, items=150, seed=seed)
     log_file = tmp_path / "log.jsonl"
     log_file.write_text("".join(json.dumps(e) + "\n" for e in events))
     second = s.model_copy(update={"web_port": private_worker(s, tmp_path).web_port, "worker_dir": tmp_path / "w2"})
+    return s, second, events, log_file
+
+
+@contextmanager
+def replaying(settings: Settings, log_file: Path, rate: float) -> Iterator[None]:
+    """A paced replay in the background for the block; it must have sent everything by the end."""
+    summary: list = []
+    sender = threading.Thread(target=lambda: summary.append(replay(settings, log_file, rate=rate, progress=False)))
+    sender.start()
+    try:
+        yield
+    finally:
+        sender.join(180)
+    assert not sender.is_alive() and summary and summary[0].failed == 0
+
+
+def test_a_worker_joining_and_leaving_mid_replay_loses_and_repeats_nothing(broker_settings, tmp_path):
+    s, second, events, log_file = two_workers(broker_settings, tmp_path, 6000, seed=11)
     with worker(s, tmp_path / "first.log") as first:
         wait("the worker's /health", lambda: http_get(s, "/health"), first)
-        summary: list = []
         # Slow enough (40 s) that the joiner gets partitions while events still arrive.
-        sender = threading.Thread(target=lambda: summary.append(replay(s, log_file, rate=150, progress=False)))
-        sender.start()
-        try:
+        with replaying(s, log_file, rate=150):
             wait("a tenth of the replay applied", lambda: applied(s) >= len(events) // 10, first)
             with worker(second, tmp_path / "second.log") as joiner:
                 wait_for("the second worker applying", lambda: applied(second) > 0, joiner.proc, joiner.log_path)
                 joined_at = applied(s) + applied(second)
                 assert joined_at < len(events), "the replay ended before the second worker joined"
                 assert joiner.stop(30.0) == 0
-        finally:
-            sender.join(180)
-        assert not sender.is_alive() and summary and summary[0].failed == 0
         assert_exact(s, first, events, 0)
 
 
 def test_kill_9_of_one_of_two_workers_mid_replay_loses_and_repeats_nothing(broker_settings, tmp_path):
-    s = topics_for(broker_settings, tmp_path, 12)
-    events = synthetic_log(4000, users=80, items=150, seed=13)
-    log_file = tmp_path / "log.jsonl"
-    log_file.write_text("".join(json.dumps(e) + "\n" for e in events))
-    second = s.model_copy(update={"web_port": private_worker(s, tmp_path).web_port, "worker_dir": tmp_path / "w2"})
+    s, second, events, log_file = two_workers(broker_settings, tmp_path, 4000, seed=13)
     with worker(s, tmp_path / "first.log") as survivor, worker(second, tmp_path / "second.log") as victim:
-        summary: list = []
-        sender = threading.Thread(target=lambda: summary.append(replay(s, log_file, rate=400, progress=False)))
-        sender.start()
-        try:
+        with replaying(s, log_file, rate=400):
             wait_for("the victim applying", lambda: applied(second) >= 200, victim.proc, victim.log_path)
             os.killpg(victim.proc.pid, signal.SIGKILL)
             victim.proc.wait(10)
-        finally:
-            sender.join(180)
-        assert not sender.is_alive() and summary and summary[0].failed == 0
         assert_exact(s, survivor, events, 0)
