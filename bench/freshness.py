@@ -34,7 +34,7 @@ import numpy as np
 
 from bench import Options
 from bench.harness import RssSampler, broker, catalogue, fresh, metrics, publish_model, warm_up
-from bench.report import Result, percentiles, repeated, reported, spread_text, target
+from bench.report import Result, percentiles, repeated, spread_text, target
 from hymirec.procs import faust_worker, wait_serving
 from hymirec.settings import Settings
 from store import Store
@@ -45,7 +45,8 @@ RATE = 1000
 ITEMS = 5000
 MARKER_EVERY = 100  # 10 markers a second at 1k events/s
 POLL_S = 0.05
-TARGET_P95_S = 2.0
+TARGET_P95_S = 1.0  # event → history row visible, at 1k events/s (DESIGN §7)
+TARGET_TOPK_P95_S = 2.0  # event → top-k answers from interests that include it (DESIGN §7; Ekko: 2.4 s)
 SETTLE_S = 60.0  # how long to wait for the last markers after the producer stops
 
 
@@ -201,10 +202,10 @@ def run(settings: Settings, opts: Options) -> Result:
         target(f"freshness p95 at {RATE:,} events/s (outside-in)", repeated(r["p95"] for r in history_rounds),
                TARGET_P95_S, at_least=False, unit=" s",
                note=f"{missing} of {sent_markers} markers not seen within {SETTLE_S:.0f} s" if missing else ""),
-        reported(f"freshness: event → top-k reflects it, p95 at {RATE:,} events/s (s)",
-                 repeated(r["p95"] for r in topk_rounds),
-                 note=f"{from_model} of {served} markers answered by {version}"
-                      + (f"; {unserved} of {sent_markers} not served within {SETTLE_S:.0f} s" if unserved else "")),
+        target(f"freshness: event → top-k reflects it, p95 at {RATE:,} events/s", repeated(r["p95"] for r in topk_rounds),
+               TARGET_TOPK_P95_S, at_least=False, unit=" s",
+               note=f"{from_model} of {served} markers answered by {version}"
+                    + (f"; {unserved} of {sent_markers} not served within {SETTLE_S:.0f} s" if unserved else "")),
     ]
     reads = {k: round(v, 1) if v is not None else None
              for k, v in percentiles([r * 1000 for prober, _ in rounds for r in prober.reads], (50, 95)).items()}
