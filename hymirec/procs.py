@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 
@@ -121,7 +123,9 @@ def worker_health(settings: Settings) -> dict | None:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as the HYMIREC_* variables a child process (worker, CLI) reads: every field."""
-    return {f"HYMIREC_{name.upper()}": str(getattr(settings, name)) for name in Settings.model_fields}
+    values = {name: getattr(settings, name) for name in Settings.model_fields}
+    return {f"HYMIREC_{name.upper()}": value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+            for name, value in values.items()}
 
 
 def worker_exited(proc: ManagedProcess):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     app_id: str = Field("hymirec", description="Faust app id (consumer group and table prefix).")
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    http_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token that GET /recommend and /metrics require (empty: none; "
+        "the web server binds 127.0.0.1 unless HYMIREC_WEB_HOST says otherwise). Never printed."
+    )
     history_max_len: int = Field(1000, ge=1, description="Longest kept per-user history (items).")
     recent_len: int = Field(50, ge=1, description="Recent items kept exactly (ids) per user.")
     batch_size: int = Field(1000, ge=1, description="Most events the worker applies in one micro-batch.")

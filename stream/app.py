@@ -34,6 +34,7 @@ from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
 from stream.metrics import CONTENT_TYPE
 from stream.serving_agents import register as register_serving
+from stream.web import authorized, unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ async def optimize_tables() -> None:
 
 @app.page("/metrics")
 async def metrics(web, request):
+    if not authorized(request.headers, settings.http_token):
+        return unauthorized(web)
     # As a header: aiohttp refuses a content_type argument with a charset in it.
     return web.bytes(ingestor.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 

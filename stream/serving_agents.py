@@ -31,8 +31,10 @@ from serving.metrics import ServingMetrics
 from serving.reader import Recommender
 from serving.runtime import ServingRuntime
 from serving.versions import parse_version_message
+from store.events import MAX_ID_CHARS
 from store.tables import Store
 from stream.ingestor import Ingestor
+from stream.web import authorized, unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ MAX_K = 1000
 
 
 class ServingSide:
-    """The retrieval side's state in a worker: nothing is built before ``start``."""
+    """The retrieval side's state in a worker: the runtime is built by ``start`` (when the worker
+    starts), the top-k reader by the first query."""
 
     def __init__(self, app: faust.App, settings: Settings, ingestor: Ingestor):
         self.app, self.settings, self.ingestor = app, settings, ingestor
@@ -54,9 +57,7 @@ class ServingSide:
     def start(self) -> None:
         self.metrics = ServingMetrics(self.ingestor.metrics.registry)
         self.runtime = ServingRuntime(self.settings, metrics=self.metrics, on_live=self.ingestor.set_encoder)
-        self.recommender = Recommender(Store(self.settings))
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hymirec-serving")
-        self._readers = ThreadPoolExecutor(2, thread_name_prefix="hymirec-topk")
 
     async def write(self, what: str, fn: Callable[[ServingRuntime], T], *args: Any) -> T | None:
         """Run a runtime step on the writer thread; a failure is logged and the next timer retries."""
@@ -71,6 +72,9 @@ class ServingSide:
             return None
 
     async def recommend(self, user_id: str, k: int, include_seen: bool):
+        if self.recommender is None:  # the first query: top-k needs no runtime, so none waits for it
+            self.recommender = Recommender(Store(self.settings))
+            self._readers = ThreadPoolExecutor(2, thread_name_prefix="hymirec-topk")
         return await asyncio.get_running_loop().run_in_executor(
             self._readers, lambda: self.recommender(user_id, k, include_seen=include_seen))
 
@@ -119,21 +123,24 @@ def register(app: faust.App, settings: Settings, ingestor: Ingestor) -> ServingS
 
     @app.page("/recommend/{user_id}")
     async def recommend_view(web, request, user_id: str):
+        if not authorized(request.headers, settings.http_token):
+            return unauthorized(web)
+        if len(user_id) > MAX_ID_CHARS:
+            return web.json({"error": f"user_id must be at most {MAX_ID_CHARS} characters"}, status=400)
         try:
             k = int(request.query.get("k", "10"))
         except ValueError:
             k = 0
         if not 1 <= k <= MAX_K:
             return web.json({"error": f"k must be a whole number in 1..{MAX_K}"}, status=400)
-        if side.recommender is None:
-            return web.json({"error": "the worker is starting"}, status=503)
         include_seen = request.query.get("include_seen", "0").lower() in ("1", "true", "yes")
         started = time.perf_counter()
         try:
             rec = await side.recommend(user_id, k, include_seen)
         except HymirecError as exc:
             return web.json({"error": str(exc)}, status=503)
-        side.metrics.topk_seconds.observe(time.perf_counter() - started)
+        if side.metrics is not None:
+            side.metrics.topk_seconds.observe(time.perf_counter() - started)
         return web.json(rec.to_json())
 
     return side
