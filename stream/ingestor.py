@@ -22,6 +22,7 @@ from store.tables import Store, table_names
 from stream.ingest import (
     BatchResult, Encoder, ItemCache, ItemsResult, RawEvent, apply_items, prepare_interactions, write_interactions,
 )
+from stream.lag import events_behind
 from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class KafkaSide(Protocol):
 
 def partition_lag(positions: Mapping[int, int], end_offsets: Mapping[int, int]) -> dict[int, dict[str, int | None]]:
     """{partition: {"applied": position or None, "end": end offset, "lag": events not yet applied}}."""
-    return {p: {"applied": positions.get(p), "end": end, "lag": max(0, end - positions.get(p, -1) - 1)}
+    return {p: {"applied": positions.get(p), "end": end, "lag": events_behind(end, positions.get(p))}
             for p, end in sorted(end_offsets.items())}
 
 
@@ -137,7 +138,7 @@ class Ingestor:
         async with self._busy:
             stored = await self._retrying(self.settings.topic_interactions, "reading the applied positions",
                                           self.store.positions, partitions)
-            self.positions = {p: stored[p] for p in partitions if p in stored}
+            self.positions = dict(stored)
             self._gaps_sought.clear()
         return {p: stored.get(p, -1) + 1 for p in partitions}
 
@@ -223,7 +224,8 @@ class Ingestor:
         return result
 
     async def _retrying(self, topic: str, what: str, fn: Callable[..., Any], *args: Any, sync: bool = True) -> Any:
-        """Run ``fn`` until it succeeds: the batch stays unacknowledged meanwhile, so nothing is lost."""
+        """Run ``fn`` until it succeeds: the partition's stored position stays behind the batch
+        meanwhile, so nothing is lost (writes are idempotent)."""
         delay = RETRY_FIRST_S
         while True:
             try:
@@ -259,8 +261,8 @@ class Ingestor:
 async def _complete(coro: Coroutine[Any, Any, T]) -> T:
     """Await ``coro`` to its end even if the caller is cancelled meanwhile.
 
-    Faust's ``take_events`` acknowledges a batch when the agent's loop is closed, cancelled or not:
-    a batch cut off half-way would be acknowledged without being applied.
+    A graceful stop cancels the agents: the batch in flight still lands its write (its rows and
+    position in one commit), so the next owner does not read it all again.
     """
     task = asyncio.ensure_future(coro)
     try:

@@ -16,6 +16,11 @@ from hymirec.settings import Settings
 from store.tables import Store
 
 
+def events_behind(end: int, stored: int | None) -> int:
+    """Events of a partition whose end offset is ``end`` past its applied position ``stored``."""
+    return max(0, end - (-1 if stored is None else stored) - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionLag:
     partition: int
@@ -26,7 +31,7 @@ class PartitionLag:
     @property
     def lag(self) -> int:
         """Events of the partition not applied yet."""
-        return max(0, self.end - (-1 if self.stored is None else self.stored) - 1)
+        return events_behind(self.end, self.stored)
 
     @property
     def caught_up(self) -> bool:
