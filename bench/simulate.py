@@ -31,10 +31,15 @@ rules) run in this process on the same log, with no worker: each learns the boot
 chunk is scored against its state before the chunk (the user's applied items left out, a user with no
 applied event cold) by the same ``score_chunk``, and then applied.
 
+**Diagnostic arm.** The online arm's live version, loaded in this process after each switch, scores every
+chunk straight from the users' exact histories (``bench.diagnostic``: no worker, no stored codes, no ANN,
+no refresh lag), with the same warm users and seen items. online − diagnostic is what the live system
+loses; diagnostic against offline leave-one-out is what the model lacks in this setting.
+
 Reported per arm: Recall@10 / NDCG@10 of the warm events overall, per third of the scored part and
 split by item (*new*: no event in the bootstrap part), the cold events, the cycles and their
-decisions, and the paired online − frozen gap with its standard error (over events: it does not
-include the run-to-run spread of training).
+decisions, and the paired gaps online − frozen, online − diagnostic and online − the best baseline, with their
+standard errors (over events: they do not include the run-to-run spread of training).
 """
 
 from __future__ import annotations
@@ -51,12 +56,14 @@ import numpy as np
 import pandas as pd
 
 from bench import harness
+from bench.diagnostic import Diagnostic, exact_histories, extend
 from hymirec.errors import HymirecError
 from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
 from model.baselines import streaming_baselines
 from serving.reader import Recommender
-from store.logs import read_interactions, write_jsonl
+from serving.hymirec import ServedHyMiRec
+from store.logs import read_interactions, read_items, write_jsonl
 from store.registry import ModelRegistry
 from store.tables import Store
 from stream import datasets
@@ -185,6 +192,10 @@ def paired_gap(a: list[dict], b: list[dict], key: str = "hit") -> tuple[float, f
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
 
 
+def kind_of(arm: str) -> str:
+    return "live" if arm in ARMS else Diagnostic.name if arm == Diagnostic.name else "baseline"
+
+
 def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, dataset: str, log_events: int,
               bootstrap_events: int, config: SimConfig) -> dict:
     """Overall and per-third prequential metrics of each arm, cold events apart, versions and cycles."""
@@ -194,7 +205,7 @@ def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, 
         cold = [r for r in recs if r["cold"]]
         published = [c for c in done if c["published"]]
         arms[name] = {
-            "kind": "live" if name in ARMS else "baseline",
+            "kind": kind_of(name),
             **metrics_of(warm(recs)),
             "thirds": thirds(recs, bootstrap_events, log_events),
             "cold": metrics_of(cold),
@@ -205,17 +216,21 @@ def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, 
             "switch_positions": [c["position"] for c in published],
             "train_s": round(sum(c["train_s"] for c in done), 1),
         }
-    gap = {}
-    if set(ARMS) <= set(records):
-        for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
-            mean, se = paired_gap(records["frozen"], records["online"], key)
-            gap[metric] = {"online_minus_frozen": mean, "standard_error": se}
     baselines = {name: arm for name, arm in arms.items() if arm["kind"] == "baseline" and arm[f"recall@{K}"] is not None}
     best = {}
     if baselines and arms.get("online", {}).get(f"recall@{K}") is not None:
         name = max(baselines, key=lambda b: baselines[b][f"recall@{K}"])
         top, online = baselines[name][f"recall@{K}"], arms["online"][f"recall@{K}"]
         best = {"baseline": name, f"recall@{K}": top, "online_over_best": online / top if top else None}
+    # Paired gaps (b − a over the same warm events): what online learning adds, what the live system
+    # loses against the model scored on exact histories, and how far the best baseline is.
+    pairs = [("frozen", "online"), (Diagnostic.name, "online"), (best.get("baseline"), "online")]
+    gap = {}
+    for a, b in pairs:
+        if a in records and b in records:
+            for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
+                mean, se = paired_gap(records[a], records[b], key)
+                gap.setdefault(f"{b} − {a}", {})[metric] = {"mean": mean, "standard_error": se}
     return {"dataset": dataset, "log_events": log_events, "bootstrap_events": bootstrap_events,
             "scored_events": len(next(iter(records.values()), [])), "config": asdict(config), "arms": arms,
             "gap": gap, "best_baseline": best}
@@ -243,7 +258,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append(
             f"| {name} | {arm['events']:,} | {_fmt(arm[r])} | {_fmt(arm[n])} | {_fmt(t[0][r])} | {_fmt(t[1][r])} | "
             f"{_fmt(t[2][r])} | {arm['cold']['events']:,} ({_fmt(arm['cold'][r])}) | "
-            + ("- | - | - |" if arm.get("kind") == "baseline" else
+            + ("- | - | - |" if arm.get("kind") != "live" else
                f"{len(arm['versions']) or 1} | {arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |"))
     lines += ["", "Warm events by item: *new* = no event in the bootstrap part (v0001 never saw it used).", "",
               f"| arm | new-item events | R@{K} | N@{K} | old-item events | R@{K} | N@{K} |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -251,10 +266,12 @@ def summary_markdown(summary: dict) -> str:
         new, old = arm["new_items"], arm["old_items"]
         lines.append(f"| {name} | {new['events']:,} | {_fmt(new[r])} | {_fmt(new[n])} | {old['events']:,} | "
                      f"{_fmt(old[r])} | {_fmt(old[n])} |")
-    for metric, g in summary.get("gap", {}).items():
-        lines.append("")
-        lines.append(f"online − frozen {metric}: {g['online_minus_frozen']:+.4f} ± {g['standard_error']:.4f} "
-                     f"(paired over the same events, ± one standard error)")
+    if summary.get("gap"):
+        lines += ["", "Paired gaps over the same warm events (mean ± one standard error):", "",
+                  f"| gap | R@{K} | N@{K} |", "|---|---:|---:|"]
+        for pair, g in summary["gap"].items():
+            lines.append(f"| {pair} | {g[r]['mean']:+.4f} ± {g[r]['standard_error']:.4f} | "
+                         f"{g[n]['mean']:+.4f} ± {g[n]['standard_error']:.4f} |")
     best = summary.get("best_baseline")
     if best:
         ratio = "-" if best["online_over_best"] is None else f"{best['online_over_best']:.2f}"
@@ -277,10 +294,11 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
 
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     colours = {"frozen": "tab:blue", "online": "tab:orange", "pop": "tab:brown", "recent-pop": "tab:green",
-               "rules": "tab:purple"}
+               "rules": "tab:purple", "diagnostic": "tab:red"}
     for name, recs in records.items():
         curve = rolling(recs, window)
-        style = {"linewidth": 1.2} if name in ARMS else {"linewidth": 0.9, "linestyle": "--"}
+        style = ({"linewidth": 1.2} if name in ARMS else {"linewidth": 0.9, "linestyle": ":"} if name == Diagnostic.name
+                 else {"linewidth": 0.9, "linestyle": "--"})
         for ax, column in zip(axes, ("recall", "ndcg")):
             ax.plot(curve["position"], curve[column], label=name, color=colours.get(name), **style)
     for ax, label in zip(axes, (f"Recall@{K}", f"NDCG@{K}")):
@@ -468,6 +486,9 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         frozen.wait_serving(_copy_version(online.settings, frozen.settings, first["published"]), config.timeout)
         frozen.cycles.append({**first, "switch_s": None})
         trainer.margin, trainer.epochs = config.margin, config.epochs
+        catalogue = read_items(items)
+        diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
+        exact, diagnosed = exact_histories(log, boot), []
         say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
             f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)
 
@@ -478,6 +499,12 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             chunk = log.iloc[start : start + config.chunk]
             for arm in arms:
                 arm.score(chunk, start, bootstrap_items, config.timeout, phases)
+            users = list(dict.fromkeys(chunk["user_id"].tolist()))
+            known = {u: exact[u] for u in users if u in exact}
+            tops = diagnostic.top(known, K)
+            diagnosed += score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start,
+                                     bootstrap_items)
+            extend(exact, chunk)
             t0 = time.perf_counter()
             _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
             t1 = time.perf_counter()
@@ -490,18 +517,21 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             if since >= config.every_events and end < n:
                 c = _cycle(online, trainer, end, config.timeout)
                 since = 0
+                if c["published"]:
+                    diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, c["published"]), catalogue)
                 say(f"  online cycle at event {end:,}: {c['published'] or 'rejected'} ({c['train_s']:.0f} s train, "
                     f"{c['switch_s']:.0f} s switch) — {c['decision']}", flush=True)
             if end >= next_report or end == n:
                 next_report = end + max(config.chunk, (n - boot) // 10)
                 now = {a.name: metrics_of(warm(a.records))[f"recall@{K}"] for a in arms}
+                now[Diagnostic.name] = metrics_of(warm(diagnosed))[f"recall@{K}"]
                 now |= {name: metrics_of(warm([r for r in recs if r["position"] < end]))[f"recall@{K}"]
                         for name, recs in baselines.items()}
                 say(f"  {end:,}/{n:,} events ({time.monotonic() - started:.0f} s): running Recall@{K} "
                     + ", ".join(f"{k} {_fmt(v)}" for k, v in now.items()) + "; seconds waiting for "
                     + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), flush=True)
 
-    records = {**{a.name: a.records for a in arms}, **baselines}
+    records = {**{a.name: a.records for a in arms}, Diagnostic.name: diagnosed, **baselines}
     cycles = {a.name: a.cycles for a in arms}
     summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
     summary["wall_s"] = round(time.monotonic() - started, 1)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import bench.simulate
+from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.simulate import (SimConfig, baseline_arms, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk,
                             score_event, summarise, summary_markdown, thirds, windows)
 from hymirec.settings import Settings
@@ -87,7 +89,7 @@ def test_summary_and_paired_gap():
     assert arms["frozen"]["recall@10"] == pytest.approx(0.25) and arms["online"]["recall@10"] == pytest.approx(0.5)
     assert arms["online"]["versions"] == ["v0001", "v0002"] and arms["online"]["rejected"] == 1
     assert arms["online"]["switch_positions"] == [100, 120] and arms["online"]["train_s"] == 7.0
-    assert summary["gap"]["recall@10"]["online_minus_frozen"] == pytest.approx(0.25)
+    assert summary["gap"]["online − frozen"]["recall@10"]["mean"] == pytest.approx(0.25)
     # Every fourth event (i % 4 == 1) is of a new item: the online arm hits exactly those, the frozen one none.
     assert arms["online"]["new_items"] == {"events": 10, "recall@10": 1.0, "ndcg@10": 0.5}
     assert arms["frozen"]["new_items"]["recall@10"] == 0.0 and arms["frozen"]["old_items"]["events"] == 30
@@ -107,7 +109,8 @@ def test_summary_sets_the_baseline_arms_apart_and_names_the_best():
     assert arms["pop"]["recall@10"] == pytest.approx(0.2) and arms["rules"]["cycles"] == 0
     assert arms["rules"]["thirds"] and arms["rules"]["new_items"]["events"] == 10 and arms["rules"]["cold"]["events"] == 0
     assert summary["best_baseline"] == {"baseline": "rules", "recall@10": 0.5, "online_over_best": 1.0}
-    assert list(summary["gap"]) == ["recall@10", "ndcg@10"]  # still online − frozen only
+    assert list(summary["gap"]) == ["online − frozen", "online − rules"]  # no diagnostic arm in this run
+    assert summary["gap"]["online − rules"]["recall@10"]["mean"] == pytest.approx(0.0)
     table = summary_markdown(summary)
     assert "| rules | 40 | 0.5000 |" in table and "| pop | 40 | 0.2000 |" in table
     assert "| 0 (-) | - | - | - |" in table  # no versions, cycles or training for a baseline
@@ -194,6 +197,33 @@ def test_batched_topk_gives_the_single_user_answers(world, world_settings):
     assert len(batched[0].items) == 10 and not seen & {s.item_id for s in batched[0].items}
 
 
+def test_diagnostic_ranks_by_max_cosine_on_the_exact_history(world):
+    """The diagnostic arm's top-k is the full ranking by max cosine over the version's interests of
+    the exact history, the user's items left out; an item the version never trained on (embedded
+    from its text on load) can be recommended."""
+    model, items = world["m1"], world["items"][["item_id", "text", "category"]]
+    fresh = pd.DataFrame({"item_id": ["fresh-1"], "text": [items["text"].iloc[0]], "category": [items["category"].iloc[0]]})
+    diagnostic = Diagnostic(model, pd.concat([items, fresh], ignore_index=True))
+    assert "fresh-1" in diagnostic.item_ids and diagnostic.version is None  # never published
+    log = pd.DataFrame(world["interactions"])
+    histories = exact_histories(log, 300)
+    assert sum(map(len, histories.values())) == 300
+    users = sorted(histories)[:5]
+    tops = diagnostic.top({u: histories[u] for u in users}, 10)
+    vectors = torch.nn.functional.normalize(torch.as_tensor(diagnostic.model.encode_items(
+        pd.concat([items, fresh], ignore_index=True)).vectors), dim=-1)
+    interests = torch.as_tensor(model.interests([histories[u] for u in users]))
+    for row, user in enumerate(users):
+        scores = (interests[row] @ vectors.T).amax(0)
+        seen = {diagnostic.index[i] for i in histories[user]}
+        expected = [diagnostic.item_ids[j] for j in scores.argsort(descending=True).tolist() if j not in seen][:10]
+        assert tops[user] == expected and not set(tops[user]) & set(histories[user])
+    # The fresh item is ranked like any other (the whole catalogue asked for: it is in the answer).
+    assert "fresh-1" in diagnostic.top({users[0]: histories[users[0]]}, len(diagnostic.item_ids))[users[0]]
+    extend(histories, log.iloc[300:310])
+    assert sum(map(len, histories.values())) == 310 and histories == exact_histories(log, 310)
+
+
 # --- through the live system -------------------------------------------------------------------------
 @pytest.mark.broker
 def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
@@ -243,5 +273,15 @@ def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
             assert (base[column] == frozen[column]).all(), column
         assert summary["arms"][name]["kind"] == "baseline" and 0 <= summary["arms"][name]["recall@10"] <= 1
     assert summary["best_baseline"]["baseline"] in ("pop", "recent-pop", "rules")
+    # The diagnostic arm: the online arm's live version scored in-process on the exact histories, the
+    # same events, warm users and seen items; never an item the user already has.
+    diag = pd.read_csv(out / "diagnostic_events.csv", dtype={"user_id": str, "item_id": str})
+    assert diag["position"].tolist() == frozen["position"].tolist()
+    for column in ("user_id", "cold", "history_len", "in_history", "new_item", "applied"):
+        assert (diag[column] == frozen[column]).all(), column
+    assert not (diag["in_history"] & (diag["hit"] == 1)).any()
+    assert summary["arms"]["diagnostic"]["kind"] == "diagnostic" and summary["arms"]["diagnostic"]["recall@10"] > 0
+    assert set(diag["model_version"].dropna()) <= set(summary["arms"]["online"]["versions"])
+    assert {"online − frozen", "online − diagnostic"} <= set(summary["gap"])
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "| frozen |" in (out / "summary.md").read_text() and json.loads((out / "summary.json").read_text())["arms"]
