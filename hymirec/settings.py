@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         Path("data/kafka"), description="Local broker state: KRaft log dirs, server log, pid file."
     )
     kafka_heap: str = Field("1g", description="JVM heap of the local broker (-Xmx and -Xms).")
-    partitions: int = Field(4, ge=1, description="Partition count of the project's topics.")
+    partitions: int = Field(4, ge=1, description="Partition count of the project's topics (fixed once LanceDB holds user shards).")
     topic_interactions: str = "interactions"
     topic_items: str = "items"
     topic_model_versions: str = "model-versions"

@@ -6,8 +6,10 @@ rows, lance #4585):
 - ``items`` — the catalogue; written only by the items agent.
 - ``user_histories_pNNN`` / ``user_interests_pNNN`` — user state *sharded by Kafka partition*
   (``NNN`` = the partition of the ``interactions`` topic, keyed by user_id), so the one Faust
-  worker that owns a partition is the one writer of its shard. Adding partitions and workers is
-  then a setting, not a rewrite; readers look across all shards.
+  worker that owns a partition is the one writer of its shard. Adding workers is then a setting,
+  not a rewrite; readers look across all shards. The partition count is not: it decides which
+  shard a user hashes to, so it is recorded in ``store_layout`` and a worker of another count
+  refuses to start (``store.layout``).
 - ``model_registry`` — published model versions; written only by the trainer.
 
 Code blobs (``items.codes``, ``user_histories.history_codes``) are the CSRC bytes that
@@ -29,6 +31,8 @@ REGISTRY = "model_registry"
 # The retrieval side's tables (serving/): written by the worker's serving runtime.
 VERSIONS = "serving_versions"
 POPULAR = "popular_items"
+# The partition count the user shards are laid out for (one row; written by the worker at start-up).
+LAYOUT = "store_layout"
 SHARDED = (HISTORIES, INTERESTS)
 MAX_SHARD = 999  # three digits in the table name
 
@@ -139,6 +143,14 @@ def popular_schema() -> pa.Schema:
     return pa.schema([
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("count", pa.int64(), nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def layout_schema() -> pa.Schema:
+    """The one row of ``store_layout``."""
+    return pa.schema([
+        pa.field("partitions", pa.int32(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Mapping
 
 import faust
 from faust.types import TP
 
+from hymirec.errors import HymirecError
 from hymirec.settings import load_settings
+from store.layout import claim_layout
+from store.tables import Store
 from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
 from stream.metrics import CONTENT_TYPE
@@ -40,6 +44,11 @@ log = logging.getLogger(__name__)
 
 settings = load_settings()
 settings.worker_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+try:
+    # Before any agent writes: with another partition count users would hash to other shards.
+    claim_layout(Store(settings))
+except HymirecError as exc:
+    sys.exit(f"hymirec worker: error: {exc}")  # one line, not faust's traceback of an import error
 
 app = faust.App(
     settings.app_id,

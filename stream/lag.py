@@ -13,6 +13,7 @@ from kafka.errors import KafkaError
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+from store.layout import check_layout
 from store.tables import Store
 
 
@@ -46,7 +47,10 @@ def _clients(settings: Settings) -> tuple[KafkaConsumer, KafkaAdminClient]:
 
 
 def partition_lag(settings: Settings, store: Store | None = None) -> list[PartitionLag]:
-    """One row per partition of ``settings.topic_interactions``."""
+    """One row per partition of ``settings.topic_interactions`` (HymirecError if the store's
+    shards are laid out for another partition count: their positions are not these partitions')."""
+    store = store or Store(settings)
+    check_layout(store)
     consumer, admin = _clients(settings)
     try:
         partitions = consumer.partitions_for_topic(settings.topic_interactions)
@@ -58,6 +62,6 @@ def partition_lag(settings: Settings, store: Store | None = None) -> list[Partit
     finally:
         consumer.close()
         admin.close()
-    stored = (store or Store(settings)).positions()
+    stored = store.positions()
     return [PartitionLag(tp.partition, end, stored.get(tp.partition), committed.get(tp.partition))
             for tp, end in sorted(ends.items(), key=lambda kv: kv[0].partition)]
