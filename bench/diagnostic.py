@@ -1,4 +1,6 @@
-"""The *diagnostic* arm of `hymirec simulate`: the online arm's live version scored in this process,
+"""Two in-process reference arms of `hymirec simulate`.
+
+The *diagnostic* arm: the online arm's live version scored in this process,
 straight from the users' exact histories — no worker, no stored history codes, no ANN search, no
 interest-refresh lag.
 
@@ -7,14 +9,21 @@ gap to offline leave-one-out is what the model itself lacks in this setting. It 
 the live arms see: the same version (loaded from the online arm's registry after each switch), the
 same catalogue (new items embedded from their text on load, as the worker does) and the users'
 applied items in log order.
+
+The *signals-only* arm (``SignalsOnly``): the serving blend with the model left out.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
+import numpy as np
 import pandas as pd
 import torch
 
+from model.blend import Blend, Example, Signals, candidates, fit
 from model.retrieval import topk_items
+from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
 
 BATCH = 256  # users per interests call
@@ -63,3 +72,46 @@ def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
     """Apply ``events`` (user_id, item_id, in log order) to ``histories`` in place."""
     for user, item in zip(events["user_id"].tolist(), events["item_id"].tolist()):
         histories.setdefault(user, []).append(item)
+
+
+class SignalsOnly:
+    """The serving blend without the model (``model.blend``, the model's weight held at 0): the same
+    signals, counted from each user's newest ``recent_len`` items, the same candidates (rules' and
+    popular ones) and the same prequential fit as the worker's ``serving.blend.BlendKeeper``. Its gap
+    to the live arms is the model's own share of the blend."""
+
+    name = "signals-only"
+
+    def __init__(self, histories: dict[str, list[str]], recent_len: int):
+        self.recent_len = recent_len
+        self.signals = self._count(histories)
+        self.blend = Blend(np.array([0.0, 1.0, 1e-3], dtype=np.float32))  # the rules, ties by popularity, until a fit
+        self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
+
+    def _count(self, histories: dict[str, list[str]]) -> Signals:
+        return Signals.count(h[-self.recent_len:] for h in histories.values()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+
+    def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray]:
+        return candidates(self.signals, history[-self.recent_len:], {}, self.signals.top_popular(POPULAR_CANDIDATES),
+                          set(history))
+
+    def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
+        out = {}
+        for user, history in histories.items():
+            names, features = self._candidates(history)
+            scores = self.blend.score(features)
+            out[user] = [names[j] for j in sorted(range(len(names)), key=lambda j: (-float(scores[j]), names[j]))[:k]]
+        return out
+
+    def learn(self, histories: dict[str, list[str]], users: list[str]) -> None:
+        """After a chunk is applied to ``histories``: one example per user of it (their newest event,
+        against the signals before the chunk), a refit, then a recount — the worker's order."""
+        for user in users:
+            before, target = histories[user][:-1], histories[user][-1]
+            if not before:
+                continue
+            names, features = self._candidates(before)
+            if target in names:
+                self.examples.append(Example(features, names.index(target)))
+        self.blend = fit(list(self.examples), self.blend, use_model=False)
+        self.signals = self._count(histories)

@@ -45,10 +45,10 @@ standard errors (over events: they do not include the run-to-run spread of train
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,12 +56,15 @@ import numpy as np
 import pandas as pd
 
 from bench import harness
-from bench.diagnostic import Diagnostic, exact_histories, extend
+from bench.diagnostic import Diagnostic, SignalsOnly, exact_histories, extend
+from bench.prequential import K, metrics_of, paired_gap, score_chunk, thirds, warm, windows
+from bench.simulate_plot import plot
 from hymirec.errors import HymirecError
 from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
 from model.baselines import streaming_baselines
 from serving.reader import Recommender
+from serving.blend import counted_at
 from serving.hymirec import ServedHyMiRec
 from store.logs import read_interactions, read_items, write_jsonl
 from store.registry import ModelRegistry
@@ -70,10 +73,9 @@ from stream import datasets
 from stream.replay import replay
 from trainer.online import OnlineTrainer, announce
 
-K = 10
 ARMS = ("frozen", "online")
 # The workers' timers, shortened so a chunk is applied and its users' interests are fresh quickly.
-WORKER_OVERRIDES = {"batch_within_s": 0.2, "serving_refresh_s": 0.2, "popularity_refresh_s": 5.0}
+WORKER_OVERRIDES = {"batch_within_s": 0.2, "serving_refresh_s": 0.2, "popularity_refresh_s": 0.5}
 
 
 @dataclass
@@ -88,41 +90,6 @@ class SimConfig:
     window: int = 1000
     timeout: float = 300.0  # longest wait for one worker step (apply a chunk, switch a version)
     recent_window: int = 2000  # recent-pop: counts over this many events before the chunk
-
-
-# --- the pure parts: scoring, windows, summary, plot ------------------------------------------------
-def rank_of(item_id: str, answer: list[str]) -> int:
-    """0-based position of ``item_id`` in ``answer``; -1 when it is not there."""
-    try:
-        return answer.index(item_id)
-    except ValueError:
-        return -1
-
-
-def score_event(rank: int, k: int = K) -> tuple[int, float]:
-    """(hit@k, NDCG@k) of one event whose item sits at ``rank`` (-1: absent): one relevant item."""
-    if 0 <= rank < k:
-        return 1, 1.0 / math.log2(rank + 2)
-    return 0, 0.0
-
-
-def score_chunk(events: pd.DataFrame, answers: dict[str, tuple[str | None, list[str]]],
-                histories: dict[str, list[str]], applied: int, bootstrap_items: set[str], k: int = K) -> list[dict]:
-    """One record per event (``events``: position, user_id, item_id): scored against its user's
-    answer (model version, item ids) and stored history, both read with ``applied`` events applied.
-    ``new_item``: the item had no event in the bootstrap part (v0001, the frozen model, never saw it used)."""
-    records = []
-    for position, user, item in zip(events["position"].tolist(), events["user_id"].tolist(), events["item_id"].tolist()):
-        version, items = answers[user]
-        history = histories.get(user)
-        rank = rank_of(item, items)
-        hit, ndcg = score_event(rank, k)
-        records.append({"position": int(position), "user_id": user, "item_id": item, "applied": applied,
-                        "cold": history is None, "history_len": len(history or []),
-                        "in_history": bool(history) and item in history, "new_item": item not in bootstrap_items,
-                        "model_version": version,
-                        "rank": rank, "hit": hit, "ndcg": ndcg})
-    return records
 
 
 def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig) -> dict[str, list[dict]]:
@@ -146,54 +113,8 @@ def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig) -> dict[str, 
     return records
 
 
-def warm(records: list[dict]) -> list[dict]:
-    return [r for r in records if not r["cold"]]
-
-
-def metrics_of(records: list[dict]) -> dict:
-    n = len(records)
-    return {"events": n, f"recall@{K}": sum(r["hit"] for r in records) / n if n else None,
-            f"ndcg@{K}": sum(r["ndcg"] for r in records) / n if n else None}
-
-
-def windows(records: list[dict], size: int) -> list[dict]:
-    """Consecutive windows of ``size`` warm scored events (the last one may be shorter)."""
-    scored = warm(records)
-    out = []
-    for i, start in enumerate(range(0, len(scored), size)):
-        part = scored[start : start + size]
-        out.append({"window": i, "first_position": part[0]["position"], "last_position": part[-1]["position"],
-                    **metrics_of(part), "versions": sorted({r["model_version"] or "popular" for r in part})})
-    return out
-
-
-def rolling(records: list[dict], size: int) -> pd.DataFrame:
-    """position, recall, ndcg: the mean over the last ``size`` warm events at each warm event
-    (from a quarter window on, so the curve does not start on a handful of events)."""
-    frame = pd.DataFrame(warm(records), columns=["position", "hit", "ndcg"])
-    roll = frame[["hit", "ndcg"]].rolling(size, min_periods=max(1, size // 4)).mean()
-    return pd.DataFrame({"position": frame["position"], "recall": roll["hit"], "ndcg": roll["ndcg"]}).dropna()
-
-
-def thirds(records: list[dict], first: int, last: int) -> list[dict]:
-    """Metrics of the warm events in each third of the scored log positions [first, last)."""
-    edges = np.linspace(first, last, 4)
-    scored = warm(records)
-    return [metrics_of([r for r in scored if edges[i] <= r["position"] < edges[i + 1] or (i == 2 and r["position"] == last)])
-            for i in range(3)]
-
-
-def paired_gap(a: list[dict], b: list[dict], key: str = "hit") -> tuple[float, float]:
-    """(mean of b − a, its standard error) over the same warm events, paired by position."""
-    pa = {r["position"]: r[key] for r in warm(a)}
-    diff = np.array([r[key] - pa[r["position"]] for r in warm(b) if r["position"] in pa], dtype=np.float64)
-    if not len(diff):
-        return 0.0, 0.0
-    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-
-
 def kind_of(arm: str) -> str:
-    return "live" if arm in ARMS else Diagnostic.name if arm == Diagnostic.name else "baseline"
+    return "live" if arm in ARMS else "reference" if arm in (Diagnostic.name, SignalsOnly.name) else "baseline"
 
 
 def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, dataset: str, log_events: int,
@@ -224,7 +145,7 @@ def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, 
         best = {"baseline": name, f"recall@{K}": top, "online_over_best": online / top if top else None}
     # Paired gaps (b − a over the same warm events): what online learning adds, what the live system
     # loses against the model scored on exact histories, and how far the best baseline is.
-    pairs = [("frozen", "online"), (Diagnostic.name, "online"), (best.get("baseline"), "online")]
+    pairs = [("frozen", "online"), (Diagnostic.name, "online"), (SignalsOnly.name, "online"), (best.get("baseline"), "online")]
     gap = {}
     for a, b in pairs:
         if a in records and b in records:
@@ -280,47 +201,6 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int], path: Path, *, window: int,
-         bootstrap_events: int, title: str) -> Path:
-    """PNG: each arm's rolling Recall@10 and NDCG@10 against the log position (baselines dashed), the online arm's
-    version switches after the bootstrap (dashed) and rejected cycles (dotted), and the end of the
-    bootstrap, where both arms start serving v0001 (grey)."""
-    # Imported here on purpose: the headless backend must be chosen before pyplot loads, and only a
-    # run that draws should set it (or pay for it).
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    colours = {"frozen": "tab:blue", "online": "tab:orange", "pop": "tab:brown", "recent-pop": "tab:green",
-               "rules": "tab:purple", "diagnostic": "tab:red"}
-    for name, recs in records.items():
-        curve = rolling(recs, window)
-        style = ({"linewidth": 1.2} if name in ARMS else {"linewidth": 0.9, "linestyle": ":"} if name == Diagnostic.name
-                 else {"linewidth": 0.9, "linestyle": "--"})
-        for ax, column in zip(axes, ("recall", "ndcg")):
-            ax.plot(curve["position"], curve[column], label=name, color=colours.get(name), **style)
-    for ax, label in zip(axes, (f"Recall@{K}", f"NDCG@{K}")):
-        ax.axvline(bootstrap_events, color="grey", linewidth=1, label="v0001, both live arms")
-        for i, x in enumerate(switches):
-            ax.axvline(x, color="tab:orange", linestyle="--", linewidth=0.7, alpha=0.7,
-                       label="online: new version" if i == 0 else None)
-        for i, x in enumerate(rejected):
-            ax.axvline(x, color="tab:red", linestyle=":", linewidth=0.7, alpha=0.7,
-                       label="online: candidate rejected" if i == 0 else None)
-        ax.set_ylabel(f"{label} (rolling {window} events)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="best", fontsize=8)
-    axes[0].set_title(title, fontsize=10)
-    axes[1].set_xlabel("event position in the log")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_outputs(out: Path, summary: dict, records: dict[str, list[dict]], cycles: dict[str, list[dict]],
                   window: int) -> dict[str, Path]:
     """Per arm: events (CSV), windows (JSONL + CSV) and cycles (JSONL); summary.json / summary.md; plot.png."""
@@ -356,6 +236,7 @@ class Arm:
     settings: Settings
     proc: ManagedProcess
     live: str | None = None
+    applied_at: datetime | None = None  # when the last chunk was seen applied
     records: list[dict] = field(default_factory=list)
     cycles: list[dict] = field(default_factory=list)
 
@@ -372,6 +253,12 @@ class Arm:
     def wait_applied(self, events: int, timeout: float) -> None:
         wait_for(lambda: self.alive() and processed(self.settings) - self.base >= events, timeout=timeout,
                  interval=0.05, what=f"the {self.name} worker to apply {events:,} events")
+        self.applied_at = datetime.now(timezone.utc)
+
+    def wait_counted(self, timeout: float) -> None:
+        """Until the worker's serving blend has counted its signals (and refitted) since the last apply."""
+        wait_for(lambda: self.alive() and (at := counted_at(self.store)) is not None and at >= self.applied_at,
+                 timeout=timeout, interval=0.05, what=f"the {self.name} worker to count the serving blend's signals")
 
     def wait_serving(self, version: str, timeout: float) -> None:
         wait_serving(self.settings, self.proc, version, timeout=timeout, interval=0.1)
@@ -397,6 +284,8 @@ class Arm:
         users = list(dict.fromkeys(events["user_id"].tolist()))
         t0 = time.perf_counter()
         histories = self.fresh_histories(users, timeout)
+        if self.applied_at is not None:
+            self.wait_counted(timeout)
         t1 = time.perf_counter()
         answers = {r.user_id: (r.model_version, [s.item_id for s in r.items]) for r in self.recommender.many(users, K)}
         phases["fresh"] += t1 - t0
@@ -488,7 +377,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         trainer.margin, trainer.epochs = config.margin, config.epochs
         catalogue = read_items(items)
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
-        exact, diagnosed = exact_histories(log, boot), []
+        exact, diagnosed, signalled = exact_histories(log, boot), [], []
+        signals_only = SignalsOnly(exact, online.settings.recent_len)
         say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
             f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)
 
@@ -504,7 +394,11 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             tops = diagnostic.top(known, K)
             diagnosed += score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start,
                                      bootstrap_items)
+            tops = signals_only.top(known, K)
+            signalled += score_chunk(chunk, {u: (SignalsOnly.name, tops.get(u, [])) for u in users}, known, start,
+                                     bootstrap_items)
             extend(exact, chunk)
+            signals_only.learn(exact, users)
             t0 = time.perf_counter()
             _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
             t1 = time.perf_counter()
@@ -525,13 +419,14 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
                 next_report = end + max(config.chunk, (n - boot) // 10)
                 now = {a.name: metrics_of(warm(a.records))[f"recall@{K}"] for a in arms}
                 now[Diagnostic.name] = metrics_of(warm(diagnosed))[f"recall@{K}"]
+                now[SignalsOnly.name] = metrics_of(warm(signalled))[f"recall@{K}"]
                 now |= {name: metrics_of(warm([r for r in recs if r["position"] < end]))[f"recall@{K}"]
                         for name, recs in baselines.items()}
                 say(f"  {end:,}/{n:,} events ({time.monotonic() - started:.0f} s): running Recall@{K} "
                     + ", ".join(f"{k} {_fmt(v)}" for k, v in now.items()) + "; seconds waiting for "
                     + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), flush=True)
 
-    records = {**{a.name: a.records for a in arms}, Diagnostic.name: diagnosed, **baselines}
+    records = {**{a.name: a.records for a in arms}, Diagnostic.name: diagnosed, SignalsOnly.name: signalled, **baselines}
     cycles = {a.name: a.cycles for a in arms}
     summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
     summary["wall_s"] = round(time.monotonic() - started, 1)

@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 from kafka.partitioner.default import murmur2
 
 from hymirec.errors import HymirecError
+from model.blend import LAST, Blend, Signals, candidates
+from serving.blend import POOL, POPULAR_CANDIDATES, read_blend, read_signals
 from store.schemas import HISTORIES, POPULAR, VERSIONS, item_vectors_schema, popular_schema, versions_schema
 from store.tables import Store, open_table, table_names
 
@@ -42,6 +44,7 @@ class Recommendation:
     items: list[Scored]
     fallback: str | None = None  # why the answer is the popular items, else None
     vectors_table: str | None = None  # the table the scores came from (provenance, for tests and logs)
+    ranked_by: str = "model"  # "blend": the model's score beside the stream's signals (serving.blend)
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +52,7 @@ class Recommendation:
             "model_version": self.model_version,
             "items": [{"item_id": s.item_id, "score": round(s.score, 6), "interest": s.interest} for s in self.items],
             "fallback": self.fallback,
+            "ranked_by": None if self.fallback else self.ranked_by,
         }
 
 
@@ -100,6 +104,7 @@ class Recommender:
         answers: dict[str, Recommendation] = {}
         fallback: dict[str, tuple[set[str], str]] = {}
         by_version: dict[str, list[tuple[str, np.ndarray, set[str]]]] = {}
+        recent: dict[str, list[str]] = {}
         for user_id, (row, history) in self._users(users).items():
             seen = set() if include_seen or history is None else set(history["history_item_ids"] or [])
             if row is None:
@@ -107,11 +112,16 @@ class Recommender:
             else:
                 by_version.setdefault(row["model_version"], []).append(
                     (user_id, np.asarray(row["interests"], dtype=np.float32), seen))
+                recent[user_id] = list(history["recent_item_ids"] or []) if history is not None else []
+        blend = read_blend(self.store) if by_version else None
+        signals = read_signals(self.store, [i for r in recent.values() for i in r[-LAST:]]) if blend else None
+        pool = POOL if blend else 0
         for version, members in by_version.items():
             members.sort(key=lambda m: len(m[2]))
             for start in range(0, len(members), SEARCH_USERS):
                 group = members[start : start + SEARCH_USERS]
-                hits = self._search_reopening(version, np.concatenate([q for _, q, _ in group]), k + len(group[-1][2]))
+                hits = self._search_reopening(version, np.concatenate([q for _, q, _ in group]),
+                                              k + pool + len(group[-1][2]))
                 if hits is None:
                     fallback.update({u: (seen, f"the item vectors of version {version} are gone") for u, _, seen in group})
                     continue
@@ -126,10 +136,14 @@ class Recommender:
                     score, interest = 1.0 - float(distance), int(query - first[m])
                     if item_id not in group[m][2] and (item_id not in best[m] or score > best[m][item_id][0]):
                         best[m][item_id] = (score, interest)
-                for (user_id, _, _), scores in zip(group, best):
-                    ranked = sorted(scores.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
-                    answers[user_id] = Recommendation(user_id, version, [Scored(i, s, w) for i, (s, w) in ranked],
-                                                      vectors_table=table)
+                for (user_id, _, seen), scores in zip(group, best):
+                    if blend is None:
+                        ranked = sorted(scores.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
+                        items = [Scored(i, s, w) for i, (s, w) in ranked]
+                    else:
+                        items = _blended(blend, signals, recent[user_id], scores, seen, k)
+                    answers[user_id] = Recommendation(user_id, version, items, vectors_table=table,
+                                                      ranked_by="model" if blend is None else "blend")
         if fallback:
             popular = popular_items(self.store, k + max(len(seen) for seen, _ in fallback.values()))
             for user_id, (seen, why) in fallback.items():
@@ -173,6 +187,17 @@ class Recommender:
             self._tables[name] = table
         return (self._tables[name].search(queries).distance_type("cosine").limit(limit).refine_factor(REFINE)
                 .select(["item_id", "_distance"]).to_arrow())
+
+
+def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]], seen: set[str],
+             k: int) -> list[Scored]:
+    """The top-k of the blend (model.blend) over the model's POOL best items, the rules' and the popular
+    ones; ``interest`` says which interest gave a model candidate its cosine (None for the others)."""
+    top = dict(sorted(((i, s) for i, (s, _) in scores.items()), key=lambda kv: (-kv[1], kv[0]))[:POOL])
+    names, features = candidates(signals, recent, top, signals.top_popular(POPULAR_CANDIDATES), seen)
+    blended = blend.score(features)
+    order = sorted(range(len(names)), key=lambda j: (-float(blended[j]), names[j]))[:k]
+    return [Scored(names[j], float(blended[j]), scores[names[j]][1] if names[j] in top else None) for j in order]
 
 
 def recommend(store: Store, user_id: str, k: int = 10, *, include_seen: bool = False) -> Recommendation:

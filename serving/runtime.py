@@ -9,7 +9,9 @@ Readers (``serving.reader``: `hymirec topk` and the worker's GET /recommend) and
   them (``store.schemas``; the worker owning interactions partition NNN is its one writer).
 - ``serving_versions`` — one row per version that is ready to serve: its vectors table and the
   fingerprints of its item encoder and codebook. Inserting that row is the switch's commit point.
-- ``popular_items`` — item counts over the kept histories: the answer when there is no model.
+- ``popular_items``, ``item_follows``, ``serving_blend`` — the serving blend's signals and weights
+  (``serving.blend``, recounted and refitted on the popularity timer); the popular items are also
+  the answer when there is no model.
 
 **Consistency.** An answer uses the interests row of the user and the vectors table of the
 version that computed that row, so it always carries exactly one version. A switch writes the new
@@ -44,20 +46,20 @@ from lancedb.index import IvfHnswSq
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+from serving.blend import BlendKeeper
 from serving.metrics import ServingMetrics
 from serving.hymirec import ServedHyMiRec
 from serving.model import ItemIndex, LoadModel, ServingModel
-from serving.reader import count_popularity, open_own, ready_versions
+from serving.reader import open_own, ready_versions
 from store.registry import CorruptArtifact, ModelRegistry, version_number
 from store.schemas import (
-    HISTORIES, INTERESTS, ITEMS, POPULAR, TIMESTAMP, VERSIONS, item_vectors_schema, popular_schema, shard_table,
+    HISTORIES, INTERESTS, ITEMS, TIMESTAMP, VERSIONS, item_vectors_schema, shard_table,
     vectors_table, versions_schema,
 )
 from store.tables import CLEANUP_OLDER_THAN, Store, table_names, to_arrow
 
 log = logging.getLogger(__name__)
 
-POPULAR_KEEP = 1000  # most popular items stored: enough for k plus a long seen-list
 
 
 @dataclass
@@ -124,6 +126,7 @@ class ServingRuntime:
         self._history_marks: dict[int, Mark] = {}
         self._items_mark = Mark()
         self._refused: set[str] = set()
+        self.blend = BlendKeeper(self.store)
 
     # --- versions ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -338,13 +341,11 @@ class ServingRuntime:
 
     # --- maintenance (timers) -------------------------------------------------------------------------
     def refresh_popularity(self) -> int:
-        """Recount item popularity into ``popular_items`` (the top POPULAR_KEEP); returns items kept."""
-        counts = count_popularity(self.store).sort_by([("count", "descending"), ("item_id", "ascending")])
-        counts = counts.slice(0, POPULAR_KEEP)
-        now = pa.array([datetime.now(timezone.utc)] * len(counts), TIMESTAMP)
-        self.store.db.create_table(POPULAR, to_arrow(counts.append_column("updated_at", now), popular_schema(), POPULAR),
-                                   mode="overwrite")
-        return len(counts)
+        """Recount the serving blend's signals (popular items, follows) and refit its weights on the
+        events applied since the last count (serving.blend); returns the popular items kept."""
+        live = self.live
+        return self.blend.refresh(live.model if live else None, live.row["vectors_table"] if live else None,
+                                  self.settings.embedding_dim)
 
     def optimize(self) -> list[str]:
         """Compact what this runtime writes; give the live vectors an ANN index once they are many."""

@@ -31,6 +31,8 @@ REGISTRY = "model_registry"
 # The retrieval side's tables (serving/): written by the worker's serving runtime.
 VERSIONS = "serving_versions"
 POPULAR = "popular_items"
+FOLLOWS = "item_follows"  # the serving blend's sequential rules (model.blend)
+BLEND = "serving_blend"  # the serving blend's weights, one row
 # The partition count the user shards are laid out for (one row; written by the worker at start-up).
 LAYOUT = "store_layout"
 SHARDED = (HISTORIES, INTERESTS)
@@ -143,6 +145,26 @@ def popular_schema() -> pa.Schema:
     return pa.schema([
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("count", pa.int64(), nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def follows_schema() -> pa.Schema:
+    """Per item j: the items that followed j in users' recent items, with weights Σ 1/distance
+    (model.blend.Signals.follows), the heaviest first."""
+    return pa.schema([
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("next_item_ids", pa.list_(pa.string())),
+        pa.field("next_weights", pa.list_(pa.float32())),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def blend_schema() -> pa.Schema:
+    """The one row of ``serving_blend``: model.blend.Blend as JSON, refitted on the popularity timer."""
+    return pa.schema([
+        pa.field("blend", pa.string(), nullable=False),
+        pa.field("model_version", pa.string()),  # the version whose scores the weights were fitted with
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 

@@ -15,8 +15,9 @@ import torch
 
 import bench.simulate
 from bench.diagnostic import Diagnostic, exact_histories, extend
-from bench.simulate import (SimConfig, baseline_arms, paired_gap, plot, rank_of, rolling, run_simulation, score_chunk,
-                            score_event, summarise, summary_markdown, thirds, windows)
+from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
+from bench.simulate import SimConfig, baseline_arms, run_simulation, summarise, summary_markdown
+from bench.simulate_plot import plot
 from hymirec.settings import Settings
 from model.baselines import MostPopular
 from store import Store
@@ -280,7 +281,7 @@ def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
     for column in ("user_id", "cold", "history_len", "in_history", "new_item", "applied"):
         assert (diag[column] == frozen[column]).all(), column
     assert not (diag["in_history"] & (diag["hit"] == 1)).any()
-    assert summary["arms"]["diagnostic"]["kind"] == "diagnostic" and summary["arms"]["diagnostic"]["recall@10"] > 0
+    assert summary["arms"]["diagnostic"]["kind"] == "reference" and summary["arms"]["diagnostic"]["recall@10"] > 0
     assert set(diag["model_version"].dropna()) <= set(summary["arms"]["online"]["versions"])
     assert {"online − frozen", "online − diagnostic"} <= set(summary["gap"])
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,143 @@
+"""The serving blend's state in LanceDB (model.blend): written by the worker's runtime, read by every
+top-k reader.
+
+- ``popular_items``: the POPULAR_KEEP items most present in users' recent items (also the answer
+  when there is no model);
+- ``item_follows``: per item, its FOLLOWS_KEEP heaviest followers in users' recent items;
+- ``serving_blend``: the weights, one row.
+
+``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
+items and refits the weights on the events applied since its previous count. That makes the fit
+prequential by construction: an example's features come from the previous count, which had not seen
+the event, and from the user's history before it; the weights then score only later events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+from lancedb.expr import col
+
+from model.blend import Blend, Example, Signals, candidates, fit
+from serving.model import ServingModel
+from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, blend_schema, follows_schema,
+                           item_vectors_schema, popular_schema)
+from store.tables import Store, open_table, table_names, to_arrow
+
+log = logging.getLogger(__name__)
+
+POPULAR_KEEP = 1000  # most popular items stored: enough for k plus a long seen-list
+FOLLOWS_KEEP = 100  # followers stored per item
+POOL = 100  # the model's candidates per user, beside the rules' and the popular ones
+POPULAR_CANDIDATES = 50  # the most popular items, candidates for every user
+EXAMPLES_KEEP = 2000  # the newest applied events the weights are fitted on
+FIT_USERS = 256  # users per interests call while building examples
+
+
+def read_blend(store: Store) -> Blend | None:
+    """The fitted weights, or None when none were fitted yet (then top-k ranks by the model alone)."""
+    if BLEND not in table_names(store.db):
+        return None
+    rows = open_table(store.db, BLEND, blend_schema(), create=False).to_arrow().to_pylist()
+    if not rows:
+        return None
+    blend = Blend.from_json(json.loads(rows[0]["blend"]))
+    return blend if blend.fitted_on else None
+
+
+def counted_at(store: Store) -> datetime | None:
+    """When the last count (and fit) was written; None before the first."""
+    if BLEND not in table_names(store.db):
+        return None
+    rows = open_table(store.db, BLEND, blend_schema(), create=False).to_arrow().to_pylist()
+    return rows[0]["updated_at"] if rows else None
+
+
+def read_signals(store: Store, recent: list[str]) -> Signals:
+    """The stored signals a reader needs: the popular counts and the follows of the ``recent`` items."""
+    signals = Signals()
+    if POPULAR in table_names(store.db):
+        popular = open_table(store.db, POPULAR, popular_schema(), create=False).to_arrow()
+        signals.popular = dict(zip(popular["item_id"].to_pylist(), popular["count"].to_pylist()))
+    wanted = sorted(set(recent))
+    if wanted and FOLLOWS in table_names(store.db):
+        rows = (open_table(store.db, FOLLOWS, follows_schema(), create=False).search()
+                .where(col("item_id").isin(wanted)).limit(None).to_arrow().to_pylist())
+        signals.follows = {r["item_id"]: dict(zip(r["next_item_ids"], r["next_weights"])) for r in rows}
+    return signals
+
+
+class BlendKeeper:
+    """Counts the signals and fits the weights; the runtime's one writer of the three tables."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.signals: Signals | None = None  # the previous count, as stored
+        self.events: dict[str, int] = {}  # user → event_count at the previous count
+        self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
+        self.blend = read_blend(store) or Blend()
+
+    def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
+        """Recount, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept."""
+        users, recents, events = [], [], []
+        for shard in self.store.shards(HISTORIES):
+            rows = self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
+            users += rows["user_id"].to_pylist()
+            recents += [list(r or []) for r in rows["recent_item_ids"].to_pylist()]
+            events += rows["event_count"].to_pylist()
+        counts = dict(zip(users, events))
+        changed = [u for u, n in counts.items() if n > self.events.get(u, 0)]
+        if self.signals is not None and model is not None and vectors_table is not None and changed:
+            self._learn(model, vectors_table, dim, changed)
+        self.signals = Signals.count(recents).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        self.events = counts
+        self._write(model.version if model is not None else None)
+        return len(self.signals.popular)
+
+    def _learn(self, model: ServingModel, vectors_table: str, dim: int, users: list[str]) -> None:
+        """One example per user with new events: their newest event, against the previous count."""
+        table = open_table(self.store.db, vectors_table, item_vectors_schema(dim), create=False).to_arrow()
+        ids = table["item_id"].to_pylist()
+        matrix = table["vector"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(len(ids), dim)
+        matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        popular = self.signals.top_popular(POPULAR_CANDIDATES)
+        histories = [h for h in self.store.get_histories(users).values() if len(h["history_item_ids"] or []) >= 2]
+        for start in range(0, len(histories), FIT_USERS):
+            group = histories[start : start + FIT_USERS]
+            befores = [list(h["history_item_ids"][:-1]) for h in group]
+            cosine = (model.interests(befores) @ matrix.T).max(axis=1)  # [B, N]
+            for before, history, scores in zip(befores, group, cosine):
+                seen = set(before)
+                order = np.argsort(-scores)
+                pool = {}
+                for j in order[: POOL + len(seen)]:
+                    if ids[j] not in seen and len(pool) < POOL:
+                        pool[ids[j]] = float(scores[j])
+                names, features = candidates(self.signals, before, pool, popular, seen)
+                target = history["history_item_ids"][-1]
+                if target in names:  # an item no candidate list holds cannot be learnt to rank
+                    self.examples.append(Example(features, names.index(target)))
+        self.blend = fit(list(self.examples), self.blend)
+        log.info("serving blend refitted on %d examples: %s", len(self.examples), self.blend.to_json()["weights"])
+
+    def _write(self, version: str | None) -> None:
+        now = datetime.now(timezone.utc)
+        popular = sorted(self.signals.popular.items(), key=lambda kv: (-kv[1], kv[0]))
+        self._overwrite(POPULAR, popular_schema(), {
+            "item_id": [i for i, _ in popular], "count": [c for _, c in popular], "updated_at": [now] * len(popular)})
+        follows = sorted(self.signals.follows.items())
+        self._overwrite(FOLLOWS, follows_schema(), {
+            "item_id": [j for j, _ in follows], "next_item_ids": [list(row) for _, row in follows],
+            "next_weights": [[float(w) for w in row.values()] for _, row in follows], "updated_at": [now] * len(follows)})
+        # Written last, always: its time says a whole count (and fit) is in place.
+        self._overwrite(BLEND, blend_schema(), {"blend": [json.dumps(self.blend.to_json())], "model_version": [version],
+                                                "updated_at": [now]})
+
+    def _overwrite(self, name: str, schema: pa.Schema, columns: dict) -> None:
+        data = pa.table({f.name: pa.array(columns[f.name], f.type) for f in schema})
+        self.store.db.create_table(name, to_arrow(data, schema, name), mode="overwrite")

@@ -1,0 +1,104 @@
+"""The serving blend: its signals and fit (model.blend, hand-computed cases), the worker's keeper of its
+tables (serving.blend) and top-k ranked by it (serving.reader), on a real LanceDB directory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.diagnostic import SignalsOnly
+from model.blend import FEATURES, Blend, Example, Signals, candidates, fit
+from serving.blend import counted_at, read_blend, read_signals
+from serving.reader import Recommender, recommend
+from serving.runtime import ServingRuntime
+from store import Store
+
+from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
+
+
+# --- model.blend: pure ------------------------------------------------------------------------------
+def test_signals_count_follows_and_popularity_by_hand():
+    s = Signals.count([["a", "b", "c", "d", "e"], ["a", "c"]])
+    assert s.popular == {"a": 2, "b": 1, "c": 2, "d": 1, "e": 1}
+    # a → b at distance 1, a → c at 2 (user 1) and 1 (user 2), a → d at 3; nothing 4 steps on.
+    assert s.follows["a"] == {"b": 1.0, "c": pytest.approx(1.5), "d": pytest.approx(1 / 3)}
+    assert "e" not in s.follows["a"] and s.follows["d"] == {"e": 1.0} and "e" not in s.follows
+    # The user's newest item counts fully, the one before it half (b → c 1, b → d 1/2, b → e 1/3).
+    assert s.rules(["b", "a"]) == {"b": 1.0, "c": pytest.approx(1.5 + 0.5 * 1.0), "d": pytest.approx(1 / 3 + 0.5 * 0.5),
+                                   "e": pytest.approx(0.5 / 3)}
+    kept = s.kept(follows=1, popular=2)
+    assert kept.follows["a"] == {"c": pytest.approx(1.5)} and kept.popular == {"a": 2, "c": 2}
+    assert s.top_popular(3) == ["a", "c", "b"]  # ties by id
+
+
+def test_candidates_union_and_the_model_floor():
+    s = Signals.count([["a", "b"], ["a", "c"], ["z"]])
+    names, x = candidates(s, ["a"], {"x": 0.9, "b": 0.4}, ["z", "a"], seen={"a"})
+    assert names == ["x", "b", "c", "z"]  # pool, then rules' items, then popular; never a seen one
+    assert x.shape == (len(FEATURES), 4)
+    assert x[0].tolist() == pytest.approx([0.9, 0.4, 0.4, 0.4])  # outside the pool: the pool's lowest cosine
+    assert x[1].tolist() == pytest.approx([0.0, np.log(2), np.log(2), 0.0])
+    assert x[2].tolist() == pytest.approx([0.0, np.log(2), np.log(2), np.log(2)])
+    assert candidates(s, [], {}, [], seen=set()) == ([], pytest.approx(np.zeros((3, 0))))
+
+
+def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(200):
+        x = rng.normal(size=(3, 20)).astype(np.float32)
+        examples.append(Example(x, int(np.argmax(x[1]))))  # the choice follows the rules' feature only
+    learnt = fit(examples)
+    assert learnt.fitted_on == 200 and learnt.weights[1] > 3 * abs(learnt.weights[0])
+    hits = np.mean([np.argmax(learnt.score(e.features)) == e.chosen for e in examples])
+    assert hits > 0.9
+    without = fit(examples, use_model=False)
+    assert without.weights[0] == 0.0 and without.weights[1] > 1
+    assert fit([], learnt) is learnt
+    assert Blend.from_json(learnt.to_json()).weights.tolist() == pytest.approx(learnt.weights.tolist(), abs=1e-5)
+    assert Blend.from_json({"features": ["other"], "weights": [1.0]}).fitted_on == 0  # never misread
+
+
+def test_signals_only_arm_learns_after_each_chunk():
+    histories = {"u1": ["a", "b"], "u2": ["a", "b"], "u3": ["c"]}
+    arm = SignalsOnly(histories, recent_len=50)
+    assert arm.top({"u3": ["c"]}, 2) == {"u3": ["a", "b"]}  # no rule from c: the popular ones
+    assert arm.top({"u9": ["a"]}, 1) == {"u9": ["b"]}  # a → b
+    histories["u3"].append("a")
+    arm.learn(histories, ["u3"])
+    assert arm.blend.fitted_on == 1 and arm.blend.weights[0] == 0.0  # the model never enters
+    assert arm.signals.popular["a"] == 3
+
+
+# --- serving.blend + reader: a real LanceDB directory ----------------------------------------------
+def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, world_settings):
+    store = Store(world_settings)
+    publish(world_settings, world["m1"])
+    runtime = ServingRuntime(world_settings)
+    runtime.start()
+    runtime.refresh_popularity()  # the first count: nothing to learn from yet
+    assert read_blend(store) is None and counted_at(store) is not None
+    users = users_of(store)
+    assert all(r.ranked_by == "model" for r in Recommender(store).many(users[:3], 10))
+    # New events for some users: the next count fits on exactly them.
+    log = Log(store, world_settings)
+    log.offsets = list(world["offsets"])
+    items = world["items"]["item_id"].tolist()
+    log.interactions([{"user_id": u, "item_id": items[(7 * n) % len(items)], "ts": 2_000_000_000_000 + n}
+                      for n, u in enumerate(users[:12])])
+    runtime.refresh()
+    before = counted_at(store)
+    runtime.refresh_popularity()
+    blend = read_blend(store)
+    assert blend is not None and 0 < blend.fitted_on <= 12 and counted_at(store) > before
+    assert np.isfinite(blend.weights).all()
+    signals = read_signals(store, items)
+    assert signals.popular and signals.follows
+    answers = Recommender(store).many(users, 10)
+    assert [a.to_json() for a in answers] == [recommend(store, u, 10).to_json() for u in users]
+    for answer in answers:
+        seen = set(store.get_histories([answer.user_id])[answer.user_id]["history_item_ids"])
+        assert answer.ranked_by == "blend" and answer.to_json()["ranked_by"] == "blend"
+        assert len(answer.items) == 10 and not seen & {s.item_id for s in answer.items}
+        scores = [s.score for s in answer.items]
+        assert scores == sorted(scores, reverse=True)
