@@ -15,7 +15,7 @@ The *signals-only* arm (``SignalsOnly``): the serving blend with the model left 
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 import numpy as np
 import pandas as pd
@@ -76,24 +76,25 @@ def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
 
 class SignalsOnly:
     """The serving blend without the model (``model.blend``, the model's weight held at 0): the same
-    signals, counted from each user's newest ``recent_len`` items, the same candidates (rules' and
-    popular ones) and the same prequential fit as the worker's ``serving.blend.BlendKeeper``. Its gap
-    to the live arms is the model's own share of the blend."""
+    signals (follows counted along the stream, popularity over each user's newest ``recent_len``
+    items), the same candidates (rules' and popular ones) and the same prequential fit as the worker's
+    ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend."""
 
     name = "signals-only"
 
     def __init__(self, histories: dict[str, list[str]], recent_len: int):
         self.recent_len = recent_len
-        self.signals = self._count(histories)
-        self.blend = Blend(np.array([0.0, 1.0, 1e-3], dtype=np.float32))  # the rules, ties by popularity, until a fit
+        self.running = Signals.count(histories.values())  # the worker counts along the bootstrap replay
+        self.signals = self._stored(histories)
+        self.blend = Blend(np.array([0.0, 1.0, 0.05], dtype=np.float32))  # the rules, ties by popularity, until a fit
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
 
-    def _count(self, histories: dict[str, list[str]]) -> Signals:
-        return Signals.count(h[-self.recent_len:] for h in histories.values()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+    def _stored(self, histories: dict[str, list[str]]) -> Signals:
+        popular = Counter(i for h in histories.values() for i in h[-self.recent_len:])
+        return Signals(self.running.follows, dict(popular)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
     def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray]:
-        return candidates(self.signals, history[-self.recent_len:], {}, self.signals.top_popular(POPULAR_CANDIDATES),
-                          set(history))
+        return candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         out = {}
@@ -103,10 +104,11 @@ class SignalsOnly:
             out[user] = [names[j] for j in sorted(range(len(names)), key=lambda j: (-float(scores[j]), names[j]))[:k]]
         return out
 
-    def learn(self, histories: dict[str, list[str]], users: list[str]) -> None:
-        """After a chunk is applied to ``histories``: one example per user of it (their newest event,
-        against the signals before the chunk), a refit, then a recount — the worker's order."""
-        for user in users:
+    def learn(self, histories: dict[str, list[str]], new: Counter) -> None:
+        """After a chunk is applied to ``histories`` (``new``: its events per user): one example per user
+        of it (their newest event, against the signals before the chunk), a refit, then the count —
+        the worker's order."""
+        for user in new:
             before, target = histories[user][:-1], histories[user][-1]
             if not before:
                 continue
@@ -114,4 +116,6 @@ class SignalsOnly:
             if target in names:
                 self.examples.append(Example(features, names.index(target)))
         self.blend = fit(list(self.examples), self.blend, use_model=False)
-        self.signals = self._count(histories)
+        for user, count in new.items():
+            self.running.add(histories[user], count)
+        self.signals = self._stored(histories)

@@ -45,6 +45,7 @@ standard errors (over events: they do not include the run-to-run spread of train
 from __future__ import annotations
 
 import json
+from collections import Counter
 import tempfile
 import time
 from contextlib import ExitStack
@@ -398,7 +399,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             signalled += score_chunk(chunk, {u: (SignalsOnly.name, tops.get(u, [])) for u in users}, known, start,
                                      bootstrap_items)
             extend(exact, chunk)
-            signals_only.learn(exact, users)
+            signals_only.learn(exact, Counter(chunk["user_id"].tolist()))
             t0 = time.perf_counter()
             _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
             t1 = time.perf_counter()

@@ -174,7 +174,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from hymirec.demo import run_demo
 
     return run_demo(settings, dataset=args.dataset, limit=args.limit, rate=args.rate, timeout=args.timeout,
-                    epochs=args.epochs)
+                    epochs=args.epochs or settings.trainer_bootstrap_epochs)
 
 
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
     demo.add_argument("--limit", type=_positive_int, default=20_000, help="interactions to replay")
     demo.add_argument("--rate", type=_positive_float, default=2_000.0, help="replay rate (events/s)")
-    demo.add_argument("--epochs", type=_positive_int, default=1, help="epochs of the demo's training cycle")
+    demo.add_argument("--epochs", type=_positive_int,
+                      help="epochs of the demo's first version (default HYMIREC_TRAINER_BOOTSTRAP_EPOCHS)")
     demo.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds to wait for each stage")
     demo.set_defaults(func=_cmd_demo)
 

@@ -9,13 +9,13 @@ A candidate item i of a user u gets features (``FEATURES``):
   somebody's recent items (the sequential rules of ``model.baselines``);
 - ``popular``: log(1 + how many users' recent items hold i).
 
-Its score is w · features. ``fit`` learns w by softmax regression: each example is an event the
+Its score is w · features. ``fit`` chooses w on a small grid by Recall@10: each example is an event the
 system has already applied — the features of its candidates as they were *before* the event, and
 which candidate the user then chose — so the weights only ever come from the past (prequential),
 never from the events they will score. ``without_model`` is the same blend with the model's weight
 held at 0: the model's own share is the gap between the two.
 
-Pure numpy/torch: no settings, no store.
+Pure numpy/Arrow: no settings, no store.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+import pyarrow as pa
+import pyarrow.compute as pc
 
 FEATURES = ("model", "rules", "popular")
 BACK = 3  # follows[j → i] counts i up to this many steps after j
 LAST = 5  # a user's rules score reads this many of their newest items
-L2 = 1e-3  # keeps weights finite when a feature separates the examples perfectly
-STEPS = 50  # Adam steps per fit (warm-started from the previous weights)
-LR = 0.05
+TOP = 10  # the blend is fitted for Recall@TOP
+TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
+# The weights tried (model, rules, popular): the rules' weight fixed at 1 (only the ratios rank), or
+# at 0 with the model's at 1. Features: a cosine in [-1, 1] and log counts up to ~10.
+GRID = np.array([(m, r, p) for r in (1.0, 0.0) for m in ((0.0, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32) if r else (1.0,))
+                 for p in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)], dtype=np.float32)
 
 
 @dataclass
@@ -42,16 +46,48 @@ class Signals:
     popular: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def count(cls, sequences: Iterable[Sequence[str]]) -> Signals:
-        """From users' recent items (each oldest first): follows and popularity, as defined above."""
+    def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int | None = None) -> Signals:
+        """From users' recent items (each oldest first; lists, or an Arrow list column): follows and
+        popularity, as defined above; with ``keep``, each item's ``keep`` heaviest followers only. Counted
+        in Arrow: a worker recounts 100k users' recent items."""
+        lists = sequences if isinstance(sequences, (pa.Array, pa.ChunkedArray)) else pa.array(
+            [list(s) for s in sequences], pa.list_(pa.string()))
+        if isinstance(lists, pa.ChunkedArray):
+            lists = lists.combine_chunks() if lists.num_chunks else pa.array([], pa.list_(pa.string()))
+        items = pc.list_flatten(lists)
+        owner = pc.list_parent_indices(lists).to_numpy()
         out = cls()
-        for seq in sequences:
-            for pos, item in enumerate(seq):
-                out.popular[item] = out.popular.get(item, 0) + 1
-                for distance in range(1, min(BACK, pos) + 1):
-                    row = out.follows.setdefault(seq[pos - distance], {})
-                    row[item] = row.get(item, 0.0) + 1.0 / distance
+        if not len(items):
+            return out
+        counted = pc.value_counts(items)
+        out.popular = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
+        encoded = items.dictionary_encode()
+        names, code = encoded.dictionary.to_pylist(), encoded.indices.to_numpy().astype(np.int64)
+        keys, weights = [], []
+        for distance in range(1, BACK + 1):
+            same = np.flatnonzero(owner[distance:] == owner[:-distance])  # i and i + distance: one user's
+            keys.append(code[same] * len(names) + code[same + distance])
+            weights.append(np.full(len(same), 1.0 / distance))
+        pair, where = np.unique(np.concatenate(keys), return_inverse=True)
+        total = np.bincount(where, weights=np.concatenate(weights))
+        j, i = pair // len(names), pair % len(names)
+        order = np.lexsort((-total, j))  # by j, the heaviest first (np.unique left ties ordered by i)
+        j, i, total = j[order], i[order], total[order]
+        if keep is not None:  # each j's ``keep`` heaviest followers, before anything becomes Python
+            first = np.r_[0, np.flatnonzero(j[1:] != j[:-1]) + 1] if len(j) else np.zeros(0, np.int64)
+            rank = np.arange(len(j)) - np.repeat(first, np.diff(np.r_[first, len(j)]))
+            j, i, total = j[rank < keep], i[rank < keep], total[rank < keep]
+        for a, b, w in zip(j.tolist(), i.tolist(), total.tolist()):
+            out.follows.setdefault(names[a], {})[names[b]] = w
         return out
+
+    def add(self, recent: Sequence[str], new: int) -> None:
+        """Count the follows of a user's ``new`` newest events, ``recent`` being their newest items
+        (oldest first, the new ones last): a running count grows by the events since the last one."""
+        for pos in range(max(0, len(recent) - new), len(recent)):
+            for distance in range(1, min(BACK, pos) + 1):
+                row = self.follows.setdefault(recent[pos - distance], {})
+                row[recent[pos]] = row.get(recent[pos], 0.0) + 1.0 / distance
 
     def rules(self, recent: Sequence[str]) -> dict[str, float]:
         """{item: Σ follows[j → item] / recency} over the user's last LAST items j."""
@@ -104,8 +140,13 @@ class Blend:
     fitted_on: int = 0
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """features [F, C] → scores [C]."""
-        return self.weights @ features
+        """features [F, C] → scores [C]; equal blends (e.g. items no rule reaches, with the weights of the
+        rules alone) are ordered by popularity, then by the model."""
+        return self.score_weights() @ features
+
+    def score_weights(self) -> np.ndarray:
+        """The weights ``score`` applies, tie-breakers included."""
+        return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR], dtype=np.float32)
 
     def without_model(self) -> Blend:
         return Blend(self.weights * np.array([0.0, 1.0, 1.0], dtype=np.float32), self.fitted_on)
@@ -122,25 +163,26 @@ class Blend:
 
 
 def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: bool = True) -> Blend:
-    """Softmax regression of the chosen candidate over each example's candidates (L2 ``L2``),
-    ``STEPS`` Adam steps from ``start``'s weights. ``use_model`` False keeps the model's weight at 0."""
+    """The weights of ``GRID`` under which most examples' chosen candidate ranks in the top ``TOP``
+    (the metric the blend is judged by); ties go to ``start``'s weights, then to the grid's order.
+    ``use_model`` False keeps the model's weight at 0."""
     start = start or Blend()
     if not examples:
         return start
+    grid = GRID if use_model else GRID[GRID[:, 0] == 0]
     width = max(e.features.shape[1] for e in examples)
-    x = torch.zeros(len(examples), len(FEATURES), width)
-    mask = torch.ones(len(examples), width, dtype=torch.bool)  # True = padding
+    x = np.zeros((len(examples), len(FEATURES), width), dtype=np.float32)
+    pad = np.ones((len(examples), width), dtype=bool)
     for row, e in enumerate(examples):
-        x[row, :, : e.features.shape[1]] = torch.as_tensor(e.features)
-        mask[row, : e.features.shape[1]] = False
-    chosen = torch.as_tensor([e.chosen for e in examples])
-    keep = torch.tensor([1.0 if use_model else 0.0, 1.0, 1.0])
-    w = torch.as_tensor(start.weights * keep.numpy(), dtype=torch.float32).clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=LR)
-    for _ in range(STEPS):
-        logits = torch.einsum("f,bfc->bc", w * keep, x).masked_fill(mask, -1e9)
-        loss = torch.nn.functional.cross_entropy(logits, chosen) + L2 * (w * keep).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return Blend((w * keep).detach().numpy().astype(np.float32), len(examples))
+        x[row, :, : e.features.shape[1]] = e.features
+        pad[row, : e.features.shape[1]] = False
+    chosen = np.array([e.chosen for e in examples])
+    hits = np.zeros(len(grid), dtype=np.int64)
+    for g, w in enumerate(grid):
+        scores = np.einsum("f,bfc->bc", Blend(w).score_weights(), x)
+        scores[pad] = -np.inf
+        target = scores[np.arange(len(examples)), chosen]
+        hits[g] = int(((scores > target[:, None]).sum(axis=1) < TOP).sum())
+    same = np.flatnonzero(np.all(np.isclose(grid, start.weights), axis=1))
+    best = same[0] if len(same) and hits[same[0]] == hits.max() else int(np.argmax(hits))
+    return Blend(grid[best].astype(np.float32), len(examples))

@@ -21,11 +21,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.expr import col
 
 from model.blend import Blend, Example, Signals, candidates, fit
 from serving.model import ServingModel
-from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, blend_schema, follows_schema,
+from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, blend_schema, follows_schema, histories_schema,
                            item_vectors_schema, popular_schema)
 from store.tables import Store, open_table, table_names, to_arrow
 
@@ -36,6 +37,7 @@ FOLLOWS_KEEP = 100  # followers stored per item
 POOL = 100  # the model's candidates per user, beside the rules' and the popular ones
 POPULAR_CANDIDATES = 50  # the most popular items, candidates for every user
 EXAMPLES_KEEP = 2000  # the newest applied events the weights are fitted on
+EXAMPLES_PER_COUNT = 512  # users with new events learnt from per count: bounds a count's model work
 FIT_USERS = 256  # users per interests call while building examples
 
 
@@ -78,23 +80,35 @@ class BlendKeeper:
     def __init__(self, store: Store):
         self.store = store
         self.signals: Signals | None = None  # the previous count, as stored
+        self.follows = Signals()  # the running follows count, whole (stored: each item's heaviest)
         self.events: dict[str, int] = {}  # user → event_count at the previous count
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
         self.blend = read_blend(store) or Blend()
 
     def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
-        """Recount, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept."""
-        users, recents, events = [], [], []
-        for shard in self.store.shards(HISTORIES):
-            rows = self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
-            users += rows["user_id"].to_pylist()
-            recents += [list(r or []) for r in rows["recent_item_ids"].to_pylist()]
-            events += rows["event_count"].to_pylist()
-        counts = dict(zip(users, events))
+        """Count, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept.
+
+        Follows are a running count: the first count (a start) takes every user's recent items, each
+        later one adds the events since (a user with more new events than ``recent_len``: the
+        newest ``recent_len``). Popularity is recounted from the recent items every time."""
+        scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
+                 for shard in self.store.shards(HISTORIES)]
+        rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
+        users, recents = rows["user_id"].to_pylist(), rows["recent_item_ids"]
+        counts = dict(zip(users, rows["event_count"].to_pylist()))
         changed = [u for u, n in counts.items() if n > self.events.get(u, 0)]
         if self.signals is not None and model is not None and vectors_table is not None and changed:
-            self._learn(model, vectors_table, dim, changed)
-        self.signals = Signals.count(recents).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+            self._learn(model, vectors_table, dim, changed[:EXAMPLES_PER_COUNT])
+        if self.signals is None:
+            self.follows = Signals.count(recents)
+        else:
+            row_of = {u: r for r, u in enumerate(users)}
+            for user in changed:
+                recent = recents[row_of[user]].as_py() or []
+                self.follows.add(recent, counts[user] - self.events.get(user, 0))
+        counted = pc.value_counts(pc.list_flatten(recents.combine_chunks())) if len(rows) else None
+        popular = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())) if counted else {}
+        self.signals = Signals(self.follows.follows, popular).kept(FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)

@@ -244,7 +244,8 @@ def format_recommendation(rec: Recommendation) -> str:
     if rec.fallback:
         lines.append(f"user {rec.user_id}: {rec.fallback}")
     else:
-        lines.append(f"user {rec.user_id}: model {rec.model_version}")
+        how = " beside the stream's signals (serving blend)" if rec.ranked_by == "blend" else ""
+        lines.append(f"user {rec.user_id}: model {rec.model_version}{how}")
     lines.append(f"{'rank':>4}  {'item_id':<20} {'score':>10}  {'interest':>8}  model_version")
     for rank, s in enumerate(rec.items, 1):
         interest = "-" if s.interest is None else str(s.interest)
