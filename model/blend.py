@@ -32,10 +32,11 @@ BACK = 3  # follows[j → i] counts i up to this many steps after j
 LAST = 5  # a user's rules score reads this many of their newest items
 TOP = 10  # the blend is fitted for Recall@TOP
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
-# The weights tried (model, rules, popular): the rules' weight fixed at 1 (only the ratios rank), or
-# at 0 with the model's at 1. Features: a cosine in [-1, 1] and log counts up to ~10.
-GRID = np.array([(m, r, p) for r in (1.0, 0.0) for m in ((0.0, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32) if r else (1.0,))
-                 for p in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)], dtype=np.float32)
+# The weights tried (model, rules, popular): every mix of these (only the ratios rank), the model
+# alone, the rules alone and the popular items alone among them. Features: a cosine in [-1, 1] and
+# log counts up to ~10.
+GRID = np.array([(m, r, p) for m in (0.0, 0.25, 0.5, 1, 2, 4, 8, 16) for r in (0.0, 0.5, 1.0)
+                 for p in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6) if m or r or p], dtype=np.float32)
 
 
 @dataclass
