@@ -105,16 +105,15 @@ class SignalsOnly:
         return out
 
     def learn(self, histories: dict[str, list[str]], new: Counter) -> None:
-        """After a chunk is applied to ``histories`` (``new``: its events per user): one example per user
-        of it (their newest event, against the signals before the chunk), a refit, then the count —
-        the worker's order."""
-        for user in new:
-            before, target = histories[user][:-1], histories[user][-1]
-            if not before:
-                continue
-            names, features = self._candidates(before)
-            if target in names:
-                self.examples.append(Example(features, names.index(target)))
+        """After a chunk is applied to ``histories`` (``new``: its events per user): each event an example
+        (against the signals before the chunk and the user's history before it), a refit, then the
+        count — the worker's order."""
+        for user, count in new.items():
+            history = histories[user]
+            for end in range(max(1, len(history) - count), len(history)):
+                names, features = self._candidates(history[:end])
+                if history[end] in names:
+                    self.examples.append(Example(features, names.index(history[end])))
         self.blend = fit(list(self.examples), self.blend, use_model=False)
         for user, count in new.items():
             self.running.add(histories[user], count)

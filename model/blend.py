@@ -31,6 +31,7 @@ FEATURES = ("model", "rules", "popular")
 BACK = 3  # follows[j → i] counts i up to this many steps after j
 LAST = 5  # a user's rules score reads this many of their newest items
 TOP = 10  # the blend is fitted for Recall@TOP
+MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
 # The weights tried (model, rules, popular): every mix of these (only the ratios rank), the model
 # alone, the rules alone and the popular items alone among them. Features: a cosine in [-1, 1] and
@@ -168,8 +169,8 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
     (the metric the blend is judged by); ties go to ``start``'s weights, then to the grid's order.
     ``use_model`` False keeps the model's weight at 0."""
     start = start or Blend()
-    if not examples:
-        return start
+    if len(examples) < MIN_EXAMPLES:
+        return start  # a few dozen events pick weights by chance (ml-100k: a chunk is a handful of users)
     grid = GRID if use_model else GRID[GRID[:, 0] == 0]
     width = max(e.features.shape[1] for e in examples)
     x = np.zeros((len(examples), len(FEATURES), width), dtype=np.float32)

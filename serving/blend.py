@@ -37,7 +37,7 @@ FOLLOWS_KEEP = 100  # followers stored per item
 POOL = 100  # the model's candidates per user, beside the rules' and the popular ones
 POPULAR_CANDIDATES = 50  # the most popular items, candidates for every user
 EXAMPLES_KEEP = 2000  # the newest applied events the weights are fitted on
-EXAMPLES_PER_COUNT = 512  # users with new events learnt from per count: bounds a count's model work
+EXAMPLES_PER_COUNT = 512  # newest events learnt from per count: bounds a count's model work
 FIT_USERS = 256  # users per interests call while building examples
 
 
@@ -98,7 +98,7 @@ class BlendKeeper:
         counts = dict(zip(users, rows["event_count"].to_pylist()))
         changed = [u for u, n in counts.items() if n > self.events.get(u, 0)]
         if self.signals is not None and model is not None and vectors_table is not None and changed:
-            self._learn(model, vectors_table, dim, changed[:EXAMPLES_PER_COUNT])
+            self._learn(model, vectors_table, dim, {u: counts[u] - self.events.get(u, 0) for u in changed})
         if self.signals is None:
             self.follows = Signals.count(recents)
         else:
@@ -113,31 +113,33 @@ class BlendKeeper:
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
 
-    def _learn(self, model: ServingModel, vectors_table: str, dim: int, users: list[str]) -> None:
-        """One example per user with new events: their newest event, against the previous count."""
+    def _learn(self, model: ServingModel, vectors_table: str, dim: int, new: dict[str, int]) -> None:
+        """Every event applied since the previous count ({user: how many}; at most EXAMPLES_PER_COUNT),
+        against that count's signals and the user's history before it; then a refit."""
         table = open_table(self.store.db, vectors_table, item_vectors_schema(dim), create=False).to_arrow()
         ids = table["item_id"].to_pylist()
         matrix = table["vector"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(len(ids), dim)
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         popular = self.signals.top_popular(POPULAR_CANDIDATES)
-        histories = [h for h in self.store.get_histories(users).values() if len(h["history_item_ids"] or []) >= 2]
-        for start in range(0, len(histories), FIT_USERS):
-            group = histories[start : start + FIT_USERS]
-            befores = [list(h["history_item_ids"][:-1]) for h in group]
-            cosine = (model.interests(befores) @ matrix.T).max(axis=1)  # [B, N]
-            for before, history, scores in zip(befores, group, cosine):
+        events = []  # (history before, item)
+        for user, row in self.store.get_histories(list(new)).items():
+            history = list(row["history_item_ids"] or [])
+            events += [(history[:end], history[end]) for end in range(max(1, len(history) - new[user]), len(history))]
+        events = events[-EXAMPLES_PER_COUNT:]
+        for start in range(0, len(events), FIT_USERS):
+            group = events[start : start + FIT_USERS]
+            cosine = (model.interests([before for before, _ in group]) @ matrix.T).max(axis=1)  # [B, N]
+            for (before, target), scores in zip(group, cosine):
                 seen = set(before)
-                order = np.argsort(-scores)
                 pool = {}
-                for j in order[: POOL + len(seen)]:
+                for j in np.argsort(-scores)[: POOL + len(seen)]:
                     if ids[j] not in seen and len(pool) < POOL:
                         pool[ids[j]] = float(scores[j])
                 names, features = candidates(self.signals, before, pool, popular, seen)
-                target = history["history_item_ids"][-1]
                 if target in names:  # an item no candidate list holds cannot be learnt to rank
                     self.examples.append(Example(features, names.index(target)))
         self.blend = fit(list(self.examples), self.blend)
-        log.info("serving blend refitted on %d examples: %s", len(self.examples), self.blend.to_json()["weights"])
+        log.info("serving blend: %d examples, weights %s", len(self.examples), self.blend.to_json()["weights"])
 
     def _write(self, version: str | None) -> None:
         now = datetime.now(timezone.utc)

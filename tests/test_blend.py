@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bench.diagnostic import SignalsOnly
-from model.blend import FEATURES, Blend, Example, Signals, candidates, fit
+import model.blend
+from model.blend import FEATURES, MIN_EXAMPLES, Blend, Example, Signals, candidates, fit
 from serving.blend import counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -53,11 +54,12 @@ def test_candidates_union_and_the_model_floor():
 def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
     rng = np.random.default_rng(0)
     examples = []
-    for _ in range(200):
+    for _ in range(600):
         x = rng.normal(size=(3, 20)).astype(np.float32)
         examples.append(Example(x, int(np.argmax(x[1]))))  # the choice follows the rules' feature only
     learnt = fit(examples)
-    assert learnt.fitted_on == 200 and learnt.weights[1] > 0 and learnt.weights[0] <= learnt.weights[1]
+    assert fit(examples[:MIN_EXAMPLES - 1]).to_json() == Blend().to_json()  # too few: the prior (the model alone)
+    assert learnt.fitted_on == 600 and learnt.weights[1] > 0 and learnt.weights[0] <= learnt.weights[1]
     hits = np.mean([np.argmax(learnt.score(e.features)) == e.chosen for e in examples])
     assert hits > 0.9
     without = fit(examples, use_model=False)
@@ -74,12 +76,14 @@ def test_signals_only_arm_learns_after_each_chunk():
     assert arm.top({"u9": ["a"]}, 1) == {"u9": ["b"]}  # a → b
     histories["u3"].append("a")
     arm.learn(histories, Counter(["u3"]))
-    assert arm.blend.fitted_on == 1 and arm.blend.weights[0] == 0.0  # the model never enters
+    assert arm.blend.fitted_on == 0  # one event: too few to fit, the prior stays
+    assert arm.examples and arm.blend.weights[0] == 0.0  # the model never enters
     assert arm.signals.popular["a"] == 3
 
 
 # --- serving.blend + reader: a real LanceDB directory ----------------------------------------------
-def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, world_settings):
+def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, world_settings, monkeypatch):
+    monkeypatch.setattr(model.blend, "MIN_EXAMPLES", 5)  # the world is small
     store = Store(world_settings)
     publish(world_settings, world["m1"])
     runtime = ServingRuntime(world_settings)
