@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, Signals, candidates, fit
+from model.blend import Blend, Example, Signals, candidates, fit, top
 from model.retrieval import topk_items
 from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
@@ -100,8 +100,7 @@ class SignalsOnly:
         out = {}
         for user, history in histories.items():
             names, features = self._candidates(history)
-            scores = self.blend.score(features)
-            out[user] = [names[j] for j in sorted(range(len(names)), key=lambda j: (-float(scores[j]), names[j]))[:k]]
+            out[user] = [item for item, _ in top(self.blend, names, features, k)]
         return out
 
     def learn(self, histories: dict[str, list[str]], new: Counter) -> None:

@@ -12,8 +12,8 @@ A candidate item i of a user u gets features (``FEATURES``):
 Its score is w · features. ``fit`` chooses w on a small grid by Recall@10: each example is an event the
 system has already applied — the features of its candidates as they were *before* the event, and
 which candidate the user then chose — so the weights only ever come from the past (prequential),
-never from the events they will score. ``without_model`` is the same blend with the model's weight
-held at 0: the model's own share is the gap between the two.
+never from the events they will score. ``fit(..., use_model=False)`` is the same blend with the
+model's weight held at 0: the model's own share is the gap between the two.
 
 Pure numpy/Arrow: no settings, no store.
 """
@@ -61,8 +61,7 @@ class Signals:
         out = cls()
         if not len(items):
             return out
-        counted = pc.value_counts(items)
-        out.popular = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
+        out.popular = popularity(lists)
         encoded = items.dictionary_encode()
         names, code = encoded.dictionary.to_pylist(), encoded.indices.to_numpy().astype(np.int64)
         keys, weights = [], []
@@ -110,6 +109,21 @@ class Signals:
                        dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]))
 
 
+def popularity(lists: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """{item: how many times it appears} over an Arrow list column (users' recent items)."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks() if lists.num_chunks else pa.array([], pa.list_(pa.string()))
+    counted = pc.value_counts(pc.list_flatten(lists))
+    return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
+
+
+def top(blend: Blend, names: list[str], features: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The ``k`` best (candidate, blended score), ties by candidate id."""
+    scores = blend.score(features)
+    order = sorted(range(len(names)), key=lambda j: (-float(scores[j]), names[j]))[:k]
+    return [(names[j], float(scores[j])) for j in order]
+
+
 def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], popular: Sequence[str],
                seen: set[str]) -> tuple[list[str], np.ndarray]:
     """A user's candidates and their features [len(FEATURES), C]: the model's ``pool`` ({item: cosine},
@@ -149,9 +163,6 @@ class Blend:
     def score_weights(self) -> np.ndarray:
         """The weights ``score`` applies, tie-breakers included."""
         return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR], dtype=np.float32)
-
-    def without_model(self) -> Blend:
-        return Blend(self.weights * np.array([0.0, 1.0, 1.0], dtype=np.float32), self.fitted_on)
 
     def to_json(self) -> dict:
         return {"features": list(FEATURES), "weights": [round(float(w), 6) for w in self.weights],

@@ -21,10 +21,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from lancedb.expr import col
 
-from model.blend import Blend, Example, Signals, candidates, fit
+from model.blend import Blend, Example, Signals, candidates, fit, popularity
 from serving.model import ServingModel
 from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, blend_schema, follows_schema, histories_schema,
                            item_vectors_schema, popular_schema)
@@ -41,23 +40,24 @@ EXAMPLES_PER_COUNT = 512  # newest events learnt from per count: bounds a count'
 FIT_USERS = 256  # users per interests call while building examples
 
 
-def read_blend(store: Store) -> Blend | None:
-    """The fitted weights, or None when none were fitted yet (then top-k ranks by the model alone)."""
+def _blend_row(store: Store) -> dict | None:
     if BLEND not in table_names(store.db):
         return None
     rows = open_table(store.db, BLEND, blend_schema(), create=False).to_arrow().to_pylist()
-    if not rows:
-        return None
-    blend = Blend.from_json(json.loads(rows[0]["blend"]))
-    return blend if blend.fitted_on else None
+    return rows[0] if rows else None
+
+
+def read_blend(store: Store) -> Blend | None:
+    """The fitted weights, or None when none were fitted yet (then top-k ranks by the model alone)."""
+    row = _blend_row(store)
+    blend = Blend.from_json(json.loads(row["blend"])) if row is not None else None
+    return blend if blend is not None and blend.fitted_on else None
 
 
 def counted_at(store: Store) -> datetime | None:
     """When the last count (and fit) was written; None before the first."""
-    if BLEND not in table_names(store.db):
-        return None
-    rows = open_table(store.db, BLEND, blend_schema(), create=False).to_arrow().to_pylist()
-    return rows[0]["updated_at"] if rows else None
+    row = _blend_row(store)
+    return row["updated_at"] if row is not None else None
 
 
 def read_signals(store: Store, recent: list[str]) -> Signals:
@@ -106,9 +106,7 @@ class BlendKeeper:
             for user in changed:
                 recent = recents[row_of[user]].as_py() or []
                 self.follows.add(recent, counts[user] - self.events.get(user, 0))
-        counted = pc.value_counts(pc.list_flatten(recents.combine_chunks())) if len(rows) else None
-        popular = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())) if counted else {}
-        self.signals = Signals(self.follows.follows, popular).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        self.signals = Signals(self.follows.follows, popularity(recents)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)

@@ -17,11 +17,10 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from kafka.partitioner.default import murmur2
 
 from hymirec.errors import HymirecError
-from model.blend import LAST, Blend, Signals, candidates
+from model.blend import LAST, Blend, Signals, candidates, popularity, top
 from serving.blend import POOL, POPULAR_CANDIDATES, read_blend, read_signals
 from store.schemas import HISTORIES, POPULAR, VERSIONS, item_vectors_schema, popular_schema, versions_schema
 from store.tables import Store, open_table, table_names
@@ -193,11 +192,10 @@ def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str
              k: int) -> list[Scored]:
     """The top-k of the blend (model.blend) over the model's POOL best items, the rules' and the popular
     ones; ``interest`` says which interest gave a model candidate its cosine (None for the others)."""
-    top = dict(sorted(((i, s) for i, (s, _) in scores.items()), key=lambda kv: (-kv[1], kv[0]))[:POOL])
-    names, features = candidates(signals, recent, top, signals.top_popular(POPULAR_CANDIDATES), seen)
-    blended = blend.score(features)
-    order = sorted(range(len(names)), key=lambda j: (-float(blended[j]), names[j]))[:k]
-    return [Scored(names[j], float(blended[j]), scores[names[j]][1] if names[j] in top else None) for j in order]
+    pool = dict(sorted(((i, s) for i, (s, _) in scores.items()), key=lambda kv: (-kv[1], kv[0]))[:POOL])
+    names, features = candidates(signals, recent, pool, signals.top_popular(POPULAR_CANDIDATES), seen)
+    return [Scored(item, score, scores[item][1] if item in pool else None)
+            for item, score in top(blend, names, features, k)]
 
 
 def recommend(store: Store, user_id: str, k: int = 10, *, include_seen: bool = False) -> Recommendation:
@@ -226,17 +224,9 @@ def count_popularity(store: Store) -> pa.Table:
     The recent items (``recent_len`` per user), not the whole histories: a recount then reads
     ``recent_len`` ids per user whatever the history length, and favours what is popular now.
     """
-    parts = []
-    for shard in store.shards(HISTORIES):
-        ids = pc.list_flatten(store.scan_histories(shard, ["recent_item_ids"])["recent_item_ids"])
-        if len(ids):
-            counted = pc.value_counts(ids)
-            parts.append(pa.table({"item_id": counted.field("values"), "count": counted.field("counts")}))
-    frames = parts
-    if not frames:
-        return pa.table({"item_id": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-    merged = pa.concat_tables(frames).group_by("item_id").aggregate([("count", "sum")])
-    return pa.table({"item_id": merged["item_id"], "count": pc.cast(merged["count_sum"], pa.int64())})
+    lists = [store.scan_histories(shard, ["recent_item_ids"])["recent_item_ids"] for shard in store.shards(HISTORIES)]
+    counts = popularity(pa.chunked_array([c for part in lists for c in part.chunks], pa.list_(pa.string())))
+    return pa.table({"item_id": pa.array(list(counts), pa.string()), "count": pa.array(list(counts.values()), pa.int64())})
 
 
 def format_recommendation(rec: Recommendation) -> str:
