@@ -162,6 +162,15 @@ class Settings(BaseSettings):
             self.topic_dead_letter,
         ]
 
+    def topic_partitions(self, partitions: int | None = None) -> dict[str, int]:
+        """Each topic's partition count (``partitions`` instead of HYMIREC_PARTITIONS, if given).
+
+        The catalogue topic has one partition: its one consumer in a group is the one writer of the
+        tables every worker shares (items, item vectors, serving versions and blend), and Kafka's
+        group protocol hands that role to another worker when it leaves or dies."""
+        sharded = partitions or self.partitions
+        return {topic: 1 if topic == self.topic_items else sharded for topic in self.topics}
+
     @property
     def lancedb_is_remote(self) -> bool:
         return "://" in self.lancedb_uri

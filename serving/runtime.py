@@ -22,6 +22,12 @@ With no interests row (unknown user, or no model yet) the answer is the popular 
 A query reads the user's two rows from the shard Kafka's default partitioner gives its id (all
 shards when it is not there), then searches the version's vectors: three LanceDB reads.
 
+**One writer per shared table.** Several workers share the catalogue's tables (the vectors tables,
+``serving_versions``, the blend's) but each has one writer: the worker that owns the catalogue
+topic's one partition (``owns_catalogue``, asked before each write, so a rebalance hands the role
+over). Another worker switches only to a version the writer has made ready, reads its vectors
+table, and encodes new items for its own interests without writing them.
+
 **Freshness.** The runtime polls, every ``serving_refresh_s``, the history shards it owns and the
 item table for rows changed since its last pass (``updated_at`` watermarks), re-encodes changed
 items into the live vectors table and recomputes the interests of changed users in micro-batches.
@@ -60,6 +66,11 @@ from store.tables import CLEANUP_OLDER_THAN, Store, table_names, to_arrow
 
 log = logging.getLogger(__name__)
 
+FOLLOW_S = 1.0  # how often a worker that does not write the catalogue looks for a newer ready version
+
+
+class LostCatalogue(HymirecError):
+    """This worker stopped being the catalogue's writer in the middle of writing a vectors table."""
 
 
 @dataclass
@@ -111,10 +122,13 @@ class ServingRuntime:
     Every method blocks; the agents call them on one thread. ``shards`` are the interactions
     partitions this worker owns (None: every shard that exists, for a worker alone or a test).
     ``on_live(index)`` is told the live version's codes (the ingest agent's Encoder) after a switch.
+    ``owns_catalogue()`` says whether this worker is now the writer of the shared tables (default:
+    always, for a worker alone or a test).
     """
 
     def __init__(self, settings: Settings, *, load_model: LoadModel = ServedHyMiRec.load,
-                 metrics: ServingMetrics | None = None, on_live: Callable[[ItemIndex], None] | None = None):
+                 metrics: ServingMetrics | None = None, on_live: Callable[[ItemIndex], None] | None = None,
+                 owns_catalogue: Callable[[], bool] = lambda: True):
         self.settings = settings
         self.store = Store(settings)
         self.registry = ModelRegistry(settings)
@@ -126,6 +140,9 @@ class ServingRuntime:
         self._history_marks: dict[int, Mark] = {}
         self._items_mark = Mark()
         self._refused: set[str] = set()
+        self._waiting: str | None = None  # a version asked for that the catalogue's writer has not made ready
+        self._followed_at = 0.0
+        self.owns_catalogue = owns_catalogue
         self.blend = BlendKeeper(self.store)
 
     # --- versions ---------------------------------------------------------------------------------
@@ -153,13 +170,17 @@ class ServingRuntime:
         return self.switch_to(latest.version)
 
     def switch_to(self, version: str, metrics: dict | None = None) -> str:
-        """Load, verify and switch to ``version``; returns "switched", "current" or "refused".
+        """Load, verify and switch to ``version``; returns "switched", "current", "refused" or
+        "waiting" (not this worker's to embed, and not ready yet: ``refresh`` tries again).
 
         A corrupt or unloadable artefact is refused and logged; the live version keeps serving.
         """
         if self.live is not None and version_number(version) <= version_number(self.live.version):
             log.info("model %s: already serving %s", version, self.live.version)
             return "current"
+        writer = self.owns_catalogue()
+        if not writer and version not in ready_versions(self.store):
+            return self._wait_for(version)
         started = time.perf_counter()
         try:
             model = self.load_model(self.settings, version)
@@ -173,11 +194,18 @@ class ServingRuntime:
         previous = self.live
         reuse = previous is not None and (model.item_encoder_id, model.codebook_id) == (
             previous.model.item_encoder_id, previous.model.codebook_id)
+        if not writer:
+            self._go_live(Live(model, ready_versions(self.store)[version],
+                               self._load_index(model, ready_versions(self.store)[version]["vectors_table"])))
+            return self._switched(previous, started, "read from the catalogue's writer")
         if reuse:
             name = previous.row["vectors_table"]
             index = self._load_index(model, name)
         else:
-            name, index = self._embed_catalogue(model)
+            try:
+                name, index = self._embed_catalogue(model)
+            except LostCatalogue:
+                return self._wait_for(version)
         row = {
             "version": version, "parent": model.parent, "vectors_table": name,
             "item_encoder_id": model.item_encoder_id, "codebook_id": model.codebook_id,
@@ -188,15 +216,40 @@ class ServingRuntime:
         table = open_own(self.store.db, VERSIONS, versions_schema(), create=True)
         table.merge_insert("version").when_not_matched_insert_all().execute(to_arrow([row], versions_schema(), VERSIONS))
         self._go_live(Live(model, ready_versions(self.store)[version], index))  # the commit point is behind us
+        self._drop_unused_vectors()
+        return self._switched(previous, started, "shared with " + previous.version if reuse else "embedded")
+
+    def _switched(self, previous: Live | None, started: float, how: str) -> str:
+        self._waiting = None
         self._history_marks.clear()  # the next pass compares every user's interests with the live version
         rewritten = self.refresh_interests()
-        self._drop_unused_vectors()
         self.metrics.switches.labels("switched").inc()
         self.metrics.switch_seconds.observe(time.perf_counter() - started)
         log.info("switched to model %s (parent %s): %d items %s, %d users' interests rewritten in %.1f s",
-                 version, model.parent, row["items"], "shared with " + previous.version if reuse else "embedded",
-                 rewritten, time.perf_counter() - started)
+                 self.live.version, self.live.model.parent, self.live.row["items"], how, rewritten,
+                 time.perf_counter() - started)
         return "switched"
+
+    def _wait_for(self, version: str) -> str:
+        if self._waiting != version:
+            log.info("model %s: waiting for the catalogue's writer to make it ready", version)
+        self._waiting = version
+        return "waiting"
+
+    def follow(self) -> str | None:
+        """Switch to a version waited for, or (at most once a second, when this worker does not write
+        the catalogue) to a newer one the writer made ready: only one worker of a group is told of a
+        new version, the others learn it here."""
+        if self._waiting is not None:
+            return self.switch_to(self._waiting)
+        if self.owns_catalogue() or time.monotonic() - self._followed_at < FOLLOW_S:
+            return None
+        self._followed_at = time.monotonic()
+        ready = [v for v in ready_versions(self.store) if v not in self._refused]
+        newest = max(ready, key=version_number, default=None)
+        if newest is None or (self.live is not None and version_number(newest) <= version_number(self.live.version)):
+            return None
+        return self.switch_to(newest)
 
     def _refuse(self, version: str, why: str) -> str:
         self._refused.add(version)
@@ -227,6 +280,8 @@ class ServingRuntime:
         items = self._items(None)
         mark = Mark()
         for start in range(0, len(items), self.settings.batch_size):
+            if not self.owns_catalogue():  # handed over meanwhile: the new writer embeds it anew
+                raise LostCatalogue(name)
             batch = items.slice(start, self.settings.batch_size)
             self._write_vectors(table, model, index, batch)
         mark.advance(items, "item_id")
@@ -258,9 +313,15 @@ class ServingRuntime:
         return mark.unseen(rows, "item_id") if mark is not None else rows
 
     def _write_vectors(self, table, model: ServingModel, index: ItemIndex, items: pa.Table) -> int:
+        """Encode ``items`` (the model and the codes learn them) and, if ``table`` is given, write
+        their vectors there."""
         encoded = model.encode_items(items.select(["item_id", "text", "category"]).to_pandas())
         if not encoded.item_ids:
             return 0
+        index.add(encoded.item_ids, encoded.codes)
+        self.metrics.items_encoded.inc(len(encoded.item_ids))
+        if table is None:
+            return len(encoded.item_ids)
         source = dict(zip(items["item_id"].to_pylist(), items["updated_at"].to_pylist()))
         dim = self.settings.embedding_dim
         batch = pa.table({
@@ -272,13 +333,12 @@ class ServingRuntime:
         })
         table.merge_insert("item_id").when_matched_update_all().when_not_matched_insert_all().execute(
             to_arrow(batch, self._vectors_schema, table.name))
-        index.add(encoded.item_ids, encoded.codes)
-        self.metrics.items_encoded.inc(len(encoded.item_ids))
         return len(encoded.item_ids)
 
     # --- refresh: new/changed items, then touched users -----------------------------------------------
     def refresh(self) -> tuple[int, int]:
         """One poll: (items encoded, users whose interests were recomputed)."""
+        self.follow()
         if self.live is None:
             return 0, 0
         return self.refresh_items(), self.refresh_interests()
@@ -287,7 +347,8 @@ class ServingRuntime:
         items = self._items(self._items_mark)
         if not len(items):
             return 0
-        table = open_own(self.store.db, self.live.row["vectors_table"], self._vectors_schema)
+        table = open_own(self.store.db, self.live.row["vectors_table"], self._vectors_schema) \
+            if self.owns_catalogue() else None
         written = self._write_vectors(table, self.live.model, self.live.index, items)
         self._items_mark.advance(items, "item_id")
         return written
@@ -342,7 +403,10 @@ class ServingRuntime:
     # --- maintenance (timers) -------------------------------------------------------------------------
     def refresh_popularity(self) -> int:
         """Recount the serving blend's signals (popular items, follows) and refit its weights on the
-        events applied since the last count (serving.blend); returns the popular items kept."""
+        events applied since the last count (serving.blend); returns the popular items kept (0 when
+        another worker writes the catalogue's tables)."""
+        if not self.owns_catalogue():
+            return 0
         live = self.live
         return self.blend.refresh(live.model if live else None, live.row["vectors_table"] if live else None,
                                   self.settings.embedding_dim)
@@ -354,7 +418,7 @@ class ServingRuntime:
         existing = set(table_names(self.store.db))
         for name in [n for n in names if n in existing]:
             lines += self.store.optimize([name])
-        if self.live is not None:
+        if self.live is not None and self.owns_catalogue():
             table = open_own(self.store.db, self.live.row["vectors_table"], self._vectors_schema)
             if table.count_rows() >= self.settings.ann_min_rows and not self._has_vector_index(table):
                 self._index_vectors(table)
@@ -376,7 +440,8 @@ class ServingRuntime:
 
     def _drop_unused_vectors(self) -> None:
         """Drop vectors tables that no interests row of this worker's shards can still point to:
-        those of versions older than the previous live one."""
+        those of versions older than the previous live one (another worker may still be on one; its
+        answers then fall back to the popular items until it has switched)."""
         ready = ready_versions(self.store)
         live_n = version_number(self.live.version)
         older = sorted((v for v in ready if version_number(v) < live_n), key=version_number)

@@ -16,9 +16,13 @@ beyond the count: from shards p000..p001 alone it cannot tell 2 partitions from 
 
 from __future__ import annotations
 
+import time
+
 from hymirec.errors import HymirecError
 from store.schemas import HISTORIES, INTERESTS, LAYOUT, layout_schema
 from store.tables import Store, open_table, to_arrow
+
+CLAIM_TRIES, CLAIM_BACKOFF_S = 10, 0.1
 
 
 def recorded_partitions(store: Store) -> int | None:
@@ -51,8 +55,20 @@ def check_layout(store: Store) -> None:
 
 
 def claim_layout(store: Store) -> None:
-    """``check_layout``, then record ``store.settings.partitions`` as the store's layout."""
-    check_layout(store)
-    if recorded_partitions(store) != store.settings.partitions:
+    """``check_layout``, then record ``store.settings.partitions`` as the store's layout.
+
+    Workers of a group start together and race to record it: a write that loses (LanceDB's commit
+    conflict, or a table another worker created meanwhile) is checked and tried again."""
+    for attempt in range(CLAIM_TRIES):
+        check_layout(store)
+        if recorded_partitions(store) == store.settings.partitions:
+            return
         row = {"partitions": store.settings.partitions}  # to_arrow stamps updated_at
-        store.db.create_table(LAYOUT, to_arrow([row], layout_schema(), LAYOUT), mode="overwrite")
+        try:
+            store.db.create_table(LAYOUT, to_arrow([row], layout_schema(), LAYOUT), mode="overwrite")
+            return
+        except Exception as exc:  # noqa: BLE001 — LanceDB raises RuntimeError or its own panic type here
+            failure = exc
+            time.sleep(CLAIM_BACKOFF_S * (attempt + 1))
+    raise HymirecError(f"could not record the partition count in {LAYOUT} at {store.db.uri}: "
+                       f"{type(failure).__name__}: {failure}")

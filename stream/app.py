@@ -16,6 +16,10 @@ worker commits and seeks each ``interactions`` partition to position + 1, and af
 it commits the new position (for monitoring; the stored position is what counts). Items are
 committed after their write (an item upsert is idempotent, so a re-read costs nothing).
 
+Several workers share one group. The ``items`` topic has one partition: the worker it is assigned
+to is the one writer of the tables all workers share (items here; item vectors, serving versions
+and the blend in serving.runtime), and the group hands the role over when that worker leaves.
+
     GET /metrics   Prometheus text format (stream.metrics)
     GET /health    JSON: app id, model version, known items, counters
 """
@@ -71,7 +75,7 @@ app = faust.App(
 interactions_topic = app.topic(settings.topic_interactions, key_serializer="raw", value_serializer="raw",
                                partitions=settings.partitions, internal=True, acks=False)
 items_topic = app.topic(settings.topic_items, key_serializer="raw", value_serializer="raw",
-                        partitions=settings.partitions, internal=True, acks=False)
+                        partitions=settings.topic_partitions()[settings.topic_items], internal=True, acks=False)
 dead_letter_topic = app.topic(settings.topic_dead_letter, key_serializer="raw", value_serializer="json",
                               partitions=settings.partitions)
 
@@ -135,6 +139,11 @@ def _owned(topic: str) -> list[int]:
 async def resume_from_stored_positions(sender, **kwargs) -> None:
     """Before Faust seeks its partitions to their committed offsets (right after this signal),
     make those offsets the positions stored with the shards, and seek there ourselves too."""
+    if any(p > 0 for p in _owned(settings.topic_items)):  # a topic created before it had one partition
+        await app.crash(HymirecError(
+            f"topic {settings.topic_items!r} has more than one partition: every worker of the group would write "
+            f"the shared tables; delete it and create it again with `hymirec kafka topics` (1 partition)"))
+        return
     offsets = await ingestor.resume(_owned(settings.topic_interactions))
     log.info("resuming %r from the positions stored in LanceDB: %s", settings.topic_interactions, offsets)
     await kafka.commit(settings.topic_interactions, offsets, during_rebalance=True)
@@ -144,8 +153,10 @@ async def resume_from_stored_positions(sender, **kwargs) -> None:
 
 @app.on_partitions_revoked.connect
 async def finish_the_batch_in_flight(sender, *args, **kwargs) -> None:
-    """A revoked partition's new owner must not start before this worker's last write to it lands."""
+    """A revoked partition's new owner must not start before this worker's last write to it lands
+    (the catalogue's too: the shared tables' writer may be in the middle of a step)."""
     await ingestor.wait_idle()
+    await serving_side.wait_idle()
 
 
 def _end_offsets() -> dict[int, int]:
@@ -189,7 +200,7 @@ async def metrics(web, request):
 
 @app.page("/health")
 async def health(web, request):
-    return web.json(ingestor.health(_end_offsets()))
+    return web.json(ingestor.health(_end_offsets()) | {"writes_catalogue": serving_side.owns_catalogue()})
 
 
 serving_side = register_serving(app, settings, ingestor)  # hot-swap, interest refresh, GET /recommend

@@ -515,8 +515,8 @@ def create_topics(settings: Settings, partitions: int | None = None) -> list[str
     """
     from kafka.errors import KafkaConfigurationError, KafkaError, TopicAlreadyExistsError, for_code
 
-    partitions = partitions or settings.partitions
-    names = settings.topics
+    wanted = settings.topic_partitions(partitions)
+    names = list(wanted)
     no_broker = (f"no Kafka broker answers at {settings.kafka_bootstrap}; "
                  f"start the local one with `hymirec kafka start`")
     # Refused connections fail at once here instead of after the client's bootstrap timeout.
@@ -531,7 +531,7 @@ def create_topics(settings: Settings, partitions: int | None = None) -> list[str
         raise HymirecError(f"{no_broker} ({type(exc).__name__})") from None
     try:
         # replication_factor -1: the broker's default (1 on the local broker, the cluster's elsewhere).
-        result = admin.create_topics({n: {"num_partitions": partitions, "replication_factor": -1} for n in names},
+        result = admin.create_topics({n: {"num_partitions": wanted[n], "replication_factor": -1} for n in names},
                                      raise_errors=False)
         for topic in result["topics"]:
             error = for_code(topic["error_code"])
@@ -540,10 +540,11 @@ def create_topics(settings: Settings, partitions: int | None = None) -> list[str
                                    f"{error.__name__} {topic.get('error_message') or ''}".rstrip())
         admin.wait_for_topics(names, timeout_ms=30_000)
         for topic in admin.describe_topics(names):
-            have = len(topic["partitions"])
-            if have != partitions:
-                raise HymirecError(f"topic {topic['name']!r} exists with {have} partitions, not {partitions}: "
-                                   f"delete it or set HYMIREC_PARTITIONS={have}")
+            have, want = len(topic["partitions"]), wanted[topic["name"]]
+            if have != want:
+                fix = "delete it (the catalogue is replayed from its log)" if topic["name"] == settings.topic_items \
+                    else f"delete it or set HYMIREC_PARTITIONS={have}"
+                raise HymirecError(f"topic {topic['name']!r} exists with {have} partitions, not {want}: {fix}")
     except KafkaError as exc:
         raise HymirecError(f"creating topics on {settings.kafka_bootstrap} failed: {type(exc).__name__}: {exc}") from None
     finally:

@@ -207,9 +207,13 @@ class Ingestor:
     async def _items(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> ItemsResult:
         topic, m = self.settings.topic_items, self.metrics
         started = time.perf_counter()
-        result = await self._retrying(topic, "writing items", self._apply_items, batch)
-        await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
-        await kafka.commit(topic, next_offsets(batch))
+        async with self._busy:  # a revoke waits for it: the next owner is the items table's next writer
+            if not all(kafka.owns(topic, p) for p in next_offsets(batch)):
+                log.warning("not writing %d items of %r: no longer assigned to this worker", len(batch), topic)
+                return ItemsResult()
+            result = await self._retrying(topic, "writing items", self._apply_items, batch)
+            await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
+            await kafka.commit(topic, next_offsets(batch))
         m.events_in.labels(topic).inc(len(batch))
         m.items_upserted.inc(result.upserted)
         m.known_items.set(len(self.known_items))

@@ -10,7 +10,8 @@ stream.app calls ``register`` once, so one `faust -A stream.app worker` runs bot
     GET /recommend/{user_id}?k=10&include_seen=0   the same answer as `hymirec topk --json`
 
 Writes (switches, refreshes, maintenance) run on one thread, in the order they were asked for, so
-the runtime is the one writer of its tables; top-k queries run on their own threads and never wait
+the runtime is the one writer of its tables (of the shared ones only while this worker owns the
+catalogue topic's partition: ``owns_catalogue``; a revoke waits for the step in flight, ``wait_idle``); top-k queries run on their own threads and never wait
 behind a switch. The runtime, its threads and the reader are built when the worker starts.
 """
 
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import faust
+from faust.types import TP
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
@@ -56,8 +58,19 @@ class ServingSide:
 
     def start(self) -> None:
         self.metrics = ServingMetrics(self.ingestor.metrics.registry)
-        self.runtime = ServingRuntime(self.settings, metrics=self.metrics, on_live=self.ingestor.set_encoder)
+        self.runtime = ServingRuntime(self.settings, metrics=self.metrics, on_live=self.ingestor.set_encoder,
+                                      owns_catalogue=self.owns_catalogue)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hymirec-serving")
+
+    def owns_catalogue(self) -> bool:
+        """Asked by the runtime's thread before each write to a shared table: never during a rebalance,
+        whose new owner may already start once this worker's revoke has returned."""
+        return not self.app.rebalancing and TP(self.settings.topic_items, 0) in self.app.consumer.assignment()
+
+    async def wait_idle(self) -> None:
+        """Return once the runtime step in flight (if any) has finished: its writer thread runs in order."""
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._writer, lambda: None)
 
     async def write(self, what: str, fn: Callable[[ServingRuntime], T], *args: Any) -> T | None:
         """Run a runtime step on the writer thread; a failure is logged and the next timer retries."""

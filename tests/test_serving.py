@@ -20,8 +20,10 @@ import torch
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
 from serving.reader import open_own, recommend
+import serving.runtime
 from serving.runtime import ServingRuntime
 from store.schemas import HISTORIES, item_vectors_schema
+from store.tables import table_names
 from trainer.serving_model import load_model
 from trainer.online import Case, OnlineTrainer, guardrail, prequential_scores, read_histories, split_stream
 
@@ -314,3 +316,46 @@ def test_the_runtime_hands_the_model_the_rows_codes_of_its_codebook(world, setti
     assert runtime.refresh_interests() == 1
     after = store.get_interests([user])[user]["interests"]
     assert not np.allclose(np.asarray(after), np.asarray(before), atol=1e-4)
+
+
+# --- several workers: one writer of the shared tables --------------------------------------------------
+def test_only_the_catalogue_writer_writes_shared_tables_and_followers_take_its_versions(world, settings, monkeypatch):
+    """Two runtimes on one store, as two workers of a group: the one owning the catalogue partition
+    embeds versions and new items and counts the blend; the other waits for the writer's versions,
+    reads its vectors table and encodes new items for its own interests without writing them."""
+    store = Store(settings)
+    writer_role = {"writer": False}
+    writer = ServingRuntime(settings, owns_catalogue=lambda: writer_role["writer"])
+    follower = ServingRuntime(settings, owns_catalogue=lambda: False)
+    publish(settings, world["m1"])
+
+    assert follower.switch_to("v0001") == "waiting" and follower.live is None
+    assert writer.switch_to("v0001") == "waiting"  # not (yet) the writer either: nothing is written
+    assert "serving_versions" not in table_names(store.db)
+
+    writer_role["writer"] = True
+    assert writer.refresh() == (0, 0) and writer.live.version == "v0001"  # the version waited for
+    table = writer.live.row["vectors_table"]
+    assert follower.refresh()[0] == 0 and follower.live.version == "v0001"
+    assert follower.live.row["vectors_table"] == table
+    known = list(world["items"]["item_id"][:5])
+    assert follower.live.index.codes_for(known) == writer.live.index.codes_for(known) and len(writer.live.index.codes_for(known)) == 5
+
+    vectors = open_own(store.db, table, item_vectors_schema(settings.embedding_dim))
+    Log(store, settings).items([{"item_id": "brand-new", "text": world["items"]["text"][0], "category": None}])
+    written_at = vectors.version
+    assert follower.refresh()[0] == 1 and follower.live.index.codes_for(["brand-new"])  # encoded, not written
+    assert vectors.version == written_at and vectors.count_rows("item_id = 'brand-new'") == 0
+    assert writer.refresh()[0] == 1 and vectors.count_rows("item_id = 'brand-new'") == 1
+    assert follower.live.index.codes_for(["brand-new"]) == writer.live.index.codes_for(["brand-new"])
+
+    assert follower.refresh_popularity() == 0 and "popular_items" not in table_names(store.db)
+    assert writer.refresh_popularity() > 0
+
+    # A second version reaches the follower without a message: it looks for ready versions itself.
+    publish(settings, world["m2"], parent="v0001")
+    assert writer.catch_up() == "switched"
+    monkeypatch.setattr(serving.runtime, "FOLLOW_S", 0.0)  # its once-a-second look is due at once
+    follower.refresh()
+    assert follower.live.version == "v0002"
+    assert {r["model_version"] for r in store.get_interests(users_of(store)).values()} == {"v0002"}
