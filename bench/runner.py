@@ -11,7 +11,7 @@ from bench.loadwatch import LoadWatch
 from bench.report import Result, markdown_table, stamp, to_markdown, write, write_summary
 from hymirec.settings import Settings
 
-NAMES = ("ingest", "freshness", "topk", "codebook", "train", "memory")
+NAMES = ("ingest", "freshness", "topk", "codebook", "train", "memory", "scale")
 
 
 def _module(name: str):

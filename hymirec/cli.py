@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     on.set_defaults(func=_cmd_trainer)
 
     bn = sub.add_parser("bench", help="benchmarks against the DESIGN targets; tables, JSON and Markdown")
-    bn.add_argument("which", choices=["ingest", "freshness", "topk", "codebook", "train", "memory", "all"])
+    bn.add_argument("which", choices=["ingest", "freshness", "topk", "codebook", "train", "memory", "scale", "all"])
     size = bn.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: all of them in a few minutes")
     size.add_argument("--full", action="store_true",
