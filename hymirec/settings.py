@@ -217,7 +217,7 @@ def kafka_ssl_context(settings: Settings) -> ssl.SSLContext:
 
 def kafka_client_options(settings: Settings) -> dict:
     """Connection keywords for every Kafka client: kafka-python and aiokafka take the same names
-    (faust's SASLCredentials is built from them in stream/app.py). Holds the password in clear."""
+    (the Faust app's SASLCredentials is built from them in stream/credentials.py). Holds the password in clear."""
     if not settings.kafka_sasl:
         return {"security_protocol": "PLAINTEXT"}
     return {
