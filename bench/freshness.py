@@ -36,7 +36,7 @@ from bench import Options
 from bench.harness import RssSampler, broker, catalogue, fresh, metrics, publish_model, warm_up
 from bench.report import Result, percentiles, repeated, spread_text, target
 from hymirec.procs import faust_worker, wait_serving
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from store import Store
 from stream.replay import TokenBucket
 from serving.reader import recommend
@@ -117,7 +117,8 @@ def histogram_quantiles(samples: dict[str, list], name: str, qs=(50, 95, 99)) ->
 def produce(settings: Settings, prober: Prober, seconds: float, users: int, rng: random.Random, round_no: int = 1) -> dict:
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+                             **kafka_client_options(settings))
     bucket = TokenBucket(RATE)
     total = int(RATE * seconds)
     started = time.perf_counter()

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hymirec.errors import HymirecError
 from hymirec.procs import WORKER_START_S, ManagedProcess, wait_for, worker_exited, worker_get, worker_health
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 
 
 def free_port() -> int:
@@ -121,7 +121,7 @@ def warm_up(settings: Settings, proc: ManagedProcess, timeout: float = WORKER_ST
     from kafka import KafkaProducer
 
     before = counts(settings).get("events_applied", 0)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", **kafka_client_options(settings))
     try:
         for p in range(settings.partitions):
             user = f"warm-up-{p}"

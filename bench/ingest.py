@@ -35,7 +35,7 @@ from bench.ingest_profile import PER_EVENTS, profile_ingest, raw_events, summary
 from bench.report import Result, repeated, spread_text, target
 from hymirec.errors import HymirecError
 from hymirec.procs import faust_worker, worker_exited
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from stream.replay import replay
 
 TARGET_RATIO = 0.1  # DESIGN §7, revised after the first measurements
@@ -61,7 +61,7 @@ async def _consume_all(settings: Settings, expected: int) -> dict:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+                                auto_offset_reset="earliest", **kafka_client_options(settings))
     await consumer.start()
     try:
         partitions = [TopicPartition(settings.topic_interactions, p) for p in range(settings.partitions)]

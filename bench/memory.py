@@ -42,7 +42,7 @@ from hymirec.errors import HymirecError
 from hymirec.procs import (
     ManagedProcess, faust_worker, settings_env, wait_for, wait_serving, worker_exited, worker_get,
 )
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from store import Store
 
 ITEMS = 2000
@@ -139,7 +139,7 @@ def run_worker(s: Settings, log_path: Path, version: str, user_ids: list[str], p
                  interval=1.0, what="the stale users' interests")
         ready_s = time.perf_counter() - started
         before, applied = computed(), counts(s).get("events_applied", 0)
-        producer = KafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5)
+        producer = KafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5, **kafka_client_options(s))
         try:
             for n in range(EVENTS_PER_USER):
                 for user in touched:

@@ -385,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        name = "HYMIREC_" + str(first["loc"][0]).upper() if first["loc"] else "HYMIREC_*"
-        print(f"hymirec: error: bad setting {name}: {first['msg']}", file=sys.stderr)
+        if first["loc"]:
+            print(f"hymirec: error: bad setting HYMIREC_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        else:  # a check across settings names its variables itself
+            print(f"hymirec: error: bad settings: {first['ctx']['error'] if 'ctx' in first else first['msg']}", file=sys.stderr)
         return 2
     try:
         return args.func(args, settings)

@@ -6,10 +6,14 @@ or a second worker can run with its own settings in the same process.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hymirec.errors import HymirecError
 
 
 class Settings(BaseSettings):
@@ -27,6 +31,22 @@ class Settings(BaseSettings):
         Path("data/kafka"), description="Local broker state: KRaft log dirs, server log, pid file."
     )
     kafka_heap: str = Field("1g", description="JVM heap of the local broker (-Xmx and -Xms).")
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client of the project (worker, replay, trainer, CLI) connects; "
+        "SASL_SSL needs the username, password and CA file below. The local broker serves the same protocol.",
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism under SASL_SSL (the one tested against the local broker)."
+    )
+    kafka_sasl_username: str = Field("", description="SASL username under SASL_SSL.")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password under SASL_SSL. Never printed.")
+    kafka_ssl_cafile: str = Field(
+        "", description="PEM file of the CA(s) the clients verify the broker's certificate with, under SASL_SSL "
+        "(the local broker's: <kafka_home>/tls/ca.pem).",
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="Under SASL_SSL, also check that the broker's certificate names the host dialled."
+    )
     partitions: int = Field(4, ge=1, description="Partition count of the project's topics (fixed once LanceDB holds user shards).")
     topic_interactions: str = "interactions"
     topic_items: str = "items"
@@ -148,6 +168,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _sasl_ssl_complete(self) -> "Settings":
+        if self.kafka_security_protocol == "SASL_SSL":
+            missing = [f"HYMIREC_{name.upper()}" for name, value in (
+                ("kafka_sasl_username", self.kafka_sasl_username),
+                ("kafka_sasl_password", self.kafka_sasl_password.get_secret_value()),
+                ("kafka_ssl_cafile", self.kafka_ssl_cafile)) if not value]
+            if missing:
+                raise ValueError(f"HYMIREC_KAFKA_SECURITY_PROTOCOL=SASL_SSL needs {' and '.join(missing)}")
+        return self
+
+    @property
+    def kafka_sasl(self) -> bool:
+        return self.kafka_security_protocol == "SASL_SSL"
+
     @property
     def kafka_port(self) -> int:
         """Port of the first bootstrap server: the one the local broker binds."""
@@ -174,6 +209,33 @@ class Settings(BaseSettings):
     @property
     def lancedb_is_remote(self) -> bool:
         return "://" in self.lancedb_uri
+
+
+def kafka_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS that trusts only ``kafka_ssl_cafile`` (not the system's CAs: the broker's CA is named)."""
+    try:
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    except FileNotFoundError:
+        raise HymirecError(f"HYMIREC_KAFKA_SSL_CAFILE: no such file {settings.kafka_ssl_cafile}") from None
+    except ssl.SSLError as exc:
+        raise HymirecError(f"HYMIREC_KAFKA_SSL_CAFILE: {settings.kafka_ssl_cafile} holds no usable "
+                           f"PEM certificate ({exc.reason or exc})") from None
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    return context
+
+
+def kafka_client_options(settings: Settings) -> dict:
+    """Connection keywords for every Kafka client: kafka-python and aiokafka take the same names
+    (the Faust app's SASLCredentials is built from them in stream/credentials.py). Holds the password in clear."""
+    if not settings.kafka_sasl:
+        return {"security_protocol": "PLAINTEXT"}
+    return {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": settings.kafka_sasl_mechanism,
+        "sasl_plain_username": settings.kafka_sasl_username,
+        "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
+        "ssl_context": kafka_ssl_context(settings),
+    }
 
 
 def load_settings(**overrides) -> Settings:

@@ -38,6 +38,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import load_settings
 from store.layout import claim_layout
 from store.tables import Store
+from stream.credentials import broker_credentials
 from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
 from stream.metrics import CONTENT_TYPE
@@ -57,6 +58,7 @@ except HymirecError as exc:
 app = faust.App(
     settings.app_id,
     broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
+    broker_credentials=broker_credentials(settings),
     web_host=settings.web_host,
     web_bind=settings.web_host,
     web_port=settings.web_port,

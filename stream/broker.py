@@ -41,7 +41,9 @@ from pathlib import Path
 import psutil
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
+from stream.broker_tls import BrokerTls
+from stream.kafka_errors import connection_problem
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,9 @@ class LocalKafka:
         self.out_file = self.home / "server.out"
         self.config_file = self.home / "server.properties"
         self.data_dir = self.home / "data"
+        self.tls = BrokerTls(self.home)
+        # Written when the storage is formatted with SCRAM users: their names, one a line.
+        self.scram_users_file = self.home / "scram.users"
         # Tests set this so a killed pytest does not leave a JVM behind (Linux only: the broker dies
         # with the *thread* that started it); `hymirec kafka start` must not.
         self.die_with_parent = die_with_parent
@@ -318,7 +323,13 @@ class LocalKafka:
             # timestamps, which time-based retention would delete.
             "log.retention.ms": "-1",
         }
-        self.config_file.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        if s.kafka_sasl:
+            self.tls.ensure()
+            props |= self.tls.properties(s, port, cport)
+        # 0600: under SASL_SSL it holds the broker's own SCRAM password.
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.home / "log4j2.properties").write_text(f"""\
 status = warn
 appender.file.type = RollingFile
@@ -357,8 +368,16 @@ logger.cleaner.level = WARN
                 "-cp", f"{self.libs}/*", main, *args]
 
     def _format_storage(self, java: Java) -> None:
-        """Format the KRaft log dir once; later starts reuse its data (and its cluster id)."""
+        """Format the KRaft log dir once; later starts reuse its data (and its cluster id).
+
+        Under SASL_SSL the SCRAM users (the settings' and the broker's own) are part of the format:
+        KRaft keeps them in its metadata, so a storage formatted without them cannot serve SASL_SSL."""
+        s = self.settings
         if (self.data_dir / "meta.properties").exists():
+            users = self.scram_users_file.read_text().split() if self.scram_users_file.exists() else []
+            if s.kafka_sasl and s.kafka_sasl_username not in users:
+                raise HymirecError(f"the local broker's storage in {self.data_dir} was formatted without the SCRAM user "
+                                   f"{s.kafka_sasl_username!r}: point HYMIREC_KAFKA_HOME at a new directory for SASL_SSL")
             return
         id_file = self.home / "cluster.id"
         if not id_file.exists():
@@ -369,14 +388,22 @@ logger.cleaner.level = WARN
         cluster_id = id_file.read_text().strip()
         archive = self._cds_archive(java)
         cds = [f"-XX:SharedArchiveFile={archive}"] if archive.exists() else []
-        proc = subprocess.run(
-            self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_file),
-                           cds=cds),
-            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
-        )
+        tool = ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_file)]
+        # The passwords go through a java @argument file (0600, removed at once), not the process list.
+        argfile = self.home / "format.args"
+        fd = os.open(argfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(f"'{arg}'" for arg in tool + (self.tls.scram_arguments(s) if s.kafka_sasl else [])))
+        try:
+            proc = subprocess.run(self._java_cmd(java, f"@{argfile}", cds=cds), capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=120)
+        finally:
+            argfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
             raise HymirecError(f"formatting Kafka storage in {self.data_dir} failed: {lines[-1] if lines else 'no output'}")
+        if s.kafka_sasl:
+            self.scram_users_file.write_text(f"{s.kafka_sasl_username}\n")
 
     def start(self, timeout: float = 90.0) -> BrokerStatus:
         """Start the broker unless it runs already; wait until it answers a metadata request.
@@ -405,6 +432,8 @@ logger.cleaner.level = WARN
         self.home.mkdir(parents=True, exist_ok=True)
         self._write_config()
         self._format_storage(java)
+        if s.kafka_sasl:
+            self.tls.check_clients_trust(s)
 
         archive = self._cds_archive(java)
         cds = ([f"-XX:SharedArchiveFile={archive}"] if archive.exists()
@@ -422,7 +451,6 @@ logger.cleaner.level = WARN
 
     def _wait_ready(self, proc: psutil.Process, deadline: float) -> None:
         """Wait until the broker answers clients; stop it and explain if it dies or stays silent."""
-        bootstrap = self.settings.kafka_bootstrap
         while True:
             try:
                 alive = proc.status() != psutil.STATUS_ZOMBIE
@@ -437,11 +465,11 @@ logger.cleaner.level = WARN
                 tail = _tail(self.out_file) or _tail(self.log_file)
                 raise HymirecError(f"the Kafka broker exited{f' with code {code}' if code is not None else ''} "
                                    f"while starting; last lines of {self.out_file}:\n{tail}")
-            if _port_accepts(self.settings.kafka_port) and _answers_metadata(bootstrap):
+            if _port_accepts(self.settings.kafka_port) and _answers_metadata(self.settings):
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise HymirecError(f"the Kafka broker did not accept clients on {bootstrap} in time; "
+                raise HymirecError(f"the Kafka broker did not accept clients in time: {connection_problem(self.settings)}; "
                                    f"last lines of {self.log_file}:\n{_tail(self.log_file)}")
             time.sleep(0.25)
 
@@ -481,19 +509,20 @@ logger.cleaner.level = WARN
 
 
 # --- clients ----------------------------------------------------------------------------------------
-def _admin(bootstrap: str, timeout_ms: int = 10_000):
+def _admin(settings: Settings, timeout_ms: int = 10_000):
     from kafka.admin import KafkaAdminClient
 
     # api_version left unset: the client asks the broker which protocol versions it speaks.
-    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="hymirec-admin",
-                            request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+    return KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="hymirec-admin",
+                            request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
+                            **kafka_client_options(settings))
 
 
-def _answers_metadata(bootstrap: str) -> bool:
+def _answers_metadata(settings: Settings) -> bool:
     from kafka.errors import KafkaConfigurationError, KafkaError
 
     try:
-        admin = _admin(bootstrap, timeout_ms=5_000)
+        admin = _admin(settings, timeout_ms=5_000)
     except KafkaConfigurationError:
         raise  # a bug here, not a broker that is still starting
     except (KafkaError, OSError):
@@ -517,18 +546,16 @@ def create_topics(settings: Settings, partitions: int | None = None) -> list[str
 
     wanted = settings.topic_partitions(partitions)
     names = list(wanted)
-    no_broker = (f"no Kafka broker answers at {settings.kafka_bootstrap}; "
-                 f"start the local one with `hymirec kafka start`")
     # Refused connections fail at once here instead of after the client's bootstrap timeout.
     if not any(_port_accepts(int(port), host) for host, _, port in
                (server.strip().rpartition(":") for server in settings.kafka_bootstrap.split(","))):
-        raise HymirecError(no_broker)
+        raise HymirecError(connection_problem(settings))
     try:
-        admin = _admin(settings.kafka_bootstrap)
+        admin = _admin(settings)
     except KafkaConfigurationError:
         raise
-    except (KafkaError, OSError) as exc:
-        raise HymirecError(f"{no_broker} ({type(exc).__name__})") from None
+    except (KafkaError, OSError):
+        raise HymirecError(connection_problem(settings)) from None
     try:
         # replication_factor -1: the broker's default (1 on the local broker, the cluster's elsewhere).
         result = admin.create_topics({n: {"num_partitions": wanted[n], "replication_factor": -1} for n in names},

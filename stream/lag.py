@@ -12,9 +12,10 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from store.layout import check_layout
 from store.tables import Store
+from stream.kafka_errors import connection_problem
 
 
 def events_behind(end: int, stored: int | None) -> int:
@@ -40,10 +41,12 @@ class PartitionLag:
 
 
 def _clients(settings: Settings) -> tuple[KafkaConsumer, KafkaAdminClient]:
+    options = kafka_client_options(settings)
     try:
-        return KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap), KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    except (KafkaError, OSError) as exc:
-        raise HymirecError(f"no Kafka broker answers at {settings.kafka_bootstrap} ({type(exc).__name__})") from None
+        return (KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **options),
+                KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **options))
+    except (KafkaError, OSError):
+        raise HymirecError(connection_problem(settings)) from None
 
 
 def partition_lag(settings: Settings, store: Store | None = None) -> list[PartitionLag]:

@@ -36,9 +36,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from store.events import Interaction, Item, to_json_bytes
 from store.logs import read_interactions, read_items
+from stream.kafka_errors import connection_problem
 
 MAX_GAP_S = 2.0  # --speedup: longest wait between two events, after scaling
 BURST_S = 0.05  # --rate: the token bucket holds this many seconds' worth of events
@@ -143,10 +144,10 @@ def _producer(settings: Settings, connect_timeout_s: float):
             batch_size=256 * 1024,
             bootstrap_timeout_ms=int(connect_timeout_s * 1000),
             max_block_ms=int(max(connect_timeout_s, 30.0) * 1000),
+            **kafka_client_options(settings),
         )
-    except (KafkaError, OSError) as exc:
-        raise HymirecError(f"no Kafka broker answers at {settings.kafka_bootstrap} ({type(exc).__name__}); "
-                           f"start one with `hymirec kafka start`") from None
+    except (KafkaError, OSError):
+        raise HymirecError(connection_problem(settings)) from None
 
 
 def _require_topics(producer, settings: Settings, topics: list[str]) -> None:

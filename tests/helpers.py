@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from hymirec.procs import faust_worker, settings_env, worker_get
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from store import ModelRegistry, Store
 
 DEADLINE_S = 120.0
@@ -85,7 +85,8 @@ def scrape(settings: Settings) -> dict[tuple[str, tuple], float]:
 
 def produce(settings: Settings, records: list[tuple], **config) -> list:
     """Send (topic, key, value[, partition]) records in order; returns their RecordMetadata."""
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", **config)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", **kafka_client_options(settings),
+                             **config)
     try:
         futures = [producer.send(r[0], key=r[1], value=r[2], partition=r[3] if len(r) > 3 else None) for r in records]
         producer.flush(timeout=60)
@@ -95,7 +96,7 @@ def produce(settings: Settings, records: list[tuple], **config) -> list:
 
 
 def read_dead_letters(settings: Settings, expected: int) -> list[dict]:
-    consumer = KafkaConsumer(settings.topic_dead_letter, bootstrap_servers=settings.kafka_bootstrap,
+    consumer = KafkaConsumer(settings.topic_dead_letter, bootstrap_servers=settings.kafka_bootstrap, **kafka_client_options(settings),
                              auto_offset_reset="earliest", consumer_timeout_ms=2000)
     records: list[dict] = []
     deadline = time.monotonic() + DEADLINE_S

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from stream.datasets import export_ml100k
 from store.logs import read_interactions, write_jsonl
 from stream.replay import MAX_GAP_S, LogClock, TokenBucket, replay
@@ -86,8 +86,7 @@ def test_cli_replay_with_no_broker_is_one_line(tmp_path: Path):
     result = run_cli("replay", str(log), "-q", env={"HYMIREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"hymirec: error: no Kafka broker answers at 127.0.0.1:{port} (KafkaTimeoutError); "
-        "start one with `hymirec kafka start`"]
+        f"hymirec: error: no Kafka broker answers at 127.0.0.1:{port}; start the local one with `hymirec kafka start`"]
 
 
 # --- with the broker --------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ def consumer(settings: Settings):
     from kafka import KafkaConsumer
 
     return KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                         consumer_timeout_ms=10_000, request_timeout_ms=20_000)
+                         consumer_timeout_ms=10_000, request_timeout_ms=20_000, **kafka_client_options(settings))
 
 
 def end_offsets(settings: Settings, topic: str) -> int:

@@ -34,7 +34,7 @@ import torch
 from lancedb.expr import col
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from hymirec.settings import Settings, kafka_client_options
 from model.retrieval import popularity_vectors, rank_of_targets
 from store.registry import ModelRegistry
 from store.schemas import HISTORIES, shard_table
@@ -264,7 +264,7 @@ def announce(settings: Settings, message: dict) -> bool:
 
     try:
         producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", request_timeout_ms=10_000,
-                                 max_block_ms=10_000)
+                                 max_block_ms=10_000, **kafka_client_options(settings))
         try:
             # One key: every version message lands in one partition, in publish order.
             producer.send(settings.topic_model_versions, key=b"model", value=json.dumps(message).encode("utf-8")).get(timeout=30)
