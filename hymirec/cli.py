@@ -86,7 +86,7 @@ def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- s3 -------------------------------------------------------------------------------------------
 def _cmd_s3(args: argparse.Namespace, settings: Settings) -> int:
-    from store.objectstore import bucket_and_prefix, is_s3
+    from store.objectstore import bucket_and_prefix, create_bucket, is_s3
     from store.s3server import LocalS3
 
     local = LocalS3(settings)
@@ -98,6 +98,8 @@ def _cmd_s3(args: argparse.Namespace, settings: Settings) -> int:
             print(f"bucket: {bucket_and_prefix(settings.lancedb_uri)[0]}")
         else:
             print(f"no bucket created: HYMIREC_LANCEDB_URI ({settings.lancedb_uri}) is not s3://")
+    elif args.s3_cmd == "bucket":
+        print(f"bucket: {create_bucket(settings)} on {settings.s3_endpoint or 'AWS'}")
     elif args.s3_cmd == "stop":
         print("stopped" if local.stop() else "not running")
     elif args.s3_cmd == "status":
@@ -292,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s3_start = s3_sub.add_parser("start", help="start the server on HYMIREC_S3_ENDPOINT (no-op if running) and "
                                  "create the bucket of HYMIREC_LANCEDB_URI")
     s3_start.add_argument("--wait", type=_positive_float, default=30.0, help="seconds to wait for the server")
+    s3_sub.add_parser("bucket", help="create the bucket of HYMIREC_LANCEDB_URI on HYMIREC_S3_ENDPOINT (any S3 server)")
     s3_sub.add_parser("stop", help="stop the server started by `s3 start`")
     s3_sub.add_parser("status", help="is the server running and healthy (exit 3 if not)")
     s3.set_defaults(func=_cmd_s3)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 
 S3 = "s3://"
@@ -69,6 +70,15 @@ def s3_filesystem(settings: Settings, *, allow_bucket_creation: bool = False) ->
         scheme="http" if endpoint.startswith("http://") else "https",
         allow_bucket_creation=allow_bucket_creation,
     )
+
+
+def create_bucket(settings: Settings) -> str:
+    """Create the bucket ``settings.lancedb_uri`` names on the settings' endpoint (idempotent); its name."""
+    if not is_s3(settings):
+        raise HymirecError(f"HYMIREC_LANCEDB_URI is {settings.lancedb_uri}: no s3://BUCKET/... to create")
+    bucket, _ = bucket_and_prefix(settings.lancedb_uri)
+    s3_filesystem(settings, allow_bucket_creation=True).create_dir(bucket)
+    return bucket
 
 
 def artefact_filesystem(settings: Settings) -> tuple[pafs.FileSystem, str]:

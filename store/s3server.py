@@ -44,7 +44,7 @@ import psutil
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
-from store.objectstore import bucket_and_prefix, is_s3, region, s3_filesystem
+from store.objectstore import create_bucket, is_s3, region
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class LocalS3:
         started = time.monotonic()
         current = self.status()
         if current.running:
-            self.create_bucket()
+            self._create_bucket()
             return S3Status(True, current.endpoint, self.data_dir, current.pid, already_running=True)
         if current.pid is None and not _port_free(self.port):
             raise HymirecError(f"port {self.port} on 127.0.0.1 is in use by another process: stop it or "
@@ -195,7 +195,7 @@ class LocalS3:
         else:  # launched by another process and still starting
             pid = current.pid
         self._wait_ready(psutil.Process(pid), time.monotonic() + timeout)
-        self.create_bucket()
+        self._create_bucket()
         return S3Status(True, s.s3_endpoint, self.data_dir, pid, start_seconds=time.monotonic() - started)
 
     def _wait_ready(self, proc: psutil.Process, deadline: float) -> None:
@@ -211,13 +211,9 @@ class LocalS3:
                 raise HymirecError(f"the local S3 server {what}; last lines of {self.out_file}:\n" + "\n".join(tail))
             time.sleep(0.1)
 
-    def create_bucket(self) -> str | None:
-        """Create the bucket ``lancedb_uri`` names (idempotent); None when the store is not on S3."""
-        if not is_s3(self.settings):
-            return None
-        bucket, _ = bucket_and_prefix(self.settings.lancedb_uri)
-        s3_filesystem(self.settings, allow_bucket_creation=True).create_dir(bucket)
-        return bucket
+    def _create_bucket(self) -> None:
+        if is_s3(self.settings):
+            create_bucket(self.settings)
 
     def stop(self) -> bool:
         """Stop the recorded server (SIGTERM, then SIGKILL after a grace period). True if one ran."""
