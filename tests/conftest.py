@@ -56,14 +56,14 @@ def broker_unavailable(reason: str, service: str = "Kafka broker") -> None:
     pytest.skip(f"{service} unavailable: {reason}")
 
 
-def start_or_unavailable(local, timeout: float = BROKER_START_TIMEOUT_S):
-    """Start a `LocalKafka`; if it cannot start, skip (locally) or fail (CI) the test."""
+def start_or_unavailable(local, timeout: float = BROKER_START_TIMEOUT_S, service: str = "Kafka broker"):
+    """Start a `LocalKafka` (or `LocalS3`); if it cannot start, skip (locally) or fail (CI) the test."""
     try:
         return local.start(timeout=timeout)
     except (HymirecError, OSError) as exc:
         reason = str(exc)
     local.stop()
-    broker_unavailable(reason)  # outside the except: no chained traceback in the report
+    broker_unavailable(reason, service)  # outside the except: no chained traceback in the report
 
 
 @pytest.fixture(scope="session")
@@ -128,11 +128,7 @@ def s3_server_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Set
                         s3_secret_access_key=secrets.token_urlsafe(24), s3_home=home / "s3",
                         lancedb_uri=f"s3://{S3_BUCKET}/session", kafka_home=home / "kafka")
     local = LocalS3(settings, die_with_parent=True)
-    try:
-        local.start(timeout=60)
-    except (HymirecError, OSError) as exc:
-        local.stop()
-        broker_unavailable(str(exc), service="local S3 server")
+    start_or_unavailable(local, timeout=60, service="local S3 server")
     try:
         yield settings
     finally:
