@@ -1,5 +1,6 @@
 """LanceDB on s3:// against the project's own S3 server (versitygw, `store.s3server`): the store and the
-registry round trip, two writers racing on one table, the worker and `hymirec topk` end to end, and
+registry round trip, two writers racing on one table, the worker, a trainer cycle and `hymirec topk` end
+to end, and
 the secret kept out of every repr, listing and log.
 
 The server's buckets are plain folders under ``s3_home/data``: a test that finds a table's files there
@@ -19,6 +20,7 @@ import pytest
 
 from helpers import private_worker, produce, running_worker, tail, wait_for, worker_env
 from hymirec.cli import main
+from hymirec.procs import worker_health
 from hymirec.settings import Settings
 from store import CorruptArtifact, ModelRegistry, Store
 from store.objectstore import bucket_and_prefix, s3_filesystem, storage_options
@@ -173,32 +175,47 @@ def test_two_writers_inserting_only_new_keys_duplicate_them(s3_settings: Setting
 
 
 # --- end to end ----------------------------------------------------------------------------------
-def test_worker_and_topk_on_s3(topic_settings: Settings, s3_settings: Settings, tmp_path: Path):
-    """A real broker and worker writing to s3://; `hymirec topk` reading it; the secret in no log."""
-    s = private_worker(topic_settings, tmp_path, popularity_refresh_s=1.0, **{k: getattr(s3_settings, k) for k in
-                       ("lancedb_uri", "s3_endpoint", "s3_access_key_id", "s3_secret_access_key", "s3_home")})
+def test_worker_trainer_and_topk_on_s3(topic_settings: Settings, s3_settings: Settings, tmp_path: Path):
+    """A real broker and worker writing to s3://, `hymirec topk` reading it, a trainer cycle publishing
+    into the registry there and the worker hot-swapping to it; the secret in no log."""
+    s = private_worker(topic_settings, tmp_path, popularity_refresh_s=1.0, codebook_size=16, codebook_levels=2,
+                       trainer_epochs=1, trainer_bootstrap_epochs=1,
+                       **{k: getattr(s3_settings, k) for k in
+                          ("lancedb_uri", "s3_endpoint", "s3_access_key_id", "s3_secret_access_key", "s3_home")})
     log_file = tmp_path / "worker.log"
     items = [(s.topic_items, str(i).encode(), json.dumps({"item_id": str(i), "text": f"item {i}"}).encode())
-             for i in range(10)]
-    # u0 saw 0..2; everybody else saw 5, 6 or 7 many times: those are the popular items u0 has not seen.
-    log = [("u0", str(i)) for i in range(3)] + [(f"u{n}", str(5 + n % 3)) for n in range(1, 13)]
+             for i in range(30)]
+    # Everybody but u0 saw 5, 6 and 7 (and a few of 10..29): the popular items, which u0 has not seen.
+    log = [("u0", str(i)) for i in range(3)] + [
+        (f"u{n}", str(i)) for n in range(1, 13) for i in (5, 6, 7, *((n * 5 + k) % 20 + 10 for k in range(5)))]
     events = [(s.topic_interactions, u.encode(), json.dumps({"user_id": u, "item_id": i, "ts": 1_000 + n}).encode())
               for n, (u, i) in enumerate(log)]
+
+    def topk(user: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "hymirec.cli", "topk", user, "--k", "3", "--json"],
+                             capture_output=True, text=True, env=worker_env(s), timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
     with running_worker(s, log_file) as proc:
         produce(s, items + events)
         store = Store(s)
         rows = wait_for("every user's history on s3://", lambda: (lambda got: got if len(got) == 13 else None)(
             store.get_histories([u for u, _ in log])), proc, log_file, deadline_s=90)
         assert rows["u0"]["history_item_ids"] == ["0", "1", "2"]
-        assert any((served_folder(s) / name).is_dir() for name in (f"{shard_table(HISTORIES, p)}.lance" for p in range(s.partitions)))
+        assert any((served_folder(s) / f"{shard_table(HISTORIES, p)}.lance").is_dir() for p in range(s.partitions))
+        wait_for("topk u0 from the popular items on s3://",
+                 lambda: {item["item_id"] for item in topk("u0")["items"]} == {"5", "6", "7"}, proc, log_file,
+                 deadline_s=90, interval=2)
 
-        def popular():
-            out = subprocess.run([sys.executable, "-m", "hymirec.cli", "topk", "u0", "--k", "3", "--json"],
-                                 capture_output=True, text=True, env=worker_env(s), timeout=120)
-            assert out.returncode == 0, out.stderr
-            answer = json.loads(out.stdout)
-            return answer if {item["item_id"] for item in answer["items"]} == {"5", "6", "7"} else None
-
-        wait_for("topk u0 from the popular items on s3://", popular, proc, log_file, deadline_s=90, interval=2)
-    assert secret(s) not in log_file.read_text(errors="replace"), "the S3 secret is in the worker's log"
+        trainer = subprocess.run([sys.executable, "-m", "hymirec.cli", "trainer", "--once", "--margin", "1"],
+                                 capture_output=True, text=True, env=worker_env(s), timeout=300)
+        assert trainer.returncode == 0, trainer.stderr[-2000:]
+        assert (served_folder(s) / "models" / "v0001" / "manifest.json").is_file()
+        wait_for("the worker to serve v0001 from s3://", lambda: (worker_health(s) or {}).get("model_version") == "v0001",
+                 proc, log_file, deadline_s=120)
+        answer = topk("u0")
+        assert answer["model_version"] == "v0001" and answer["fallback"] is None and len(answer["items"]) == 3
+    logs = log_file.read_text(errors="replace") + trainer.stdout + trainer.stderr
+    assert secret(s) not in logs, "the S3 secret is in a log"
     assert secret(s) not in tail(Path(s.s3_home) / "server.out", 200)
