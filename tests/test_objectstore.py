@@ -1,7 +1,6 @@
 """LanceDB on s3:// against the project's own S3 server (versitygw, `store.s3server`): the store and the
 registry round trip, two writers racing on one table, the worker, a trainer cycle and `hymirec topk` end
-to end, and
-the secret kept out of every repr, listing and log.
+to end, and the secret kept out of every repr, listing and log.
 
 The server's buckets are plain folders under ``s3_home/data``: a test that finds a table's files there
 knows the bytes went through S3, not to a local directory.
