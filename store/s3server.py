@@ -11,7 +11,8 @@ evaluates ``If-None-Match: *`` on PutObject under a per-object lock, so of two w
 same key exactly one gets 200 and the other 412. That conditional PUT is how lance commits a table
 version on S3 (its ConditionalPutCommitHandler writes ``_versions/N.manifest`` with
 ``PutMode::Create``): without it two writers could both commit version N and one commit would be
-lost. MinIO is AGPL; a SeaweedFS build is several times larger; moto is a test double in Python.
+lost. Not chosen: MinIO (AGPL); SeaweedFS (only a pseudo-version on the Go proxy, a far larger
+program; not tried); gofakes3 and moto, fakes written for tests rather than stores.
 The same server has an official image (``versity/versitygw``) for docker-compose.
 
 Everything it writes lives in ``settings.s3_home``:
@@ -172,10 +173,11 @@ class LocalS3:
         self._check_settings()
         started = time.monotonic()
         current = self.status()
-        if current.running:
+        if current.pid is not None:  # running, or launched by another process and still starting
+            self._wait_ready(psutil.Process(current.pid), started + timeout)
             self._create_bucket()
             return S3Status(True, current.endpoint, self.data_dir, current.pid, already_running=True)
-        if current.pid is None and not _port_free(self.port):
+        if not _port_free(self.port):
             raise HymirecError(f"port {self.port} on 127.0.0.1 is in use by another process: stop it or "
                                "choose another HYMIREC_S3_ENDPOINT")
         binary = self.install()
@@ -185,18 +187,14 @@ class LocalS3:
                             "ROOT_SECRET_ACCESS_KEY": s.s3_secret_access_key.get_secret_value()}
         cmd = [str(binary), "--port", f"127.0.0.1:{self.port}", "--region", region(s),
                "--quiet", "--health", HEALTH_PATH, "posix", str(self.data_dir)]
-        if current.pid is None:
-            with open(self.out_file, "ab") as out:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        env=env, cwd=self.home, start_new_session=True,
-                                        preexec_fn=_die_with_parent() if self.die_with_parent else None)
-            self.pid_file.write_text(f"{proc.pid}\n")
-            pid = proc.pid
-        else:  # launched by another process and still starting
-            pid = current.pid
-        self._wait_ready(psutil.Process(pid), time.monotonic() + timeout)
+        with open(self.out_file, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, cwd=self.home, start_new_session=True,
+                                    preexec_fn=_die_with_parent() if self.die_with_parent else None)
+        self.pid_file.write_text(f"{proc.pid}\n")
+        self._wait_ready(psutil.Process(proc.pid), time.monotonic() + timeout)
         self._create_bucket()
-        return S3Status(True, s.s3_endpoint, self.data_dir, pid, start_seconds=time.monotonic() - started)
+        return S3Status(True, s.s3_endpoint, self.data_dir, proc.pid, start_seconds=time.monotonic() - started)
 
     def _wait_ready(self, proc: psutil.Process, deadline: float) -> None:
         while not self._healthy():
