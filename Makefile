@@ -1,6 +1,6 @@
-# Two entry points do all set-up on a fresh machine (Python >= 3.11, Java 17, Maven):
+# Two entry points do all set-up on a fresh machine (Python >= 3.11, Java 17, Maven; Go >= 1.25 for make test):
 #   make demo   – the main job on the embedded default (local broker + LanceDB directory)
-#   make test   – the test suite (starts its own broker on free ports)
+#   make test   – the test suite (starts its own broker and S3 server on free ports)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,9 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/hymirec demo
 
+# The S3 server is built here, not in setup: only the tests of LanceDB on s3:// need it (and Go).
 test: setup
+	$(BIN)/hymirec s3 install
 	$(BIN)/pytest
 
 clean-data:

@@ -57,14 +57,16 @@ def broker(settings: Settings, workdir: Path) -> Iterator[tuple[Settings, str]]:
 
 
 def fresh(settings: Settings, workdir: Path, tag: str, **overrides) -> Settings:
-    """Settings with this run's own topics, group, LanceDB directory and web port (topics created)."""
+    """Settings with this run's own topics, group, LanceDB directory (or prefix, when the store is on
+    object storage) and web port (topics created)."""
     from stream.broker import create_topics
 
     run = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
+    uri = f"{settings.lancedb_uri.rstrip('/')}/{run}" if settings.lancedb_is_remote else str(workdir / run / "lancedb")
     s = settings.model_copy(update={
         "topic_interactions": f"{run}-interactions", "topic_items": f"{run}-items",
         "topic_model_versions": f"{run}-model-versions", "topic_dead_letter": f"{run}-dead-letter",
-        "app_id": run, "lancedb_uri": str(workdir / run / "lancedb"), "worker_dir": workdir / run / "worker",
+        "app_id": run, "lancedb_uri": uri, "worker_dir": workdir / run / "worker",
         "web_port": free_port(), **overrides,
     })
     create_topics(s)

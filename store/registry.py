@@ -23,13 +23,13 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+from store.objectstore import artefact_filesystem
 from store.schemas import REGISTRY, registry_schema
 from store.tables import connect, open_table, to_arrow
 
@@ -65,14 +65,9 @@ class ModelRegistry:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = connect(settings)
-        uri = settings.lancedb_uri
-        if settings.lancedb_is_remote:
-            self.fs, root = pafs.FileSystem.from_uri(uri)
-            self._uri_prefix = uri.rstrip("/") + "/models"
-        else:
-            self.fs, root = pafs.LocalFileSystem(), str(Path(uri).resolve())
-            self._uri_prefix = root + "/models"
-        self.root = root.rstrip("/") + "/models"
+        self.fs, root = artefact_filesystem(settings)
+        self.root = root + "/models"
+        self._uri_prefix = (settings.lancedb_uri.rstrip("/") if settings.lancedb_is_remote else root) + "/models"
 
     # --- reading --------------------------------------------------------------------------------
     def list(self) -> list[ModelVersion]:

@@ -1,8 +1,8 @@
 """Thin typed access to the LanceDB tables of ``store.schemas``.
 
 ``Store(settings)`` connects to ``settings.lancedb_uri`` as given (a local directory, or an
-object-store URI such as ``s3://bucket/path``, which LanceDB resolves with its usual credentials),
-creates tables lazily with their schema, and writes each batch with ONE
+object-store URI such as ``s3://bucket/path``, reached with the settings' ``s3_*`` endpoint and
+credentials or LanceDB's usual ones), creates tables lazily with their schema, and writes each batch with ONE
 ``merge_insert(key).when_matched_update_all().when_not_matched_insert_all()``: replaying a batch
 leaves the same rows, and a changed row replaces the old one.
 
@@ -32,6 +32,7 @@ from lancedb.table import Table
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+from store.objectstore import storage_options
 from store.schemas import (
     HISTORIES, INTERESTS, ITEMS, KEYS, POSITION_KEY, TIMESTAMP, parse_table_name, schema_for, shard_table,
 )
@@ -47,9 +48,11 @@ CLEANUP_OLDER_THAN = timedelta(hours=1)
 
 
 def connect(settings: Settings) -> lancedb.DBConnection:
-    """The LanceDB connection for ``settings.lancedb_uri`` (the URI is passed through unchanged)."""
+    """The LanceDB connection for ``settings.lancedb_uri`` (the URI is passed through unchanged; an
+    s3:// one with the endpoint and credentials of ``store.objectstore``)."""
     consistency = timedelta(seconds=settings.lancedb_read_consistency_s)
-    return lancedb.connect(settings.lancedb_uri, read_consistency_interval=consistency)
+    return lancedb.connect(settings.lancedb_uri, read_consistency_interval=consistency,
+                           storage_options=storage_options(settings) or None)
 
 
 def table_names(db: lancedb.DBConnection) -> list[str]:

@@ -1,13 +1,16 @@
-"""Shared fixtures: a real local Kafka broker (the project's own `LocalKafka`) and temp LanceDB dirs.
+"""Shared fixtures: a real local Kafka broker (the project's own `LocalKafka`), a real local S3 server
+(the project's own `LocalS3`) and temp LanceDB dirs.
 
 The broker starts lazily, once per session, only when a test asks for `broker_settings` (or
-`topic_settings`), so pure unit tests never pay for a JVM. If it cannot start, broker tests are
-skipped locally but FAIL in CI (CI=true), where a missing broker must not pass unnoticed.
+`topic_settings`), so pure unit tests never pay for a JVM; the S3 server likewise for `s3_settings`.
+If one cannot start, its tests are skipped locally but FAIL in CI (CI=true), where a missing service
+must not pass unnoticed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import Iterator
@@ -46,21 +49,21 @@ def local_broker_settings(kafka_home: Path, **overrides) -> Settings:
     return Settings(**(values | overrides))
 
 
-def broker_unavailable(reason: str) -> None:
-    """Skip a broker test locally; fail it in CI, where the broker must be there."""
+def broker_unavailable(reason: str, service: str = "Kafka broker") -> None:
+    """Skip a test of ``service`` locally; fail it in CI, where the service must be there."""
     if os.environ.get("CI") == "true":
-        pytest.fail(f"Kafka broker unavailable in CI: {reason}", pytrace=False)
-    pytest.skip(f"Kafka broker unavailable: {reason}")
+        pytest.fail(f"{service} unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(f"{service} unavailable: {reason}")
 
 
-def start_or_unavailable(local, timeout: float = BROKER_START_TIMEOUT_S):
-    """Start a `LocalKafka`; if it cannot start, skip (locally) or fail (CI) the test."""
+def start_or_unavailable(local, timeout: float = BROKER_START_TIMEOUT_S, service: str = "Kafka broker"):
+    """Start a `LocalKafka` (or `LocalS3`); if it cannot start, skip (locally) or fail (CI) the test."""
     try:
         return local.start(timeout=timeout)
     except (HymirecError, OSError) as exc:
         reason = str(exc)
     local.stop()
-    broker_unavailable(reason)  # outside the except: no chained traceback in the report
+    broker_unavailable(reason, service)  # outside the except: no chained traceback in the report
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +112,30 @@ def topic_settings(broker_settings: Settings) -> Settings:
 def db_settings(tmp_path: Path) -> Settings:
     """Settings with a fresh LanceDB directory and no broker."""
     return Settings(lancedb_uri=str(tmp_path / "lancedb"), kafka_home=tmp_path / "kafka")
+
+
+S3_BUCKET = "hymirec-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings pointing at a real S3 server started (once per session) by `store.s3server.LocalS3`,
+    with a fresh random secret; the binary is built into the cache if `make test` has not."""
+    from store.s3server import LocalS3
+
+    home = tmp_path_factory.mktemp("s3-session")
+    settings = Settings(s3_endpoint=f"http://127.0.0.1:{free_ports(1)[0]}", s3_access_key_id="hymirec-test",
+                        s3_secret_access_key=secrets.token_urlsafe(24), s3_home=home / "s3",
+                        lancedb_uri=f"s3://{S3_BUCKET}/session", kafka_home=home / "kafka")
+    local = LocalS3(settings, die_with_parent=True)
+    start_or_unavailable(local, timeout=60, service="local S3 server")
+    try:
+        yield settings
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_server_settings: Settings) -> Settings:
+    """s3_server_settings with this test's own LanceDB prefix in the bucket."""
+    return s3_server_settings.model_copy(update={"lancedb_uri": f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:10]}"})

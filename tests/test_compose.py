@@ -8,6 +8,7 @@ parser, and `faust -A MODULE` names a module that defines the Faust app.
 from __future__ import annotations
 
 import importlib.util
+import re
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 
 from hymirec.cli import build_parser
 from hymirec.settings import Settings
+from store.s3server import VERSITYGW_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -43,8 +45,45 @@ def test_kafka_service_is_official_image_in_kraft_mode():
 
 
 def test_project_services_exist():
-    assert {"worker", "trainer"} <= set(APP_SERVICES)
-    assert "lancedb" in COMPOSE["volumes"]
+    assert {"worker", "trainer", "bucket"} <= set(APP_SERVICES)
+
+
+def _interpolated(value: str) -> str:
+    """The default compose substitutes for ``${VAR:-default}`` (or ``${VAR:?...}``: the variable itself)."""
+    match = re.fullmatch(r"\$\{(\w+)(?::-(.*)|:\?.*)\}", value)
+    if not match:
+        return value
+    return match[2] if match[2] is not None else f"<{match[1]}>"
+
+
+def test_object_store_is_the_projects_s3_server_with_the_apps_credentials():
+    s3 = SERVICES["s3"]
+    image, tag = s3["image"].split(":")
+    assert image == "versity/versitygw" and tag == VERSITYGW_VERSION  # the server `hymirec s3` runs and tests
+    command = s3["command"]
+    port = command[command.index("--port") + 1].rsplit(":", 1)[1]
+    assert command[command.index("--health") + 1] in " ".join(s3["healthcheck"]["test"])
+    assert [v for v in s3.get("volumes", []) if v.endswith(":" + command[command.index("posix") + 1])], "buckets not on a volume"
+    server = {k: _interpolated(v) for k, v in _env(s3).items()}
+    for name, service in APP_SERVICES.items():
+        settings = Settings(**{k.removeprefix("HYMIREC_").lower(): _interpolated(v)
+                               for k, v in _env(service).items() if k.startswith("HYMIREC_")})
+        assert settings.lancedb_uri.startswith("s3://"), f"{name} keeps LanceDB outside the object store"
+        assert settings.s3_endpoint == f"http://{s3['hostname']}:{port}", name
+        assert settings.s3_access_key_id == server["ROOT_ACCESS_KEY_ID"], name
+        assert settings.s3_secret_access_key.get_secret_value() == server["ROOT_SECRET_ACCESS_KEY"], name
+    assert server["ROOT_SECRET_ACCESS_KEY"] == "<HYMIREC_S3_SECRET_ACCESS_KEY>", "a default secret in the repository"
+
+
+def test_workers_scale_out():
+    """`docker compose up --scale worker=3`: no volume shared by the app services (state is on s3://),
+    and no single fixed host port for the worker (replicas each take one of a range)."""
+    for name, service in APP_SERVICES.items():
+        assert not service.get("volumes"), f"{name} mounts {service['volumes']}"
+    for mapping in SERVICES["worker"].get("ports", []):
+        host_port = str(mapping).rsplit(":", 1)[0].rsplit(":", 1)[-1]
+        assert "-" in host_port, f"worker publishes one fixed host port: {mapping}"
+    assert "lancedb" not in (COMPOSE.get("volumes") or {})
 
 
 @pytest.mark.parametrize("name", sorted(APP_SERVICES))
@@ -55,7 +94,7 @@ def test_env_names_are_settings(name):
     assert hymirec_env, f"{name} sets no HYMIREC_* variable"
     for key in hymirec_env:
         assert key.removeprefix("HYMIREC_").lower() in fields, f"{name}: {key} is not a setting"
-    settings = Settings(**{k.removeprefix("HYMIREC_").lower(): v for k, v in hymirec_env.items()})
+    settings = Settings(**{k.removeprefix("HYMIREC_").lower(): _interpolated(v) for k, v in hymirec_env.items()})
     internal = [l for l in _env(SERVICES["kafka"])["KAFKA_ADVERTISED_LISTENERS"].split(",") if "kafka:" in l]
     assert settings.kafka_bootstrap == internal[0].split("://", 1)[1]
 
