@@ -50,9 +50,9 @@ def owned(s: Settings) -> set[int]:
 
 
 def settled(members: list[Settings]) -> bool:
-    """Every partition owned by exactly one worker of the group."""
+    """Every worker owns partitions and every partition is owned by exactly one of them."""
     owners = [owned(m) for m in members]
-    return sum(len(o) for o in owners) == PARTITIONS and set().union(*owners) == set(range(PARTITIONS))
+    return all(owners) and sum(len(o) for o in owners) == PARTITIONS and set().union(*owners) == set(range(PARTITIONS))
 
 
 def applied(members: list[Settings]) -> int:

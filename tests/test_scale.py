@@ -1,6 +1,7 @@
 """Several workers in one consumer group, on the real broker and one LanceDB directory.
 
-Three workers over 12 partitions serve a published model while a log is replayed; the worker that
+Three workers over 12 partitions (sharing a LanceDB directory, or a bucket of the project's own S3
+server) serve a published model while a log is replayed; the worker that
 writes the shared tables (the owner of the catalogue topic's one partition) is killed with kill -9
 mid-replay, new catalogue items arrive after it died, and a fourth worker joins later. Then:
 every user's history equals the log, the items and item-vector tables hold each item once (the new
@@ -51,9 +52,14 @@ def duplicates(values: list[str]) -> list[str]:
     return sorted({v for v in values if values.count(v) > 1})
 
 
-def test_three_workers_one_killed_a_fourth_joining_lose_nothing_and_share_one_writer(broker_settings, world, tmp_path):
-    codebook = model_settings("").model_dump(include={"codebook_size", "codebook_levels", "num_interests"})
-    s = topics_for(broker_settings, tmp_path, 12).model_copy(update=codebook)
+@pytest.mark.parametrize("lancedb", ["directory", "s3"])
+def test_three_workers_one_killed_a_fourth_joining_lose_nothing_and_share_one_writer(broker_settings, world, tmp_path,
+                                                                                     lancedb, request):
+    overrides = model_settings("").model_dump(include={"codebook_size", "codebook_levels", "num_interests"})
+    if lancedb == "s3":  # the project's own S3 server: no volume shared between the workers
+        overrides |= request.getfixturevalue("s3_settings").model_dump(
+            include={"lancedb_uri", "s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key"})
+    s = topics_for(broker_settings, tmp_path, 12).model_copy(update=overrides)
     publish(s, world["m1"])
     catalogue = world["items"][["item_id", "text", "category"]].to_dict("records")
     produce(s, item_records(s, catalogue))
