@@ -66,7 +66,7 @@ from store.tables import CLEANUP_OLDER_THAN, Store, table_names, to_arrow
 
 log = logging.getLogger(__name__)
 
-FOLLOW_S = 1.0  # how often a worker that does not write the catalogue looks for a newer ready version
+FOLLOW_S = 1.0  # how often a worker looks for a newer version (the writer in the registry, the others ready ones)
 
 
 class LostCatalogue(HymirecError):
@@ -237,14 +237,16 @@ class ServingRuntime:
         return "waiting"
 
     def follow(self) -> str | None:
-        """Switch to a version waited for, or (at most once a second, when this worker does not write
-        the catalogue) to a newer one the writer made ready: only one worker of a group is told of a
-        new version, the others learn it here."""
+        """Switch to a version waited for, or (at most once a second) to a newer one: the catalogue's
+        writer looks in the registry, the others for a version the writer made ready. Only one worker
+        of a group is told of a new version on model-versions; the others learn of it here."""
         if self._waiting is not None:
             return self.switch_to(self._waiting)
-        if self.owns_catalogue() or time.monotonic() - self._followed_at < FOLLOW_S:
+        if time.monotonic() - self._followed_at < FOLLOW_S:
             return None
         self._followed_at = time.monotonic()
+        if self.owns_catalogue():
+            return self.catch_up()
         ready = [v for v in ready_versions(self.store) if v not in self._refused]
         newest = max(ready, key=version_number, default=None)
         if newest is None or (self.live is not None and version_number(newest) <= version_number(self.live.version)):
