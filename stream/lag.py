@@ -5,17 +5,21 @@ prints it; the reliability tests assert on it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
-from kafka.errors import KafkaError
+from kafka.errors import CoordinatorNotAvailableError, KafkaError
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings, kafka_client_options
 from store.layout import check_layout
 from store.tables import Store
 from stream.kafka_errors import connection_problem
+
+
+COORDINATOR_WAIT_S = 20.0
 
 
 def events_behind(end: int, stored: int | None) -> int:
@@ -60,7 +64,7 @@ def partition_lag(settings: Settings, store: Store | None = None) -> list[Partit
         if not partitions:
             raise HymirecError(f"no topic {settings.topic_interactions!r} on {settings.kafka_bootstrap}")
         ends = consumer.end_offsets([TopicPartition(settings.topic_interactions, p) for p in sorted(partitions)])
-        committed = {tp.partition: meta.offset for tp, meta in admin.list_group_offsets(settings.app_id).get(settings.app_id, {}).items()
+        committed = {tp.partition: meta.offset for tp, meta in _group_offsets(admin, settings).items()
                      if tp.topic == settings.topic_interactions and meta.offset >= 0}
     finally:
         consumer.close()
@@ -68,3 +72,17 @@ def partition_lag(settings: Settings, store: Store | None = None) -> list[Partit
     stored = store.positions()
     return [PartitionLag(tp.partition, end, stored.get(tp.partition), committed.get(tp.partition))
             for tp, end in sorted(ends.items(), key=lambda kv: kv[0].partition)]
+
+
+def _group_offsets(admin: KafkaAdminClient, settings: Settings) -> dict:
+    """The group's committed offsets. A fresh broker has no group coordinator until its offsets topic
+    exists, which the first lookup creates: wait for it rather than fail."""
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    while True:
+        try:
+            return admin.list_group_offsets(settings.app_id).get(settings.app_id, {})
+        except CoordinatorNotAvailableError:
+            if time.monotonic() > deadline:
+                raise HymirecError(f"the Kafka broker at {settings.kafka_bootstrap} has no group coordinator after "
+                                   f"{COORDINATOR_WAIT_S:.0f} s; try again once it has started") from None
+            time.sleep(0.5)

@@ -101,6 +101,11 @@ def test_lifecycle_and_data_survive_restart(make_broker_settings):
 
         topic = create_topics(settings)[0]
         sent = produce(settings, topic, 50)
+        # A fresh broker has no group coordinator until the first lookup creates its offsets topic.
+        fresh = subprocess.run(hymirec_cmd("status"), env=cli_env(settings) | {"HYMIREC_LANCEDB_URI": settings.lancedb_uri},
+                               capture_output=True, text=True, timeout=120)
+        assert fresh.returncode == 0, fresh.stderr
+        assert "total lag 50 events" in fresh.stdout, fresh.stdout
 
         assert local.stop() is True
         assert not local.status().running and not pid_file.exists()
