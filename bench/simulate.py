@@ -162,6 +162,13 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _cold(arm: dict) -> str:
+    """Cold events and their Recall@K; "-" for a reference arm, which answers warm users only."""
+    if arm.get("kind") == "reference":
+        return "-"
+    return f"{arm['cold']['events']:,} ({_fmt(arm['cold'][f'recall@{K}'])})"
+
+
 def summary_markdown(summary: dict) -> str:
     r, n = f"recall@{K}", f"ndcg@{K}"
     lines = [
@@ -179,7 +186,7 @@ def summary_markdown(summary: dict) -> str:
         t = arm["thirds"]
         lines.append(
             f"| {name} | {arm['events']:,} | {_fmt(arm[r])} | {_fmt(arm[n])} | {_fmt(t[0][r])} | {_fmt(t[1][r])} | "
-            f"{_fmt(t[2][r])} | {arm['cold']['events']:,} ({_fmt(arm['cold'][r])}) | "
+            f"{_fmt(t[2][r])} | {_cold(arm)} | "
             + ("- | - | - |" if arm.get("kind") != "live" else
                f"{len(arm['versions']) or 1} | {arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |"))
     lines += ["", "Warm events by item: *new* = no event in the bootstrap part (v0001 never saw it used).", "",

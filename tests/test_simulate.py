@@ -119,6 +119,17 @@ def test_summary_sets_the_baseline_arms_apart_and_names_the_best():
     json.dumps(summary)
 
 
+def test_a_reference_arm_shows_no_cold_figure():
+    """The diagnostic and signals-only arms answer warm users only: their cold cell is "-", not 0."""
+    records = {"online": records_of([1, 0] * 10, cold_every=4), "signals-only": records_of([0, 1] * 10, cold_every=4)}
+    summary = summarise(records, {}, dataset="toy", log_events=120, bootstrap_events=100, config=SimConfig())
+    assert summary["arms"]["signals-only"]["kind"] == "reference"
+    lines = summary_markdown(summary).splitlines()
+    online, reference = (next(line for line in lines if line.startswith(f"| {arm} |")) for arm in ("online", "signals-only"))
+    assert "| 5 (1.0000) |" in online  # every cold event of the online arm is a hit here
+    assert reference.endswith("| - | - | - | - |")  # cold, then no versions, cycles or training
+
+
 def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch):
     """On a tiny synthetic stream: every event after the bootstrap, once per baseline, by ``score_chunk``
     itself, in the live arms' chunks, against the state before the chunk (warm = an applied event)."""
