@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 WAITING_LOG_INTERVAL_S = 60.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+GAP_RESEEK_S = 5.0  # how long a partition held at a gap waits for the re-read before seeking again
 
 T = TypeVar("T")
 SendDead = Callable[[list[dict]], Awaitable[None]]
@@ -79,6 +80,7 @@ class Ingestor:
         self._busy = asyncio.Lock()  # held while a batch is applied, so a revoke can wait for its write
         self.positions: dict[int, int] = {}  # applied position of each owned shard, as last written
         self._gaps_sought: dict[int, int] = {}  # partition -> first offset of a gap sought back from
+        self._gaps_sought_at: dict[int, float] = {}  # partition -> when it was last sought back
 
     @property
     def store(self) -> Store:
@@ -140,6 +142,7 @@ class Ingestor:
                                           self.store.positions, partitions)
             self.positions = dict(stored)
             self._gaps_sought.clear()
+            self._gaps_sought_at.clear()
         return {p: stored.get(p, -1) + 1 for p in partitions}
 
     async def wait_idle(self) -> None:
@@ -186,14 +189,19 @@ class Ingestor:
 
     async def _seek_over_gaps(self, topic: str, result: BatchResult, kafka: KafkaSide) -> None:
         """Read a gap's missing offsets before what came after them: seek back to the position once;
-        the events already buffered past the gap are left out until the re-read reaches them."""
+        the events already buffered past the gap are left out until the re-read reaches them. A gap
+        still held GAP_RESEEK_S later is sought again: a re-read can be lost too (seen once when a
+        worker joined mid-stream: the partition stayed held until the next rebalance)."""
         for partition in result.positions:
             self._gaps_sought.pop(partition, None)
+            self._gaps_sought_at.pop(partition, None)
+        now = time.monotonic()
         for partition, gap in result.gaps.items():
             self.metrics.offset_gaps.inc()
-            if partition in self._gaps_sought:
+            if now - self._gaps_sought_at.get(partition, -GAP_RESEEK_S) < GAP_RESEEK_S:
                 continue
-            self._gaps_sought[partition] = gap.first
+            self._gaps_sought.setdefault(partition, gap.first)  # a re-read meeting it again accepts it
+            self._gaps_sought_at[partition] = now
             log.warning("%r partition %d: offsets %d..%d were not delivered; reading again from %d",
                         topic, partition, gap.expected, gap.first - 1, gap.expected)
             await kafka.seek(topic, partition, gap.expected)

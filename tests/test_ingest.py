@@ -10,6 +10,7 @@ import pytest
 from store import Store
 from store.schemas import HISTORIES, shard_table
 from stream.ingest import Gap, ItemCache, RawEvent, apply_interactions, apply_items
+import stream.ingestor
 from stream.ingestor import Ingestor
 
 
@@ -339,3 +340,27 @@ def test_ingestor_does_not_write_a_partition_revoked_while_its_batch_was_prepare
     finally:
         ingestor.close()
     assert result.positions == {} and ingestor.store.positions() == {}
+
+
+def test_ingestor_seeks_again_over_a_gap_still_held_after_a_while(db_settings, monkeypatch):
+    """A re-read that never comes (lost in the consumer) must not hold the partition for good."""
+    monkeypatch.setattr(stream.ingestor, "GAP_RESEEK_S", 0.0)  # "a while" has passed at every batch
+    ingestor = Ingestor(db_settings)
+    kafka = Kafka(owned=(0,))
+
+    async def nothing_dead(records):
+        assert not records
+
+    async def run():
+        await ingestor.resume([0])
+        await ingestor.interactions([click("a", "0", 0, offset=0)], nothing_dead, kafka)
+        await ingestor.interactions([click("a", "3", 3, offset=3)], nothing_dead, kafka)  # 1, 2 never came
+        await ingestor.interactions([click("a", "4", 4, offset=4)], nothing_dead, kafka)  # nor after the seek
+        await ingestor.interactions([click("a", str(i), i, offset=i) for i in range(1, 5)], nothing_dead, kafka)
+
+    try:
+        asyncio.run(run())
+    finally:
+        ingestor.close()
+    assert kafka.seeks == [(0, 1), (0, 1)]
+    assert ingestor.store.get_histories(["a"])["a"]["history_item_ids"] == ["0", "1", "2", "3", "4"]
