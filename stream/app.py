@@ -89,9 +89,7 @@ class FaustKafka:
     """The ingest path's ``KafkaSide`` over this app's consumer."""
 
     def owns(self, topic: str, partition: int) -> bool:
-        # Not during a rebalance: a batch taken before the revoke may still be in the agent after the
-        # revoke handler returned, and the partition's next owner may already have read its position.
-        return not app.rebalancing and TP(topic, partition) in app.consumer.assignment()
+        return TP(topic, partition) in app.consumer.assignment()
 
     async def seek(self, topic: str, partition: int, offset: int) -> None:
         if self.owns(topic, partition):
