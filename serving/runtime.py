@@ -62,7 +62,7 @@ from store.schemas import (
     HISTORIES, INTERESTS, ITEMS, TIMESTAMP, VERSIONS, item_vectors_schema, shard_table,
     vectors_table, versions_schema,
 )
-from store.tables import CLEANUP_OLDER_THAN, Store, table_names, to_arrow
+from store.tables import CLEANUP_OLDER_THAN, Store, merge, table_names, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class ServingRuntime:
             "updated_at": None,
         }
         table = open_own(self.store.db, VERSIONS, versions_schema(), create=True)
-        table.merge_insert("version").when_not_matched_insert_all().execute(to_arrow([row], versions_schema(), VERSIONS))
+        merge(table, "version", to_arrow([row], versions_schema(), VERSIONS), update=False)
         self._go_live(Live(model, ready_versions(self.store)[version], index))  # the commit point is behind us
         self._drop_unused_vectors()
         return self._switched(previous, started, "shared with " + previous.version if reuse else "embedded")
@@ -333,8 +333,7 @@ class ServingRuntime:
             "item_updated_at": pa.array([source[i] for i in encoded.item_ids], TIMESTAMP),
             "updated_at": pa.array([datetime.now(timezone.utc)] * len(encoded.item_ids), TIMESTAMP),
         })
-        table.merge_insert("item_id").when_matched_update_all().when_not_matched_insert_all().execute(
-            to_arrow(batch, self._vectors_schema, table.name))
+        merge(table, "item_id", to_arrow(batch, self._vectors_schema, table.name))
         return len(encoded.item_ids)
 
     # --- refresh: new/changed items, then touched users -----------------------------------------------

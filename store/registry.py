@@ -31,7 +31,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from store.objectstore import artefact_filesystem
 from store.schemas import REGISTRY, registry_schema
-from store.tables import connect, open_table, to_arrow
+from store.tables import connect, merge, open_table, to_arrow
 
 MANIFEST = "manifest.json"
 PUBLISHED = "published"
@@ -141,10 +141,7 @@ class ModelRegistry:
             "manifest": manifest_bytes.decode("utf-8"),
             "status": PUBLISHED,
         }
-        result = (
-            self._table().merge_insert("version").when_not_matched_insert_all()
-            .execute(to_arrow([row], registry_schema(), REGISTRY))
-        )
+        result = merge(self._table(), "version", to_arrow([row], registry_schema(), REGISTRY), update=False)
         if result.num_inserted_rows != 1:
             raise HymirecError(f"model version {version} was published concurrently by another process")
         return ModelVersion(version, parent, artifact_uri, manifest)

@@ -1,7 +1,7 @@
 """The LanceDB tables, declared once: names, key columns and pyarrow schemas.
 
-Layout (one writer per table, DESIGN §6 — concurrent ``merge_insert`` on one table can duplicate
-rows, lance #4585):
+Layout (one writer per table, DESIGN §6; every key column is declared lance's primary key, so that
+a replaced writer still finishing a batch cannot duplicate a key, see ``PRIMARY_KEY``):
 
 - ``items`` — the catalogue; written only by the items agent.
 - ``user_histories_pNNN`` / ``user_interests_pNNN`` — user state *sharded by Kafka partition*
@@ -49,11 +49,21 @@ POSITION_KEY = ""
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
+# Declared on every table's key column. With it lance records the keys a merge_insert inserts, so two
+# writers inserting the same new key conflict and one is retried against the other's rows instead of
+# both committing it (lance #4585). One writer per table is the rule; this makes a writer that has
+# not yet learnt it was replaced (a revoked or evicted worker's last batch) harmless.
+PRIMARY_KEY = {"lance-schema:unenforced-primary-key": "true"}
+
+
+def key_field(name: str) -> pa.Field:
+    return pa.field(name, pa.string(), nullable=False, metadata=PRIMARY_KEY)
+
 
 def items_schema(dim: int) -> pa.Schema:
     """One row per item. ``vector`` is null until a model version has embedded the item."""
     return pa.schema([
-        pa.field("item_id", pa.string(), nullable=False),
+        key_field("item_id"),
         pa.field("text", pa.string()),
         pa.field("category", pa.string()),
         pa.field("ts", pa.int64()),
@@ -73,7 +83,7 @@ def histories_schema() -> pa.Schema:
     ``POSITION_KEY`` holds the shard's applied position in ``watermark_offset`` instead.
     """
     return pa.schema([
-        pa.field("user_id", pa.string(), nullable=False),
+        key_field("user_id"),
         pa.field("history_item_ids", pa.list_(pa.string())),
         pa.field("history_codes", pa.binary()),
         pa.field("codebook_version", pa.string()),
@@ -90,7 +100,7 @@ def histories_schema() -> pa.Schema:
 def interests_schema() -> pa.Schema:
     """One row per user: K interest vectors (each of width embedding_dim, L2-normalised)."""
     return pa.schema([
-        pa.field("user_id", pa.string(), nullable=False),
+        key_field("user_id"),
         pa.field("interests", pa.list_(pa.list_(pa.float32()))),
         pa.field("model_version", pa.string()),
         pa.field("updated_at", TIMESTAMP, nullable=False),
@@ -100,7 +110,7 @@ def interests_schema() -> pa.Schema:
 def registry_schema() -> pa.Schema:
     """One row per published model version; the row is the commit point of a publish."""
     return pa.schema([
-        pa.field("version", pa.string(), nullable=False),
+        key_field("version"),
         pa.field("parent", pa.string()),
         pa.field("created_at", TIMESTAMP, nullable=False),
         pa.field("artifact_uri", pa.string(), nullable=False),
@@ -118,7 +128,7 @@ def vectors_table(version: str) -> str:
 def item_vectors_schema(dim: int) -> pa.Schema:
     """``item_updated_at``: the ``items`` row the vector was computed from (a newer one is re-encoded)."""
     return pa.schema([
-        pa.field("item_id", pa.string(), nullable=False),
+        key_field("item_id"),
         pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
         pa.field("codes", pa.binary()),
         pa.field("item_updated_at", TIMESTAMP, nullable=False),
@@ -129,7 +139,7 @@ def item_vectors_schema(dim: int) -> pa.Schema:
 def versions_schema() -> pa.Schema:
     """One row per model version ready to serve; inserting it is a switch's commit point."""
     return pa.schema([
-        pa.field("version", pa.string(), nullable=False),
+        key_field("version"),
         pa.field("parent", pa.string()),
         pa.field("vectors_table", pa.string(), nullable=False),
         pa.field("item_encoder_id", pa.string(), nullable=False),
@@ -143,7 +153,7 @@ def versions_schema() -> pa.Schema:
 def popular_schema() -> pa.Schema:
     """The most interacted-with items: the answer when there is no model."""
     return pa.schema([
-        pa.field("item_id", pa.string(), nullable=False),
+        key_field("item_id"),
         pa.field("count", pa.int64(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
@@ -153,7 +163,7 @@ def follows_schema() -> pa.Schema:
     """Per item j: the items that followed j in users' recent items, with weights Σ 1/distance
     (model.blend.Signals.follows), the heaviest first."""
     return pa.schema([
-        pa.field("item_id", pa.string(), nullable=False),
+        key_field("item_id"),
         pa.field("next_item_ids", pa.list_(pa.string())),
         pa.field("next_weights", pa.list_(pa.float32())),
         pa.field("updated_at", TIMESTAMP, nullable=False),

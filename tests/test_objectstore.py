@@ -162,15 +162,14 @@ def test_two_writers_of_worker_batches_lose_no_commit_and_duplicate_no_user(s3_s
     assert len(table.list_versions()) >= 1 + 2 * RACE_ROUNDS  # every merge_insert committed a version
 
 
-def test_two_writers_inserting_only_new_keys_duplicate_them(s3_settings: Settings):
-    """What one writer per shard prevents (lance #4585): two merge_inserts that only insert commit as
-    two appends touching no common fragment, so both get through with the same new key. Nothing is
-    lost, but the key is there twice. (Lance's primary-key field metadata records inserted keys and
-    makes this a conflict, but not on the BTree-indexed join the store uses: it needs
-    ``merge_insert(...).use_index(False)``, measured here by hand.) If this starts failing, lance
-    detects the conflict by itself."""
+def test_two_writers_inserting_only_new_keys_store_each_once(s3_settings: Settings):
+    """Two merge_inserts that only insert commit as two appends touching no common fragment, so
+    lance's fragment check alone lets both through with the same new key (lance #4585). The store
+    declares the key lance's primary key and joins without the key's index (``store.tables.merge``):
+    lance then records the inserted keys and the second commit conflicts and is planned again."""
     ids = raced_shard(s3_settings, with_position=False)
-    assert len(ids) > len(set(ids)), "no user twice in any round"
+    dupes = [key for key, n in Counter(ids).items() if n > 1]
+    assert not dupes, f"{len(dupes)} users twice: {dupes[:5]}"
 
 
 # --- end to end ----------------------------------------------------------------------------------
