@@ -77,7 +77,14 @@ def create_bucket(settings: Settings) -> str:
     if not is_s3(settings):
         raise HymirecError(f"HYMIREC_LANCEDB_URI is {settings.lancedb_uri}: no s3://BUCKET/... to create")
     bucket, _ = bucket_and_prefix(settings.lancedb_uri)
-    s3_filesystem(settings, allow_bucket_creation=True).create_dir(bucket)
+    try:
+        s3_filesystem(settings, allow_bucket_creation=True).create_dir(bucket)
+    except OSError as exc:
+        hint = ""
+        if "ACCESS_DENIED" in str(exc):  # a server left running by `hymirec s3 start` keeps its first secret
+            hint = (": the server refused HYMIREC_S3_ACCESS_KEY_ID / HYMIREC_S3_SECRET_ACCESS_KEY (a local server "
+                    "keeps the keys it was started with: `hymirec s3 stop`, then start it with these)")
+        raise HymirecError(f"could not create bucket {bucket!r} on {settings.s3_endpoint or 'AWS'}{hint} ({exc})") from None
     return bucket
 
 

@@ -61,6 +61,19 @@ def test_storage_options_follow_the_settings(monkeypatch, capsys):
     assert "HYMIREC_S3_SECRET_ACCESS_KEY=**********" in listing and "s3cr3t-value" not in listing
 
 
+def test_s3_bucket_with_keys_the_running_server_refuses_is_one_line(s3_settings: Settings, capsys, monkeypatch):
+    """`hymirec s3 start` again with a new secret while the first server runs (it keeps its keys)."""
+    monkeypatch.setenv("HYMIREC_LANCEDB_URI", s3_settings.lancedb_uri)
+    monkeypatch.setenv("HYMIREC_S3_ENDPOINT", s3_settings.s3_endpoint)
+    monkeypatch.setenv("HYMIREC_S3_ACCESS_KEY_ID", s3_settings.s3_access_key_id)
+    monkeypatch.setenv("HYMIREC_S3_SECRET_ACCESS_KEY", "not-the-servers-secret")
+    assert main(["s3", "bucket"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "refused HYMIREC_S3_ACCESS_KEY_ID / HYMIREC_S3_SECRET_ACCESS_KEY" in err and "hymirec s3 stop" in err
+    assert "not-the-servers-secret" not in err and secret(s3_settings) not in err
+
+
 # --- store and registry --------------------------------------------------------------------------
 def test_store_round_trip_on_s3(s3_settings: Settings):
     store = Store(s3_settings)
