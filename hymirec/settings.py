@@ -136,7 +136,16 @@ class Settings(BaseSettings):
 
     # --- Serving (retrieval side of the worker) ----------------------------------------------------
     serving_refresh_s: float = Field(
-        0.25, gt=0, description="How often the worker looks for changed histories/items to re-encode (seconds)."
+        0.25, gt=0, description="How often the worker looks for new or changed items to encode (seconds); the "
+        "histories its ingest writes are handed to the interest refresher at once."
+    )
+    worker_torch_threads: int = Field(
+        1, ge=1, description="Threads torch may use in a worker (interest recompute, item encoding): more "
+        "busy-wait and take the cores from ingest; raise it on a machine with cores to spare."
+    )
+    serving_scan_s: float = Field(
+        5.0, gt=0, description="How often the worker scans its history shards for changes it was not handed "
+        "(seconds): another process's writes, a failed refresh."
     )
     interest_batch_size: int = Field(256, ge=1, description="Users per interest-recompute micro-batch.")
     ann_min_rows: int = Field(

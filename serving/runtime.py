@@ -28,11 +28,14 @@ topic's one partition (``owns_catalogue``, asked before each write, so a rebalan
 over). Another worker switches only to a version the writer has made ready, reads its vectors
 table, and encodes new items for its own interests without writing them.
 
-**Freshness.** The runtime polls, every ``serving_refresh_s``, the history shards it owns and the
-item table for rows changed since its last pass (``updated_at`` watermarks), re-encodes changed
-items into the live vectors table and recomputes the interests of changed users in micro-batches.
-The first pass over a shard (start, new assignment, switch) compares every user's interests row
-with its history row instead, so a restart catches up on whatever it missed.
+**Freshness.** The worker's ingest path hands each write's history rows straight to ``refresh``
+(``touched``): their users' interests are recomputed from those rows at once, in micro-batches,
+without reading them back or waiting for a poll. Every ``serving_refresh_s`` the runtime re-encodes
+new or changed items (``updated_at`` watermark of the item table) into the live vectors table, and
+every ``serving_scan_s`` it scans the history shards it owns for rows changed since its last scan
+that it was not handed (another process's writes, a failed step). The first scan of a shard (start,
+new assignment, switch) compares every user's interests row with its history row instead, so a
+restart catches up on whatever it missed.
 """
 
 from __future__ import annotations
@@ -138,6 +141,10 @@ class ServingRuntime:
         self.live: Live | None = None
         self.shards: set[int] | None = None
         self._history_marks: dict[int, Mark] = {}
+        # shard -> user -> the updated_at of the history row handed over (``touched``) that the user's
+        # live interests were computed from: the next scan skips those rows (pruned behind its mark).
+        self._handed: dict[int, dict[str, datetime]] = {}
+        self._scanned_at: float | None = None
         self._items_mark = Mark()
         self._refused: set[str] = set()
         self._waiting: str | None = None  # a version asked for that the catalogue's writer has not made ready
@@ -222,6 +229,7 @@ class ServingRuntime:
     def _switched(self, previous: Live | None, started: float, how: str) -> str:
         self._waiting = None
         self._history_marks.clear()  # the next pass compares every user's interests with the live version
+        self._handed.clear()
         rewritten = self.refresh_interests()
         self.metrics.switches.labels("switched").inc()
         self.metrics.switch_seconds.observe(time.perf_counter() - started)
@@ -337,12 +345,38 @@ class ServingRuntime:
         return len(encoded.item_ids)
 
     # --- refresh: new/changed items, then touched users -----------------------------------------------
-    def refresh(self) -> tuple[int, int]:
-        """One poll: (items encoded, users whose interests were recomputed)."""
+    def refresh(self, touched: dict[int, list[dict]] | None = None, handed_until: datetime | None = None) -> tuple[int, int]:
+        """One step: (items encoded, users whose interests were recomputed).
+
+        ``touched``: {shard: history rows just written} from the worker's ingest path; their users'
+        interests are recomputed from them, and the shards are scanned only every ``serving_scan_s``,
+        up to ``handed_until`` (rows written later are still on their way here). None: scan now (a
+        caller that hands nothing over)."""
         self.follow()
         if self.live is None:
             return 0, 0
-        return self.refresh_items(), self.refresh_interests()
+        items = self.refresh_items()
+        users = self.refresh_touched(touched) if touched is not None else 0
+        now = time.monotonic()
+        if touched is None or self._scanned_at is None or now - self._scanned_at >= self.settings.serving_scan_s:
+            self._scanned_at = now
+            users += self.refresh_interests(until=handed_until if touched is not None else None)
+        return items, users
+
+    def refresh_touched(self, touched: dict[int, list[dict]]) -> int:
+        """Recompute the interests of the users of rows the ingest path has just written (those of
+        shards this worker still owns)."""
+        total = 0
+        for shard, rows in sorted(touched.items()):
+            if self.shards is not None and shard not in self.shards:
+                continue  # revoked meanwhile: its new owner computes them
+            step = self.settings.interest_batch_size
+            for start in range(0, len(rows), step):
+                batch = rows[start : start + step]
+                total += self._interests_of(shard, batch)
+                handed = self._handed.setdefault(shard, {})
+                handed.update((row["user_id"], row["updated_at"]) for row in batch)
+        return total
 
     def refresh_items(self) -> int:
         items = self._items(self._items_mark)
@@ -354,9 +388,10 @@ class ServingRuntime:
         self._items_mark.advance(items, "item_id")
         return written
 
-    def refresh_interests(self) -> int:
+    def refresh_interests(self, until: datetime | None = None) -> int:
         """Recompute the interests of users whose history changed (every user, on a shard's first
-        pass, whose interests are missing, stale or of another version); returns how many."""
+        pass, whose interests are missing, stale or of another version), in rows written before
+        ``until`` if given; returns how many."""
         if self.live is None:
             return 0
         owned = self.store.shards(HISTORIES) if self.shards is None else sorted(self.shards)
@@ -370,12 +405,24 @@ class ServingRuntime:
             mark = self._history_marks.setdefault(shard, Mark())
             first = mark.ts is None
             rows = mark.unseen(self.store.scan_histories(shard, ["user_id", "updated_at"], since=mark.ts), "user_id")
-            users = self._stale(shard, rows) if first else rows["user_id"].to_pylist()
+            if until is not None:
+                rows = rows.filter(pc.less(rows["updated_at"], pa.scalar(until, TIMESTAMP)))
+            users = self._stale(shard, rows) if first else self._not_handed(shard, rows)
             step = self.settings.interest_batch_size
             for start in range(0, len(users), step):
                 total += self._write_interests(shard, users[start : start + step])
             mark.advance(rows, "user_id")
+            if mark.ts is not None:  # rows behind the mark are never scanned again
+                handed = self._handed.get(shard, {})
+                for user in [u for u, ts in handed.items() if ts < mark.ts]:
+                    del handed[user]
         return total
+
+    def _not_handed(self, shard: int, histories: pa.Table) -> list[str]:
+        """Users of changed rows other than those whose interests were computed from that very row."""
+        handed = self._handed.get(shard, {})
+        return [u for u, t in zip(histories["user_id"].to_pylist(), histories["updated_at"].to_pylist())
+                if u not in handed or handed[u] < t]
 
     def _stale(self, shard: int, histories: pa.Table) -> list[str]:
         """Users whose interests are missing, of another version, or older than their history."""
@@ -386,7 +433,10 @@ class ServingRuntime:
                 if have.get(u) is None or have[u]["model_version"] != self.live.version or have[u]["updated_at"] < t]
 
     def _write_interests(self, shard: int, users: list[str]) -> int:
-        rows = list(self.store.get_histories(users, shard=shard).values())
+        return self._interests_of(shard, list(self.store.get_histories(users, shard=shard).values()))
+
+    def _interests_of(self, shard: int, rows: list[dict]) -> int:
+        """Compute and write the interests of the users of these history rows."""
         if not rows:
             return 0
         codes = [row["history_codes"] if row["codebook_version"] in self.live.codes_readable else None for row in rows]

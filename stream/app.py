@@ -124,7 +124,8 @@ async def send_dead(records: list[dict]) -> None:
 @app.agent(interactions_topic, concurrency=1)
 async def ingest_interactions(stream):
     async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        await ingestor.interactions(_raw(events), send_dead, kafka)
+        result = await ingestor.interactions(_raw(events), send_dead, kafka)
+        serving_side.touched(result.rows)
 
 
 @app.agent(items_topic, concurrency=1)

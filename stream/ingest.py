@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol, TypeVar
 
 from hymirec.settings import Settings
@@ -263,8 +264,15 @@ def prepare_interactions(
 
 
 def write_interactions(store: Store, result: BatchResult) -> None:
-    """Make a prepared batch durable: per shard ONE merge_insert of its rows and its new position."""
+    """Make a prepared batch durable: per shard ONE merge_insert of its rows and its new position.
+
+    The rows are stamped with the write's time (to the stored millisecond) first, so that once
+    written they are exactly the stored rows: the worker hands them to its interest refresher."""
+    now = datetime.now(timezone.utc)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
     for shard, position in result.positions.items():
+        for row in result.rows[shard]:
+            row["updated_at"] = now
         store.upsert_histories(shard, result.rows[shard], position=position)
 
 
@@ -283,7 +291,7 @@ def _finish_rows(users: list[_Pending], settings: Settings, encoder: Encoder | N
         row["history_item_ids"] = ids[-settings.history_max_len:]
         row["recent_item_ids"] = ids[-settings.recent_len:]
         row["recent_event_ids"] = row["recent_event_ids"][-settings.dedupe_window:] if settings.dedupe_window else []
-        row["updated_at"] = None  # the store stamps the write time
+        row["updated_at"] = None  # write_interactions stamps the write time
 
     version = getattr(encoder, "version", None)
     extend = {id(u) for u in users if _codes_cover(u, version)}

@@ -3,7 +3,8 @@
 stream.app calls ``register`` once, so one `faust -A stream.app worker` runs both halves:
 
     model-versions         → hot-swap to the announced version (serving.runtime.ServingRuntime)
-    every serving_refresh_s   re-encode new/changed items, recompute the interests of touched users
+    each ingest write         recompute the interests of the users it wrote (handed over: ``touched``)
+    every serving_refresh_s   re-encode new/changed items; every serving_scan_s, a scan for missed users
     every version_poll_s      switch to a newer registry version nobody announced to this worker
                               (the trainer's messages share one partition: one worker of a group gets them)
     every popularity_refresh_s, optimize_interval_s: popular items; compaction and the ANN index
@@ -22,9 +23,11 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import faust
+import torch
 from faust.types import TP
 
 from hymirec.errors import HymirecError
@@ -55,8 +58,11 @@ class ServingSide:
         self.recommender: Recommender | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._touched: dict[int, dict[str, dict]] = {}  # shard -> user -> newest history row written
+        self._wake = asyncio.Event()
 
     def start(self) -> None:
+        torch.set_num_threads(self.settings.worker_torch_threads)
         self.metrics = ServingMetrics(self.ingestor.metrics.registry)
         self.runtime = ServingRuntime(self.settings, metrics=self.metrics, on_live=self.ingestor.set_encoder,
                                       owns_catalogue=self.owns_catalogue)
@@ -83,6 +89,28 @@ class ServingSide:
         except Exception as exc:  # noqa: BLE001 — keep serving what is live; the step is retried
             log.error("serving: %s failed: %s: %s", what, type(exc).__name__, exc)
             return None
+
+    def touched(self, rows: dict[int, list[dict]]) -> None:
+        """Hand the history rows an ingest write has just made durable to the interest refresher."""
+        for shard, written in rows.items():
+            newest = self._touched.setdefault(shard, {})
+            newest.update((row["user_id"], row) for row in written)
+        if rows:
+            self._wake.set()
+
+    async def refresh_loop(self) -> None:
+        """Refresh as soon as rows are handed over, else every ``serving_refresh_s``. Rows handed over
+        while the runtime is not started, or lost with a failed step, are found by its next scan."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.serving_refresh_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            touched, self._touched = self._touched, {}
+            # Every row written before now has been handed over, in this batch or an earlier one.
+            await self.write("refreshing items and interests", ServingRuntime.refresh,
+                             {shard: list(rows.values()) for shard, rows in touched.items()}, datetime.now(timezone.utc))
 
     async def recommend(self, user_id: str, k: int, include_seen: bool):
         if self.recommender is None:  # the first query: top-k needs no runtime, so none waits for it
@@ -117,9 +145,9 @@ def register(app: faust.App, settings: Settings, ingestor: Ingestor) -> ServingS
         side.start()
         await side.write("resuming the live model", ServingRuntime.start)
 
-    @app.timer(settings.serving_refresh_s, name="serving.refresh")
+    @app.task
     async def refresh_serving() -> None:
-        await side.write("refreshing items and interests", ServingRuntime.refresh)
+        await side.refresh_loop()
 
     @app.timer(settings.version_poll_s, name="serving.poll_registry")
     async def poll_registry() -> None:

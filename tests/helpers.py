@@ -142,7 +142,7 @@ class Log:
 
         apply_items(self.store, self.settings, [raw(r, r["item_id"], i, 0) for i, r in enumerate(rows)])
 
-    def interactions(self, rows: list[dict], encoder=None) -> None:
+    def interactions(self, rows: list[dict], encoder=None):
         from stream.ingest import apply_interactions
 
         batch = []
@@ -150,7 +150,7 @@ class Log:
             p = shard_of(r["user_id"])
             batch.append(raw(r, r["user_id"], self.offsets[p], p))
             self.offsets[p] += 1
-        apply_interactions(self.store, self.settings, batch, encoder=encoder)
+        return apply_interactions(self.store, self.settings, batch, encoder=encoder)
 
 
 @pytest.fixture(scope="module")
