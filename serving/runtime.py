@@ -65,7 +65,7 @@ from store.schemas import (
     HISTORIES, INTERESTS, ITEMS, TIMESTAMP, VERSIONS, item_vectors_schema, shard_table,
     vectors_table, versions_schema,
 )
-from store.tables import CLEANUP_OLDER_THAN, Store, merge, table_names, to_arrow
+from store.tables import CLEANUP_OLDER_THAN, Store, dedupe_last, merge, table_names, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class ServingRuntime:
         self._handed: dict[int, dict[str, datetime]] = {}
         self._scanned_at: float | None = None
         self._items_mark = Mark()
+        self._writes_vectors = False  # whether the last refresh_items wrote the live vectors table
         self._refused: set[str] = set()
         self._waiting: str | None = None  # a version asked for that the catalogue's writer has not made ready
         self._followed_at = 0.0
@@ -273,6 +274,7 @@ class ServingRuntime:
         if codebook is not None:  # stored codes of any version with the same codebook decode alike
             live.codes_readable = {v for v, row in ready_versions(self.store).items() if row["codebook_id"] == codebook}
         self.live = live
+        self._writes_vectors = False  # a new vectors table: check it on the next refresh as its writer
         self.metrics.version.info({"version": live.version})
         if self.on_live is not None:
             self.on_live(live.index)
@@ -379,14 +381,31 @@ class ServingRuntime:
         return total
 
     def refresh_items(self) -> int:
+        """Encode new or changed items (and write their vectors when this worker is the catalogue's
+        writer); returns how many."""
         items = self._items(self._items_mark)
-        if not len(items):
+        writer = self.owns_catalogue()
+        todo = items
+        if writer and not self._writes_vectors:
+            # The role is new, or back after a rebalance: items only encoded meanwhile (by this
+            # worker as a follower, or while the role was in doubt) may have no vectors row yet.
+            todo = dedupe_last(pa.concat_tables([self._unwritten_items(), items]), "item_id")
+        self._writes_vectors = writer
+        if not len(todo):
             return 0
-        table = open_own(self.store.db, self.live.row["vectors_table"], self._vectors_schema) \
-            if self.owns_catalogue() else None
-        written = self._write_vectors(table, self.live.model, self.live.index, items)
+        table = open_own(self.store.db, self.live.row["vectors_table"], self._vectors_schema) if writer else None
+        written = self._write_vectors(table, self.live.model, self.live.index, todo)
         self._items_mark.advance(items, "item_id")
         return written
+
+    def _unwritten_items(self) -> pa.Table:
+        """Catalogue rows whose vectors row in the live table is missing or older than the row."""
+        catalogue = self._items(None)
+        table = open_own(self.store.db, self.live.row["vectors_table"], self._vectors_schema)
+        have = table.search().select(["item_id", "item_updated_at"]).limit(None).to_arrow()
+        written = dict(zip(have["item_id"].to_pylist(), have["item_updated_at"].to_pylist()))
+        return catalogue.filter(pa.array([written.get(i) is None or written[i] < t for i, t in zip(
+            catalogue["item_id"].to_pylist(), catalogue["updated_at"].to_pylist())], pa.bool_()))
 
     def refresh_interests(self, until: datetime | None = None) -> int:
         """Recompute the interests of users whose history changed (every user, on a shard's first

@@ -391,6 +391,15 @@ def test_only_the_catalogue_writer_writes_shared_tables_and_followers_take_its_v
     assert writer.refresh()[0] == 1 and vectors.count_rows("item_id = 'brand-new'") == 1
     assert follower.live.index.codes_for(["brand-new"]) == writer.live.index.codes_for(["brand-new"])
 
+    # An item that arrives while the writer's role is in doubt (a rebalance) is encoded, not written;
+    # once the role is back the vectors the table lacks are written.
+    Log(store, settings).items([{"item_id": "mid-rebalance", "text": world["items"]["text"][1], "category": None}])
+    writer_role["writer"] = False
+    assert writer.refresh()[0] == 1 and vectors.count_rows("item_id = 'mid-rebalance'") == 0
+    writer_role["writer"] = True
+    assert writer.refresh()[0] == 1 and vectors.count_rows("item_id = 'mid-rebalance'") == 1
+    assert writer.refresh()[0] == 0
+
     assert follower.refresh_popularity() == 0 and "popular_items" not in table_names(store.db)
     assert writer.refresh_popularity() > 0
 
