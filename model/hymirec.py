@@ -370,7 +370,9 @@ class HyMiRec(nn.Module):
         """seq [B, T] left-padded, ends [B, C] → interests [B, C, K, D]; ``history`` [B, T, D]: the
         coarse branch's inputs as stored (decoded codes), else looked up from the item table."""
         B, C = ends.shape
-        recent, recent_pad = window(seq, ends, self.config.recent_len, 0)
+        # No window is longer than the sequences: slots before their start would only be padding,
+        # which changes no output but costs the LLM as much as an item (most users are short).
+        recent, recent_pad = window(seq, ends, min(self.config.recent_len, seq.size(1)), 0)
         coarse = None
         if self.coarse is not None:
             pad = seq == 0

@@ -31,6 +31,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from model import artifact
 from model.catalogue import Catalogue, pad_left
+from model.hymirec import length_groups
 from model.item_encoder import ItemEncoder, encode_content, frozen_encoder
 from serving.loader import LoadedModel, load_version
 from serving.model import EncodedItems
@@ -167,23 +168,30 @@ class ServedHyMiRec:
         """See ``ServingModel.interests``. A user's stored codes are read when they cover every id of
         the history (one block each) and the codebook is fitted; otherwise (no codes yet, an id this
         version does not know) the coarse branch reads the ids' codes from the model's item table."""
-        index, cfg, items = self.catalogue.index, self.module.config, self.module.items
+        index, cfg = self.catalogue.index, self.module.config
         codes = codes if codes is not None else [None] * len(histories)
-        out = []
-        for start in range(0, len(histories), INTERESTS_BATCH):
-            ids, blobs = histories[start : start + INTERESTS_BATCH], codes[start : start + INTERESTS_BATCH]
-            seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in ids]
-            longest = max(1, min(cfg.history_len, max(len(s) for s in seqs)))
-            seq = torch.as_tensor(pad_left(seqs, longest))
-            stored = [self._stored_history(h, s, blob, longest) for h, s, blob in zip(ids, seqs, blobs)]
-            history = None
-            if any(x is not None for x in stored):
-                history = items.history_inputs(seq, self._item_vectors()).clone()
-                for row, x in enumerate(stored):
-                    if x is not None:
-                        history[row, longest - len(x):] = x
-            out.append(self.module(seq, history=history).float())
-        return torch.cat(out).numpy() if out else np.zeros((0, cfg.num_interests, cfg.dim), np.float32)
+        seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
+        out = np.zeros((len(histories), cfg.num_interests, cfg.dim), np.float32)
+        # Batches of users of similar length: a batch costs what its longest history costs (the
+        # coarse branch is quadratic in it), and one long history would make every short one pay.
+        for rows, _ in length_groups(torch.as_tensor([min(len(s), cfg.history_len) for s in seqs], dtype=torch.long)):
+            for start in range(0, len(rows), INTERESTS_BATCH):
+                batch = rows[start : start + INTERESTS_BATCH].tolist()
+                out[batch] = self._interests_of([histories[r] for r in batch], [seqs[r] for r in batch],
+                                                [codes[r] for r in batch])
+        return out
+
+    def _interests_of(self, ids: Sequence[Sequence[str]], seqs: list[np.ndarray], blobs: Sequence[bytes | None]) -> np.ndarray:
+        longest = max(1, min(self.module.config.history_len, max(len(s) for s in seqs)))
+        seq = torch.as_tensor(pad_left(seqs, longest))
+        stored = [self._stored_history(h, s, blob, longest) for h, s, blob in zip(ids, seqs, blobs)]
+        history = None
+        if any(x is not None for x in stored):
+            history = self.module.items.history_inputs(seq, self._item_vectors()).clone()
+            for row, x in enumerate(stored):
+                if x is not None:
+                    history[row, longest - len(x):] = x
+        return self.module(seq, history=history).float().numpy()
 
     def _stored_history(self, ids: Sequence[str], seq: np.ndarray, blob: bytes | None, longest: int) -> torch.Tensor | None:
         """The reconstruction [n, D] of the last ``longest`` items of a stored history, or None."""

@@ -342,6 +342,23 @@ def test_interests_come_from_the_stored_codes_not_the_item_table(world, settings
     assert not np.allclose(model.interests(histories), from_ids, atol=1e-4)
 
 
+def test_a_users_interests_do_not_depend_on_the_other_users_of_the_batch(world, settings):
+    """Users are batched by history length and the recent window is cut to the batch's longest
+    history: neither may change what a user gets (stored codes or not)."""
+    publish(settings, world["m1"])
+    runtime = ServingRuntime(settings)
+    runtime.start()
+    model = runtime.live.model
+    rng = np.random.default_rng(0)
+    items = list(world["items"]["item_id"])
+    histories = [[str(i) for i in rng.choice(items, n)] for n in (1, 3, 90, 8, 2, 60, 5)]
+    codes = [stored_codes(model, h) if n % 2 else None for n, h in enumerate(histories)]
+    together = model.interests(histories, codes)
+    alone = np.concatenate([model.interests([h], [c]) for h, c in zip(histories, codes)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert not np.allclose(together[0], together[1], atol=1e-3)  # not all alike
+
+
 def test_the_runtime_hands_the_model_the_rows_codes_of_its_codebook(world, settings):
     store = Store(settings)
     publish(settings, world["m1"])
