@@ -87,13 +87,19 @@ def test_topk_cli(world, settings):
 
 
 # --- freshness: events and items after the switch ------------------------------------------------------
-def test_new_event_and_new_item_are_served_after_one_refresh(world, settings):
+def serving_m1(world, settings: Settings) -> tuple[Store, ServingRuntime, Log]:
+    """m1 published and live in a runtime, and a log that goes on where the world's left off."""
     store = Store(settings)
     publish(settings, world["m1"])
     runtime = ServingRuntime(settings)
     runtime.start()
     log = Log(store, settings)
     log.offsets = list(world["offsets"])
+    return store, runtime, log
+
+
+def test_new_event_and_new_item_are_served_after_one_refresh(world, settings):
+    store, runtime, log = serving_m1(world, settings)
     user = users_of(store)[5]
     before = recommend(store, user, 5)
     interests_before = store.get_interests([user])[user]
@@ -122,13 +128,7 @@ def test_new_event_and_new_item_are_served_after_one_refresh(world, settings):
 
 
 def test_rows_the_ingest_path_hands_over_are_refreshed_at_once_and_the_scan_finds_the_rest(world, settings):
-    settings = settings.model_copy(update={"serving_scan_s": 0.5})
-    store = Store(settings)
-    publish(settings, world["m1"])
-    runtime = ServingRuntime(settings)
-    runtime.start()
-    log = Log(store, settings)
-    log.offsets = list(world["offsets"])
+    store, runtime, log = serving_m1(world, settings.model_copy(update={"serving_scan_s": 0.5}))
     users = users_of(store)[:4]
     before = store.get_interests(users)
     item = world["items"]["item_id"][0]
