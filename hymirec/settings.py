@@ -95,6 +95,17 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(
         0.5, gt=0, description="Longest wait (seconds) to fill a micro-batch before applying what came."
     )
+    ingest_flush_s: float = Field(
+        0.25, gt=0, description="Longest time (seconds) applied events wait in the worker's memory for their "
+        "LanceDB write while it is catching up on a backlog (once caught up, each micro-batch is written at once)."
+    )
+    ingest_flush_events: int = Field(
+        20_000, ge=1, description="Applied events after which the worker writes what it holds, backlog or not."
+    )
+    ingest_cache_ids: int = Field(
+        2_000_000, ge=0, description="History entries (item ids and event ids) of its shards' users the worker "
+        "keeps in memory between writes; least recently used users beyond it are read again from LanceDB."
+    )
     dedupe_window: int = Field(
         100, ge=0, description="Event ids kept per user to drop a producer's resent duplicates."
     )

@@ -141,7 +141,8 @@ def to_arrow(rows: Rows, schema: pa.Schema, what: str) -> pa.Table:
         except (pa.ArrowException, TypeError, ValueError) as exc:
             raise HymirecError(f"bad {what} table: {exc}") from None
     else:
-        rows = [_plain_row(row, schema, what, i) for i, row in enumerate(rows)]
+        known = frozenset(schema.names)
+        rows = [_plain_row(row, schema, known, what, i) for i, row in enumerate(rows)]
         try:
             table = pa.Table.from_pylist(rows, schema=loose)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -179,12 +180,15 @@ def _reject_unknown(names: Iterable[str], schema: pa.Schema, what: str, row: int
         raise HymirecError(f"bad {where}: unknown column(s) {unknown}; expected {schema.names}")
 
 
-def _plain_row(row: Any, schema: pa.Schema, what: str, index: int) -> dict[str, Any]:
+def _plain_row(row: Any, schema: pa.Schema, known: frozenset[str], what: str, index: int) -> Mapping[str, Any]:
     if not isinstance(row, Mapping):
         raise HymirecError(f"bad {what} row {index}: expected a dict, got {type(row).__name__}")
-    _reject_unknown(row.keys(), schema, what, index)
+    if not row.keys() <= known:
+        _reject_unknown(row.keys(), schema, what, index)
     # pyarrow converts 1-d numpy arrays itself but not 2-d ones (the K x dim interests).
-    return {k: list(v) if isinstance(v, np.ndarray) and v.ndim > 1 else v for k, v in row.items()}
+    if any(isinstance(v, np.ndarray) and v.ndim > 1 for v in row.values()):
+        return {k: list(v) if isinstance(v, np.ndarray) and v.ndim > 1 else v for k, v in row.items()}
+    return row
 
 
 def _first_bad_row(rows: list[dict], schema: pa.Schema, what: str) -> HymirecError:

@@ -123,9 +123,11 @@ async def send_dead(records: list[dict]) -> None:
 
 @app.agent(interactions_topic, concurrency=1)
 async def ingest_interactions(stream):
-    async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        result = await ingestor.interactions(_raw(events), send_dead, kafka)
-        serving_side.touched(result.rows)
+    try:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            await ingestor.interactions(_raw(events), send_dead, kafka)
+    finally:  # a stop writes what is staged (else the next start reads it again from the stored positions)
+        await ingestor.flush(send_dead, kafka)
 
 
 @app.agent(items_topic, concurrency=1)
@@ -158,7 +160,7 @@ async def resume_from_stored_positions(sender, **kwargs) -> None:
 async def finish_the_batch_in_flight(sender, *args, **kwargs) -> None:
     """A revoked partition's new owner must not start before this worker's last write to it lands
     (the catalogue's too: the shared tables' writer may be in the middle of a step)."""
-    await ingestor.wait_idle()
+    await ingestor.release(send_dead, kafka)
     await serving_side.wait_idle()
 
 
@@ -177,6 +179,13 @@ async def on_started() -> None:
 @app.timer(settings.item_cache_refresh_s)
 async def refresh_items() -> None:
     await ingestor.refresh_items()
+
+
+@app.timer(settings.ingest_flush_s / 2)
+async def flush_staged() -> None:
+    """Under a backlog the agent writes every ingest_flush_s; this catches a backlog that ended
+    with a full micro-batch, whose events would otherwise wait for the next one."""
+    await ingestor.flush(send_dead, kafka, only_if_due=True)
 
 
 @app.timer(settings.lag_report_s)
@@ -207,3 +216,4 @@ async def health(web, request):
 
 
 serving_side = register_serving(app, settings, ingestor)  # hot-swap, interest refresh, GET /recommend
+ingestor.on_written = serving_side.touched

@@ -36,10 +36,13 @@ Decisions this module makes:
   with backoff (writes are idempotent), stalling the partition instead of skipping events.
 - **One write per shard per batch** and one read of its touched users and position, so LanceDB sees
   few large ``merge_insert`` calls (DESIGN §6); the items table is written only by the items agent.
+  The worker goes further (``stream.shard_cache``): its reads come from memory, and under a backlog
+  several batches share one write.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +63,14 @@ class Encoder(Protocol):
 
     def codes_for(self, item_ids: Sequence[str]) -> dict[str, bytes] | None:
         """Packed codes of the items it knows (others absent); None while it has no codebook."""
+
+
+class HistorySource(Protocol):
+    """Where ``prepare_interactions`` reads a shard's rows: the store, or the worker's
+    ``stream.shard_cache.ShardCache`` in front of it."""
+
+    def get_histories_and_position(self, user_ids: Iterable[str], shard: int) -> tuple[dict[str, dict], int | None]:
+        """{user_id: row} of the users ``shard`` has, and its applied position (None: none yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +197,7 @@ class _Pending:
 
 
 def prepare_interactions(
-    store: Store,
+    store: HistorySource,
     settings: Settings,
     batch: Sequence[RawEvent],
     *,
@@ -243,7 +254,7 @@ def prepare_interactions(
             if ev.event_id is not None and ev.event_id in user.event_ids:
                 result.duplicate_event_ids += 1
                 continue
-            user.appended.append(ev.item_id)
+            user.appended.append(sys.intern(ev.item_id))  # shared with the other held histories (shard_cache)
             if ev.event_id is not None and settings.dedupe_window:
                 row["recent_event_ids"].append(ev.event_id)
                 user.event_ids.add(ev.event_id)
@@ -293,10 +304,14 @@ def _finish_rows(users: list[_Pending], settings: Settings, encoder: Encoder | N
         row["recent_event_ids"] = row["recent_event_ids"][-settings.dedupe_window:] if settings.dedupe_window else []
         row["updated_at"] = None  # write_interactions stamps the write time
 
-    version = getattr(encoder, "version", None)
+    if encoder is None:  # no model yet: histories by id only
+        for user in users:
+            user.row["history_codes"], user.row["codebook_version"] = None, None
+        return
+    version = encoder.version
     extend = {id(u) for u in users if _codes_cover(u, version)}
     wanted = {i for u in users for i in (u.appended if id(u) in extend else u.row["history_item_ids"])}
-    codes = encoder.codes_for(sorted(wanted)) if encoder is not None and wanted else None
+    codes = encoder.codes_for(sorted(wanted)) if wanted else None
     for user in users:
         row = user.row
         if codes is not None and id(user) in extend and all(i in codes for i in user.appended):

@@ -2,9 +2,16 @@
 
 ``Ingestor`` wraps the plain functions of ``stream.ingest`` with one store thread, retries, the
 dead-letter send, metrics, the item-id cache, the model-version hook and the applied positions:
-a batch's dead letters are sent before its write (once the stored position passes their offsets
-they are never read again), its rows and position are written in one commit per shard, and only
-then is the position committed to Kafka (monitoring; see stream.app).
+a batch's dead letters are sent right before its write (once the stored position passes their
+offsets they are never read again; a crash in between sends them again when they are read again:
+at least once, each record naming its source offset), its rows and position are written in one
+commit per shard, and only then is the position committed to Kafka (monitoring; see stream.app)
+and are the written rows handed on (``on_written``: the interest refresher).
+
+Writes are behind (``stream.shard_cache``): a batch is applied to the rows held in memory, and
+written at once when it leaves nothing waiting behind it (a partial micro-batch); under a backlog,
+after ``ingest_flush_events`` events or ``ingest_flush_s`` seconds, and always before a revoke
+returns or the worker stops.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from stream.ingest import (
 )
 from stream.lag import events_behind
 from stream.metrics import Metrics
+from stream.shard_cache import ShardCache
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ GAP_RESEEK_S = 5.0  # how long a partition held at a gap waits for the re-read b
 
 T = TypeVar("T")
 SendDead = Callable[[list[dict]], Awaitable[None]]
+Written = Callable[[dict[int, list[dict]]], None]
 
 
 class KafkaSide(Protocol):
@@ -76,8 +85,10 @@ class Ingestor:
         # ONE thread so the store object and the cache are never used concurrently.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hymirec-store")
         self._store: Store | None = None
+        self._rows: ShardCache | None = None
+        self.on_written: Written | None = None  # called with {shard: rows} right after each write
         self._waiting_logged_at: float | None = None
-        self._busy = asyncio.Lock()  # held while a batch is applied, so a revoke can wait for its write
+        self._busy = asyncio.Lock()  # held while a batch is applied or written, so a revoke can wait for it
         self.positions: dict[int, int] = {}  # applied position of each owned shard, as last written
         self._gaps_sought: dict[int, int] = {}  # partition -> first offset of a gap sought back from
         self._gaps_sought_at: dict[int, float] = {}  # partition -> when it was last sought back
@@ -87,6 +98,12 @@ class Ingestor:
         if self._store is None:
             self._store = Store(self.settings)
         return self._store
+
+    @property
+    def rows(self) -> ShardCache:
+        if self._rows is None:
+            self._rows = ShardCache(self.store, self.settings.ingest_cache_ids)
+        return self._rows
 
     def set_encoder(self, encoder: Encoder | None) -> None:
         """Called by the model side when a codebook version is published (None: no model)."""
@@ -141,14 +158,31 @@ class Ingestor:
             stored = await self._retrying(self.settings.topic_interactions, "reading the applied positions",
                                           self.store.positions, partitions)
             self.positions = dict(stored)
+            self.rows.forget()  # held rows of a shard owned meanwhile by another worker are stale
             self._gaps_sought.clear()
             self._gaps_sought_at.clear()
         return {p: stored.get(p, -1) + 1 for p in partitions}
 
-    async def wait_idle(self) -> None:
-        """Return once no batch is being applied (a revoked partition's last write has landed)."""
+    async def release(self, send_dead: SendDead, kafka: KafkaSide) -> None:
+        """On revoke: write what is staged and forget the held rows, so that a partition's next owner
+        starts from everything this worker applied (it may start once this returns)."""
+        await _complete(self._release(send_dead, kafka))
+
+    async def _release(self, send_dead: SendDead, kafka: KafkaSide) -> None:
         async with self._busy:
-            pass
+            await self._flush(send_dead, kafka, revoking=True)
+            self.rows.forget()
+
+    async def flush(self, send_dead: SendDead, kafka: KafkaSide, *, only_if_due: bool = False) -> None:
+        """Write what is staged (``only_if_due``: only once it has waited ``ingest_flush_s``)."""
+        if only_if_due and self.rows.staged_for_s() < self.settings.ingest_flush_s:
+            return  # most timer ticks: nothing waits, and a batch being applied is not waited for
+        await _complete(self._flush_locked(send_dead, kafka, only_if_due))
+
+    async def _flush_locked(self, send_dead: SendDead, kafka: KafkaSide, only_if_due: bool) -> None:
+        async with self._busy:
+            if not only_if_due or self.rows.staged_for_s() >= self.settings.ingest_flush_s:
+                await self._flush(send_dead, kafka)
 
     async def interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> BatchResult:
         return await _complete(self._interactions(batch, send_dead, kafka))
@@ -162,30 +196,48 @@ class Ingestor:
         self.log_waiting_for_model()
         async with self._busy:
             result = await self._retrying(topic, "reading histories", self._prepare_interactions, batch)
-            # Dead letters first: once the position passes their offsets they are never read again.
-            await self._retrying(topic, "sending to the dead-letter topic", send_dead, result.dead, sync=False)
-            lost = [p for p in result.positions if not kafka.owns(topic, p)]
-            if lost:  # revoked meanwhile: the new owner reads them again from the stored position
-                log.warning("not writing partitions %s of %r: no longer assigned to this worker", lost, topic)
-                for p in lost:
-                    del result.positions[p], result.rows[p]
-            await self._retrying(topic, "writing histories", write_interactions, self.store, result)
-            self.positions.update(result.positions)
-            await kafka.commit(topic, {p: position + 1 for p, position in result.positions.items()})
+            self.rows.stage(result)
+            s = self.settings
+            if (len(batch) < s.batch_size or self.rows.staged_events() >= s.ingest_flush_events
+                    or self.rows.staged_for_s() >= s.ingest_flush_s):
+                await self._flush(send_dead, kafka)
             await self._seek_over_gaps(topic, result, kafka)
-        now = time.time()
         m.events_in.labels(topic).inc(len(batch))
-        m.applied.inc(result.applied)
         m.duplicates.labels("offset").inc(result.duplicate_offsets)
         m.duplicates.labels("event_id").inc(result.duplicate_event_ids)
         m.duplicates.labels("position").inc(result.already_applied)
         m.unknown_items.inc(result.unknown_items)
         for record in result.dead:
             m.dead_lettered.labels(topic, record["reason"]).inc()
-        for ts in result.applied_timestamps:
-            m.freshness_lag.observe(max(0.0, now - ts))
         m.batch_latency.labels(topic).observe(time.perf_counter() - started)
         return result
+
+    async def _flush(self, send_dead: SendDead, kafka: KafkaSide, *, revoking: bool = False) -> None:
+        """Send the staged dead letters, write every staged row and position (one merge_insert per
+        shard), then commit the positions to Kafka and hand the rows on. A revoke's flush writes
+        partitions the consumer has already let go of: their next owner starts only once the revoke
+        returns."""
+        topic = self.settings.topic_interactions
+        pending = self.rows.pending()
+        if not pending.positions:
+            return
+        lost = [] if revoking else [p for p in pending.positions if not kafka.owns(topic, p)]
+        if lost:  # revoked without a release (a lost session): the new owner reads them again
+            log.warning("not writing partitions %s of %r: no longer assigned to this worker", lost, topic)
+            self.rows.forget(lost)
+            pending = self.rows.pending()
+        # Dead letters first: once the position passes their offsets they are never read again.
+        await self._retrying(topic, "sending to the dead-letter topic", send_dead, pending.dead, sync=False)
+        await self._retrying(topic, "writing histories", write_interactions, self.store, pending)
+        self.rows.written()
+        if self.on_written is not None:  # before any await: the refresher counts on it (serving_agents)
+            self.on_written({shard: rows for shard, rows in pending.rows.items() if rows})
+        self.positions.update(pending.positions)
+        now = time.time()
+        self.metrics.applied.inc(pending.applied)
+        for ts in pending.applied_timestamps:
+            self.metrics.freshness_lag.observe(max(0.0, now - ts))
+        await kafka.commit(topic, {p: position + 1 for p, position in pending.positions.items()})
 
     async def _seek_over_gaps(self, topic: str, result: BatchResult, kafka: KafkaSide) -> None:
         """Read a gap's missing offsets before what came after them: seek back to the position once;
@@ -209,7 +261,7 @@ class Ingestor:
     def _prepare_interactions(self, batch: Sequence[RawEvent]) -> BatchResult:
         # Until the item ids are loaded (refresh_items, at start and on a timer) unknown items are not counted.
         known = self.known_items if self.known_items.loaded else None
-        return prepare_interactions(self.store, self.settings, batch, known_items=known, encoder=self.encoder,
+        return prepare_interactions(self.rows, self.settings, batch, known_items=known, encoder=self.encoder,
                                     accepted_gaps=self._gaps_sought)
 
     async def _items(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> ItemsResult:

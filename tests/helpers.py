@@ -22,9 +22,35 @@ from prometheus_client.parser import text_string_to_metric_families
 from hymirec.procs import faust_worker, settings_env, worker_get
 from hymirec.settings import Settings, kafka_client_options
 from store import ModelRegistry, Store
+from stream.ingest import RawEvent
 
 DEADLINE_S = 120.0
 STOP_GRACE_S = 30.0
+
+
+# --- the ingest path without a broker -----------------------------------------------------------------
+def click(user: str, item: str, ts: int, *, partition: int = 0, offset: int, event_id: str | None = None,
+          key: str | None = "user") -> RawEvent:
+    """An ``interactions`` message as the worker consumes it (keyed by the user unless ``key`` says otherwise)."""
+    payload = {"user_id": user, "item_id": item, "ts": ts, "action": "click", "event_id": event_id}
+    key_bytes = None if key is None else (user if key == "user" else key).encode()
+    return RawEvent(json.dumps(payload).encode(), key_bytes, partition, offset, timestamp=1.0)
+
+
+class RecordingKafka:
+    """The consumer side an ``Ingestor`` is given: records what it is asked (no broker)."""
+
+    def __init__(self, owned=(0,)):
+        self.owned, self.seeks, self.commits = set(owned), [], []
+
+    def owns(self, topic, partition):
+        return partition in self.owned
+
+    async def seek(self, topic, partition, offset):
+        self.seeks.append((partition, offset))
+
+    async def commit(self, topic, offsets):
+        self.commits.append(dict(offsets))
 
 
 # --- a worker subprocess ------------------------------------------------------------------------------
@@ -95,18 +121,24 @@ def produce(settings: Settings, records: list[tuple], **config) -> list:
         producer.close()
 
 
-def read_dead_letters(settings: Settings, expected: int) -> list[dict]:
+def read_dead_letters(settings: Settings, expected: int, *, by_source: bool = False) -> list[dict]:
+    """The dead-letter topic's records, once ``expected`` of them are there; ``by_source``: one per
+    source partition and offset (a worker killed between a dead-letter send and the write past it
+    sends the record again: dead letters are at least once)."""
     consumer = KafkaConsumer(settings.topic_dead_letter, bootstrap_servers=settings.kafka_bootstrap, **kafka_client_options(settings),
                              auto_offset_reset="earliest", consumer_timeout_ms=2000)
-    records: list[dict] = []
+    records: dict = {}
     deadline = time.monotonic() + DEADLINE_S
     try:
         while len(records) < expected and time.monotonic() < deadline:
-            records.extend(json.loads(message.value) for message in consumer)
+            for message in consumer:
+                record = json.loads(message.value)
+                source = (record["source"]["partition"], record["source"]["offset"]) if by_source else len(records)
+                records[source] = record
     finally:
         consumer.close()
-    assert len(records) == expected, records
-    return records
+    assert len(records) == expected, list(records.values())
+    return list(records.values())
 
 
 # --- the serving world: a filled LanceDB directory and two trained models ----------------------------------

@@ -5,7 +5,9 @@ the log, in the log's order, and the applied count equals the events sent minus 
 - when the group's committed offsets are already at the end of every partition while LanceDB holds
   nothing (the state the 12-partition bug left behind: acknowledged, never written);
 - when a second worker joins mid-replay and leaves again (two rebalances);
-- after `kill -9` of one of two workers mid-replay.
+- after `kill -9` of one of two workers mid-replay;
+- after `kill -9` at each boundary of a write: events applied in memory but not yet written, and
+  rows written but their offsets not yet committed to Kafka (``crash_worker.py``).
 
 Each ends with the lag check: the position stored with every shard is its partition's end offset - 1,
 and the group's committed offset (monitoring only) is the end offset.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from hymirec.procs import ManagedProcess, settings_env
 from hymirec.settings import Settings
 from store import Store
 from stream.broker import create_topics
@@ -33,10 +37,11 @@ from stream.lag import partition_lag
 from stream.replay import replay
 
 from helpers import http_get, private_worker, produce, read_dead_letters, scrape, wait_for
-from test_reliability import applied, expected_histories, matches, synthetic_log, wait, worker
+from test_reliability import DEADLINE_S, applied, expected_histories, matches, synthetic_log, wait, worker
 
 pytestmark = [pytest.mark.reliability, pytest.mark.broker]
 
+CRASH_WORKER = Path(__file__).with_name("crash_worker.py")
 BAD_EVERY = 250  # one payload in this many is not JSON: dead-lettered, and never counted as applied
 
 
@@ -74,25 +79,28 @@ def caught_up(settings: Settings) -> bool:
     return all(row.caught_up for row in partition_lag(settings))
 
 
-def assert_exact(settings: Settings, proc, events: list[dict], bad: int) -> None:
-    """Histories equal the log; applied = sent - dead letters; every shard's position at its end."""
+def assert_exact(settings: Settings, proc, events: list[dict], bad: int, *, dead_letters_resent: bool = False) -> None:
+    """Histories equal the log; applied = sent - dead letters; every shard's position at its end
+    (``dead_letters_resent``: a crash may have sent some dead letters twice; counted by source)."""
     store, expected = Store(settings), expected_histories(events)
     wait("every logged event applied", lambda: matches(store, expected), proc)
     wait("stored positions and committed offsets at every partition's end", lambda: caught_up(settings), proc)
     rows = store.get_histories(list(expected))
     assert {u: r["history_item_ids"] for u, r in rows.items()} == expected
     sent = len(events) + bad
-    assert sum(r["event_count"] for r in rows.values()) == sent - len(read_dead_letters(settings, bad))
+    assert sum(r["event_count"] for r in rows.values()) == sent - len(read_dead_letters(settings, bad, by_source=dead_letters_resent))
 
 
 @pytest.mark.parametrize("partitions", [1, 4, 12, 16])
 def test_graceful_stop_while_backlogged_loses_and_repeats_nothing(broker_settings, tmp_path, partitions):
     s = topics_for(broker_settings, tmp_path, partitions)
-    events = synthetic_log(3000, users=60, items=150, seed=partitions)
+    events = synthetic_log(20_000, users=60, items=150, seed=partitions)
     bad = produce_log(s, events)  # the whole log is waiting before the worker starts: a backlog
     log_path = tmp_path / "worker.log"
     with worker(s, log_path) as first:
-        wait("a third of the backlog applied", lambda: applied(s) >= len(events) // 3, first)
+        # The backlog's first write (its batches are staged and written every ingest_flush_s); polled
+        # often: the worker applies thousands of events a second, and goes on until the stop lands.
+        wait_for("the backlog's first write", lambda: applied(s) > 0, first.proc, log_path, interval=0.05)
         assert first.stop(30.0) == 0, "the worker did not stop cleanly on SIGTERM"
     at_stop = sum(r["event_count"] for r in Store(s).get_histories(list(expected_histories(events))).values())
     assert at_stop < len(events), "the stop did not land mid-backlog"
@@ -166,3 +174,23 @@ def test_kill_9_of_one_of_two_workers_mid_replay_loses_and_repeats_nothing(broke
             os.killpg(victim.proc.pid, signal.SIGKILL)
             victim.proc.wait(10)
         assert_exact(s, survivor, events, 0)
+
+
+@pytest.mark.parametrize("point", ["before_write", "after_write"])
+def test_kill_9_at_a_write_boundary_loses_and_repeats_nothing(broker_settings, tmp_path, point):
+    # A backlog of full batches: the worker stages several of them in memory before each write.
+    s = topics_for(broker_settings, tmp_path, 4).model_copy(update={"ingest_flush_events": 500,
+                                                                      "ingest_flush_s": 30.0})
+    events = synthetic_log(3000, users=60, items=150, seed=17)
+    bad = produce_log(s, events)
+    crashing = ManagedProcess([sys.executable, str(CRASH_WORKER)], log_path=tmp_path / "crashing.log",
+                              env=settings_env(s) | {"HYMIREC_TEST_CRASH_AT": point, "HYMIREC_TEST_CRASH_AFTER": "2"})
+    with crashing:
+        assert crashing.proc.wait(DEADLINE_S) == -signal.SIGKILL, crashing.tail()
+    at_crash = sum(r["event_count"] for r in Store(s).get_histories(list(expected_histories(events))).values())
+    # Two writes of at least 500 events landed; the third died before (with >= 500 staged) or after its write.
+    assert (1000 if point == "before_write" else 1500) <= at_crash < len(events), at_crash
+    with worker(s, tmp_path / "worker.log") as second:
+        assert_exact(s, second, events, bad, dead_letters_resent=point == "before_write")
+        # Exactly what the crashed worker had not written is applied now: nothing of its part twice.
+        assert scrape(s)[("hymirec_events_applied_total", ())] == len(events) - at_crash
