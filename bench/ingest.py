@@ -5,7 +5,10 @@ the sweep, side by side on the same topic and data:
 
 1. raw: an aiokafka consumer (the client library under Faust) reads every message of every
    partition from the beginning, doing nothing with them — the ceiling a consumer could reach;
-2. worker: a fresh `faust -A stream.app worker` (own consumer group, empty LanceDB directory,
+2. faust (at the default batch size): ``bench.faust_ceiling``, a Faust app whose agent has the
+   worker's shape but only counts the events — the ceiling of a worker that consumes through Faust's
+   per-event stream, timed like the worker;
+3. worker: a fresh `faust -A stream.app worker` (own consumer group, empty LanceDB directory,
    HYMIREC_BATCH_SIZE set) reads the same messages from the beginning and applies them. Its rate is
    timed from outside: /health is polled, and the rate counts the events applied between the first
    completed batch and the last (so process start and group join are not in it). The worker's own
@@ -25,6 +28,7 @@ import asyncio
 import json
 import logging
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +38,7 @@ from bench.harness import RssSampler, broker, counts, fresh, metrics
 from bench.ingest_profile import PER_EVENTS, profile_ingest, raw_events, summary, top_functions
 from bench.report import Result, repeated, spread_text, target
 from hymirec.errors import HymirecError
-from hymirec.procs import faust_worker, worker_exited
+from hymirec.procs import ManagedProcess, faust_worker, settings_env, worker_exited, worker_get
 from hymirec.settings import Settings, kafka_client_options
 from stream.replay import replay
 
@@ -123,27 +127,58 @@ def worker_ingest(settings: Settings, expected: int, log_path: Path) -> dict:
     }
 
 
-def side_by_side(live: Settings, topic: Settings, tmp: Path, events: int, batch_size: int, run_no: int) -> dict:
-    """One raw read (median of 3) and, right after, one fresh worker on the same topic."""
+def faust_ceiling(settings: Settings, expected: int, log_path: Path) -> float | None:
+    """Start ``bench.faust_ceiling`` on the topic; events/s from its first batch to the last event."""
+    faust = str(Path(sys.executable).with_name("faust"))
+    proc = ManagedProcess([faust, "-A", "bench.faust_ceiling", "worker", "-l", "warn"], log_path=log_path,
+                          env=settings_env(settings))
+    with proc:
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            body = worker_get(settings, "/count")
+            seen = json.loads(body) if body else {"events": 0}
+            if seen["events"] >= expected:
+                break
+            if not proc.alive:
+                worker_exited(proc)
+            if time.monotonic() > deadline:
+                raise HymirecError(f"the Faust ceiling app read {seen['events']} of {expected} events in {DEADLINE_S:.0f} s")
+            time.sleep(POLL_S)
+    seconds = seen["last_at"] - seen["first_at"]
+    return (seen["events"] - seen["first_batch"]) / seconds if seconds > 0 else None
+
+
+def side_by_side(live: Settings, topic: Settings, tmp: Path, events: int, batch_size: int, run_no: int,
+                 *, ceiling: bool) -> dict:
+    """One raw read (median of 3), the Faust ceiling (``ceiling``) and one fresh worker on the same topic."""
     raw = raw_consume(topic, events)
-    run_settings = fresh(live, tmp, f"ingest-b{batch_size}-r{run_no}", batch_size=batch_size,
-                         topic_interactions=topic.topic_interactions)
-    w = worker_ingest(run_settings, events, tmp / f"worker-b{batch_size}-r{run_no}.log")
-    return {"batch_size": batch_size, "run": run_no, "raw_consume_ev_s": raw["rate"], "worker_ev_s": w["rate"],
-            "ratio": w["rate"] / raw["rate"] if w["rate"] else None, "worker_busy_ev_s": w["busy_rate"],
+    tag = f"b{batch_size}-r{run_no}"
+    run_settings = fresh(live, tmp, f"ingest-{tag}", batch_size=batch_size, topic_interactions=topic.topic_interactions)
+    faust_rate = None
+    if ceiling:
+        null_settings = fresh(live, tmp, f"ceiling-{tag}", batch_size=batch_size,
+                              topic_interactions=topic.topic_interactions)
+        faust_rate = faust_ceiling(null_settings, events, tmp / f"ceiling-{tag}.log")
+    w = worker_ingest(run_settings, events, tmp / f"worker-{tag}.log")
+    return {"batch_size": batch_size, "run": run_no, "raw_consume_ev_s": raw["rate"], "faust_ceiling_ev_s": faust_rate,
+            "worker_ev_s": w["rate"], "ratio": w["rate"] / raw["rate"] if w["rate"] else None,
+            "worker_vs_faust": w["rate"] / faust_rate if w["rate"] and faust_rate else None,
+            "worker_busy_ev_s": w["busy_rate"],
             "batches": w["batches"], "timed_events": w["timed_events"], "worker_s": w["seconds"],
             "raw_s": raw["seconds"], "peak_rss_mib": w["peak_rss_mib"]}
 
 
 def sweep_row(runs: list[dict]) -> dict:
     """One batch size's row: the medians of its runs, the ratio's min–max beside its median."""
-    med = {key: repeated(r[key] for r in runs)["median"]
-           for key in ("raw_consume_ev_s", "worker_ev_s", "worker_busy_ev_s", "worker_s", "raw_s", "peak_rss_mib")}
+    med = {key: repeated(r[key] for r in runs)["median"]  # None where no run measured it
+           for key in ("raw_consume_ev_s", "faust_ceiling_ev_s", "worker_ev_s", "worker_vs_faust", "worker_busy_ev_s",
+                       "worker_s", "raw_s", "peak_rss_mib")}
     ratio = repeated(r["ratio"] for r in runs)
     rounded = lambda v, digits=None: None if v is None else round(v, digits)
     return {
         "batch_size": runs[0]["batch_size"], "runs": len(runs), "raw_consume_ev_s": rounded(med["raw_consume_ev_s"]),
-        "worker_ev_s": rounded(med["worker_ev_s"]), "ratio": rounded(ratio["median"], 3),
+        "faust_ceiling_ev_s": rounded(med["faust_ceiling_ev_s"]), "worker_ev_s": rounded(med["worker_ev_s"]),
+        "ratio": rounded(ratio["median"], 3), "worker_vs_faust": rounded(med["worker_vs_faust"], 2),
         "ratio_min_max": spread_text(ratio), "worker_busy_ev_s": rounded(med["worker_busy_ev_s"]),
         "batches": runs[0]["batches"], "timed_events": runs[0]["timed_events"], "worker_s": rounded(med["worker_s"], 2),
         "raw_s": rounded(med["raw_s"], 2), "peak_rss_mib": rounded(med["peak_rss_mib"]),
@@ -162,16 +197,21 @@ def run(settings: Settings, opts: Options) -> Result:
         sent = replay(topic, tmp / "log.jsonl", progress=False)
         for batch_size in sweep:
             repeats = opts.repeat if batch_size == settings.batch_size else 1
-            runs[batch_size] = [side_by_side(live, topic, tmp, events, batch_size, i + 1) for i in range(repeats)]
-        # The profile needs no broker, but the log lives in this directory.
+            runs[batch_size] = [side_by_side(live, topic, tmp, events, batch_size, i + 1,
+                                             ceiling=batch_size == settings.batch_size) for i in range(repeats)]
+        # The profile needs no broker, but the log lives in this directory. It writes as often as the
+        # worker did under this backlog: what ingest_flush_s holds at the worker's measured rate.
+        rate = repeated(r["worker_ev_s"] for r in runs[settings.batch_size])["median"] or 0.0
+        flush_every = max(settings.batch_size, min(settings.ingest_flush_events, round(rate * settings.ingest_flush_s)))
         profile_events = raw_events((tmp / "log.jsonl").read_bytes().splitlines(), settings.partitions)
-        stats = profile_ingest(settings, profile_events, settings.batch_size, tmp / "profile-lancedb")
+        stats = profile_ingest(settings, profile_events, settings.batch_size, tmp / "profile-lancedb", flush_every)
     rows = [sweep_row(runs[b]) for b in sweep]
     per_run = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in runs[settings.batch_size]]
     where = summary(stats, len(profile_events))
-    profile_head = (f"cProfile of stream.ingest.prepare_interactions + write_interactions, in-process, "
-                    f"{len(profile_events):,} events of the ingest log in batches of {settings.batch_size:,} over "
-                    f"{settings.partitions} partitions, into an empty LanceDB directory (no broker, no Faust).")
+    profile_head = (f"cProfile of the worker's ingest path (stream.ingest.prepare_interactions against the shard cache, "
+                    f"staging, stream.ingest.write_interactions), in-process, {len(profile_events):,} events of the "
+                    f"ingest log in batches of {settings.batch_size:,} over {settings.partitions} partitions, written "
+                    f"every {flush_every:,} events, into an empty LanceDB directory (no broker, no Faust).")
 
     default = next(r for r in rows if r["batch_size"] == settings.batch_size)
     ratio = repeated(r["ratio"] for r in runs[settings.batch_size])
@@ -194,6 +234,9 @@ def run(settings: Settings, opts: Options) -> Result:
                "the median of 3 reads right before each worker run, on the same topic.",
                "worker_ev_s: events applied between the worker's first completed batch and the last event, "
                "timed from outside by polling /health; ratio = worker_ev_s / raw_consume_ev_s, per run.",
+               "faust_ceiling_ev_s (default batch size only): bench.faust_ceiling, a Faust app with the worker's "
+               "agent shape that only counts the events, timed the same way: what Faust's per-event stream "
+               "allows on this machine; worker_vs_faust = worker_ev_s / faust_ceiling_ev_s.",
                f"runs: worker runs at that batch size (each after its own raw reads); the row holds their medians "
                f"and ratio_min_max the spread of the ratio. The default batch size runs {opts.repeat}× (--repeat), "
                "the rest of the sweep once.",
@@ -201,7 +244,7 @@ def run(settings: Settings, opts: Options) -> Result:
                "peak_rss_mib: resident memory of the worker process and its children, sampled every 0.1 s "
                "(at this run's small scale; the memory target is `hymirec bench memory`).",
                "No model is published in this run: histories are kept by item id, without codes.",
-               "Profile: " + profile_head + " Faust's per-event path and the agent around the two calls are not in "
+               "Profile: " + profile_head + " Faust's per-event path and the agent around the calls are not in "
                "it; cProfile slows the Python parts, so the milliseconds are an upper bound. Top functions by "
                "cumulative time: ingest_profile.txt."],
     )

@@ -1,11 +1,13 @@
-"""Where the worker's ingest time goes: cProfile of ``stream.ingest.prepare_interactions`` and
-``write_interactions`` applied in-process, batch by batch, to the ingest benchmark's log (no broker:
-each line becomes the RawEvent the worker would consume, on the partition Kafka's default
-partitioner gives its user id, offsets counted per partition), into an empty LanceDB directory.
+"""Where the worker's ingest time goes: cProfile of the worker's ingest path applied in-process, batch
+by batch, to the ingest benchmark's log (no broker: each line becomes the RawEvent the worker would
+consume, on the partition Kafka's default partitioner gives its user id, offsets counted per
+partition), into an empty LanceDB directory. As in the worker under a backlog, each batch is
+prepared against the shard cache (``stream.shard_cache``) and staged, and what is staged is written
+every ``flush_every`` events.
 
 What this leaves out of the worker's path: Faust's per-event consumption and the agent around the
-two calls (dead letters, metrics, offset commits). cProfile slows Python code (not LanceDB's native
-code) by a fraction, so the shares are indicative and the milliseconds an upper bound.
+calls (dead letters, metrics, offset commits, the store thread). cProfile slows Python code (not
+LanceDB's native code) by a fraction, so the shares are indicative and the milliseconds an upper bound.
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ from hymirec.settings import Settings
 from serving.reader import shard_hint
 from store import Store
 from stream.ingest import ItemCache, RawEvent, prepare_interactions, write_interactions
+from stream.shard_cache import ShardCache
 
 PER_EVENTS = 1000  # the summary is per batch of this many events
 TOP = 40  # functions listed in the text file, by cumulative time
-# The parts of a batch the summary names: (label, file the function is in, function name). The rest
-# is the entry functions' time outside them.
-ENTRIES = (("stream/ingest.py", "prepare_interactions"), ("stream/ingest.py", "write_interactions"))
+# The calls the worker makes per batch (and per write): (file the function is in, function name).
+ENTRIES = (("stream/ingest.py", "prepare_interactions"), ("stream/shard_cache.py", "stage"),
+           ("stream/ingest.py", "write_interactions"))
+# The parts of that time the summary names: (label, file, function, [(label, file, function) within it]).
+# The rest is the entries' time outside them.
 PARTS = (
-    ("reading the touched users and the position (Store.get_histories_and_position)", "store/tables.py",
-     "get_histories_and_position"),
-    ("writing the rows: one LanceDB merge_insert per shard (Store.upsert_histories)", "store/tables.py",
-     "upsert_histories"),
-    ("validation: parse and key check of each event (stream.ingest._validate)", "stream/ingest.py", "_validate"),
+    ("reading the touched users and the position (ShardCache.get_histories_and_position)", "stream/shard_cache.py",
+     "get_histories_and_position",
+     [("… of which LanceDB reads of users not held yet (Store.get_histories_and_position)", "store/tables.py",
+       "get_histories_and_position")]),
+    ("writing the staged rows: one LanceDB merge_insert per shard (Store.upsert_histories)", "store/tables.py",
+     "upsert_histories", [("… of which LanceDB's merge_insert().execute", "lancedb/merge.py", "execute")]),
+    ("validation: parse and key check of each event (stream.ingest._validate)", "stream/ingest.py", "_validate", []),
 )
-# Shown inside a part above (not subtracted again from the rest).
-WITHIN = (("… of which LanceDB's merge_insert().execute", "lancedb/merge.py", "execute"),)
 
 
 def raw_events(lines: Iterable[bytes | str], partitions: int) -> list[RawEvent]:
@@ -55,16 +60,20 @@ def raw_events(lines: Iterable[bytes | str], partitions: int) -> list[RawEvent]:
     return events
 
 
-def profile_ingest(settings: Settings, events: Sequence[RawEvent], batch_size: int, lancedb_dir: Path) -> pstats.Stats:
-    """Prepare and write ``events`` in batches of ``batch_size`` into a fresh store under cProfile."""
+def profile_ingest(settings: Settings, events: Sequence[RawEvent], batch_size: int, lancedb_dir: Path,
+                   flush_every: int) -> pstats.Stats:
+    """Prepare and stage ``events`` in batches of ``batch_size`` into a fresh store under cProfile,
+    writing what is staged every ``flush_every`` events and at the end."""
     s = settings.model_copy(update={"lancedb_uri": str(lancedb_dir)})
     store, known = Store(s), ItemCache()
+    cache = ShardCache(store, s.ingest_cache_ids)
     profiler = cProfile.Profile()
     for start in range(0, len(events), batch_size):
-        batch = events[start : start + batch_size]
         profiler.enable()
-        result = prepare_interactions(store, s, batch, known_items=known)
-        write_interactions(store, result)
+        cache.stage(prepare_interactions(cache, s, events[start : start + batch_size], known_items=known))
+        if cache.staged_events() >= flush_every or start + batch_size >= len(events):
+            write_interactions(store, cache.pending())
+            cache.written()
         profiler.disable()
     return pstats.Stats(profiler)
 
@@ -87,12 +96,14 @@ def summary(stats: pstats.Stats, events: int) -> list[dict[str, Any]]:
         return {"part": label, "function": function, "calls": calls, "ms_per_1000_events": round(1000 * seconds * per, 1),
                 "share": round(seconds / total, 3) if total else None}
 
-    parts = [(label, name, *cumulative(stats, path, name)) for label, path, name in PARTS]
-    within = [(label, name, *cumulative(stats, path, name)) for label, path, name in WITHIN]
-    rest = max(0.0, total - sum(part[2] for part in parts))
-    return [*(row(*part) for part in parts[:2]), *(row(*part) for part in within), row(*parts[2]),
-            row("the rest of prepare/write (building rows, dedupe, bookkeeping)", "", rest, None),
-            row("total: prepare_interactions + write_interactions", "", total, None)]
+    rows, named = [], 0.0
+    for label, path, name, within in PARTS:
+        seconds, calls = cumulative(stats, path, name)
+        named += seconds
+        rows.append(row(label, name, seconds, calls))
+        rows += [row(inner, inner_name, *cumulative(stats, inner_path, inner_name)) for inner, inner_path, inner_name in within]
+    return [*rows, row("the rest (building rows, dedupe, staging, bookkeeping)", "", max(0.0, total - named), None),
+            row("total: prepare_interactions + staging + write_interactions", "", total, None)]
 
 
 def top_functions(stats: pstats.Stats, heading: str, top: int = TOP) -> str:

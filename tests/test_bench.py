@@ -14,12 +14,14 @@ import pytest
 from bench import ingest_profile, loadwatch
 from bench.freshness import histogram_quantiles
 from bench.gpu_prepare import clear_previous
-from bench.harness import catalogue, fill_histories
-from bench.ingest import write_log
+from bench.harness import catalogue, fill_histories, fresh
+from bench.ingest import faust_ceiling, write_log
 from bench.report import Result, repeated, reported, target, to_markdown, write
 from hymirec.settings import Settings
 from store import Store
 from serving.reader import shard_hint
+
+from helpers import produce
 
 MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "load_average_1m", "noisy"}
 VERSION_KEYS = {"python", "torch", "lancedb", "kafka_broker", "aiokafka", "faust-streaming"}
@@ -204,15 +206,29 @@ def test_the_ingest_profile_names_where_the_time_goes(db_settings: Settings, tmp
     events = ingest_profile.raw_events((tmp_path / "log.jsonl").read_bytes().splitlines(), settings.partitions)
     assert [e.offset for e in events if e.partition == events[0].partition][:3] == [0, 1, 2]
     assert all(e.partition == shard_hint(e.key.decode(), 2) for e in events)
-    stats = ingest_profile.profile_ingest(settings, events, 200, tmp_path / "lancedb")
+    stats = ingest_profile.profile_ingest(settings, events, 100, tmp_path / "lancedb", flush_every=250)
     rows = ingest_profile.summary(stats, len(events))
-    by_function = {r["function"]: r for r in rows if r["function"]}
-    assert {"get_histories_and_position", "upsert_histories", "execute", "_validate"} <= set(by_function)
-    assert by_function["_validate"]["calls"] == 600 and by_function["upsert_histories"]["calls"] == 3 * 2
+    parts = [r for r in rows if r["part"].startswith(("reading", "writing", "validation"))]
+    by_function = {r["function"]: r for r in parts}
+    assert set(by_function) == {"get_histories_and_position", "upsert_histories", "_validate"}
+    # 6 batches, each read through the cache; writes after 300 and 600 events (2 shards each).
+    assert by_function["_validate"]["calls"] == 600 and by_function["upsert_histories"]["calls"] == 2 * 2
+    assert by_function["get_histories_and_position"]["calls"] == 6 * 2
+    within = [r for r in rows if r["part"].startswith("…")]
+    assert [r["function"] for r in within] == ["get_histories_and_position", "execute"]
+    assert within[0]["ms_per_1000_events"] <= by_function["get_histories_and_position"]["ms_per_1000_events"]
     total = rows[-1]
     assert total["part"].startswith("total") and total["ms_per_1000_events"] > 0 and total["share"] == 1.0
-    named = ("get_histories_and_position", "upsert_histories", "_validate")
-    assert sum(by_function[f]["share"] for f in named) + rows[-2]["share"] == pytest.approx(1.0, abs=0.01)
+    assert sum(r["share"] for r in parts) + rows[-2]["share"] == pytest.approx(1.0, abs=0.01)
     text = ingest_profile.top_functions(stats, "heading")
     assert text.startswith("heading") and "prepare_interactions" in text and "write_interactions" in text
     assert Store(settings).get_histories_and_position([], 0)[1] is not None  # the events were written
+
+
+@pytest.mark.broker
+def test_the_faust_ceiling_app_reads_every_event_of_its_topic(broker_settings: Settings, tmp_path: Path):
+    s = fresh(broker_settings, tmp_path, "ceiling", batch_size=100, batch_within_s=0.2)
+    produce(s, [(s.topic_interactions, f"u{i % 7}".encode(), b'{"any": "bytes"}') for i in range(600)])
+    # It returns once /count says all 600 came, in several batches (else no time between the first and last).
+    rate = faust_ceiling(s, 600, tmp_path / "ceiling.log")
+    assert rate is not None and rate > 0

@@ -1,0 +1,46 @@
+"""The consume rate Faust itself allows, as a Faust app: ``faust -A bench.faust_ceiling worker``.
+
+It reads the ingest benchmark's topic the way the worker's ingest agent does (raw bytes, acks=False,
+``take_events`` of ``batch_size`` within ``batch_within_s``, concurrency 1) and does nothing with the
+events but count them; GET /count says how many and when the first and the last batch came. No
+worker that keeps Faust's per-event stream for consumption ingests faster than this, so ``bench
+ingest`` reports it beside the raw aiokafka read and the worker.
+"""
+
+from __future__ import annotations
+
+import time
+
+import faust
+
+from hymirec.settings import load_settings
+from stream.credentials import broker_credentials
+
+settings = load_settings()
+settings.worker_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+app = faust.App(
+    settings.app_id,
+    broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
+    broker_credentials=broker_credentials(settings),
+    web_host=settings.web_host, web_bind=settings.web_host, web_port=settings.web_port,
+    datadir=str(settings.worker_dir / settings.app_id),
+    consumer_auto_offset_reset="earliest",
+    topic_disable_leader=True,
+)
+topic = app.topic(settings.topic_interactions, key_serializer="raw", value_serializer="raw", acks=False)
+counted: dict[str, float | int | None] = {"events": 0, "first_batch": 0, "first_at": None, "last_at": None}
+
+
+@app.agent(topic, concurrency=1)
+async def count(stream):
+    async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+        now = time.perf_counter()
+        if counted["first_at"] is None:
+            counted["first_at"], counted["first_batch"] = now, len(events)
+        counted["events"] += len(events)
+        counted["last_at"] = now
+
+
+@app.page("/count")
+async def count_page(web, request):
+    return web.json(counted)
