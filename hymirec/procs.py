@@ -44,6 +44,10 @@ class ManagedProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ManagedProcess":
+        """Start the command, unless it is running already: ``with proc.start():`` enters (and so
+        starts) it a second time, and two workers would race for one web port and one group seat."""
+        if self.alive:
+            return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
