@@ -31,7 +31,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench import Options
 from bench.harness import RssSampler, broker, counts, fresh, metrics
@@ -47,6 +49,7 @@ EVENTS_PER_USER = 20
 ITEMS = 5000
 POLL_S = 0.1
 DEADLINE_S = 900.0
+T = TypeVar("T")
 
 
 def write_log(path: Path, events: int, seed: int) -> int:
@@ -93,24 +96,34 @@ def raw_consume(settings: Settings, expected: int, repeats: int = 3) -> dict:
     return runs[len(runs) // 2]
 
 
+def poll(proc: ManagedProcess, read: Callable[[], T], done: Callable[[T], bool], failure: Callable[[T], str]) -> T:
+    """``read()`` every POLL_S until ``done`` says so (HymirecError if the process exits or DEADLINE_S passes)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if not proc.alive:
+            worker_exited(proc)
+        if time.monotonic() > deadline:
+            raise HymirecError(failure(value))
+        time.sleep(POLL_S)
+
+
 def worker_ingest(settings: Settings, expected: int, log_path: Path) -> dict:
     """Start a worker on the topic and time it from its first completed batch to the last event."""
     with faust_worker(settings, log_path) as proc, RssSampler(proc.proc.pid) as rss:
-        first_at, first_applied = None, 0
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            applied = counts(settings).get("events_applied", 0)
-            now = time.perf_counter()
-            if first_at is None and applied:
-                first_at, first_applied = now, applied
-            if applied >= expected:
-                done_at = now
-                break
-            if not proc.alive:
-                worker_exited(proc)
-            if time.monotonic() > deadline:
-                raise HymirecError(f"the worker applied {applied} of {expected} events in {DEADLINE_S:.0f} s")
-            time.sleep(POLL_S)
+        first: dict[str, float] = {}  # when the first completed batch was seen, and what it had applied
+
+        def applied_now() -> tuple[int, float]:
+            applied, now = counts(settings).get("events_applied", 0), time.perf_counter()
+            if not first and applied:
+                first.update(at=now, applied=applied)
+            return applied, now
+
+        _, done_at = poll(proc, applied_now, lambda seen: seen[0] >= expected,
+                          lambda seen: f"the worker applied {seen[0]} of {expected} events in {DEADLINE_S:.0f} s")
+        first_at, first_applied = first["at"], first["applied"]
         samples = metrics(settings)
     busy = sum(v for labels, v in samples.get("hymirec_batch_latency_seconds_sum", [])
                if labels.get("topic") == settings.topic_interactions)
@@ -133,17 +146,9 @@ def faust_ceiling(settings: Settings, expected: int, log_path: Path) -> float | 
     proc = ManagedProcess([faust, "-A", "bench.faust_ceiling", "worker", "-l", "warn"], log_path=log_path,
                           env=settings_env(settings))
     with proc:
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            body = worker_get(settings, "/count")
-            seen = json.loads(body) if body else {"events": 0}
-            if seen["events"] >= expected:
-                break
-            if not proc.alive:
-                worker_exited(proc)
-            if time.monotonic() > deadline:
-                raise HymirecError(f"the Faust ceiling app read {seen['events']} of {expected} events in {DEADLINE_S:.0f} s")
-            time.sleep(POLL_S)
+        seen = poll(proc, lambda: json.loads(worker_get(settings, "/count") or b'{"events": 0}'),
+                    lambda count: count["events"] >= expected,
+                    lambda count: f"the Faust ceiling app read {count['events']} of {expected} events in {DEADLINE_S:.0f} s")
     seconds = seen["last_at"] - seen["first_at"]
     return (seen["events"] - seen["first_batch"]) / seconds if seconds > 0 else None
 

@@ -41,6 +41,18 @@ async def nothing_dead(records):
     assert not records
 
 
+async def feed(ingestor: Ingestor, events, kafka: RecordingKafka) -> None:
+    """The events, in batches of BATCH, as the agent hands them over."""
+    for batch in batches(events):
+        await ingestor.interactions(batch, nothing_dead, kafka)
+
+
+async def assigned_and_fed(ingestor: Ingestor, events, kafka: RecordingKafka) -> None:
+    """Resume the partitions ``kafka`` owns (an assignment), then ``feed``."""
+    await ingestor.resume(sorted(kafka.owned))
+    await feed(ingestor, events, kafka)
+
+
 def run(ingestor: Ingestor, work):
     try:
         return asyncio.run(work())
@@ -99,9 +111,7 @@ def test_held_users_are_read_from_memory_not_from_lancedb(db_settings, monkeypat
                         lambda users, shard: asked.append(list(users)) or real(users, shard))
 
     async def work():
-        await ingestor.resume([0])
-        for batch in batches(events):
-            await ingestor.interactions(batch, nothing_dead, RecordingKafka())
+        await assigned_and_fed(ingestor, events, RecordingKafka())
 
     run(ingestor, work)
     assert histories(s, expected) == expected
@@ -114,12 +124,8 @@ def test_a_crash_before_the_write_loses_nothing_and_applies_nothing_twice(db_set
     first = Ingestor(s)
     kafka = RecordingKafka(owned=(0, 1))
 
-    async def until_staged():
-        await first.resume([0, 1])
-        for batch in batches(events[:700]):
-            await first.interactions(batch, nothing_dead, kafka)
-
-    run(first, until_staged)  # 400 written, 300 staged in memory: then the process "dies" (nothing more runs)
+    # 400 written, 300 staged in memory: then the process "dies" (nothing more runs).
+    run(first, lambda: assigned_and_fed(first, events[:700], kafka))
     stored = first.store.positions()
     assert first.rows.staged_events() == 300 and len(kafka.commits) == 1
     assert sum(len(h) for h in histories(s, expected).values()) == 400
@@ -130,9 +136,7 @@ def test_a_crash_before_the_write_loses_nothing_and_applies_nothing_twice(db_set
         offsets = await second.resume([0, 1])
         assert offsets == {p: stored[p] + 1 for p in (0, 1)}
         # What Kafka redelivers from the stored positions: everything past them, the log's rest included.
-        redelivered = [e for e in events if e.offset > stored[e.partition]]
-        for batch in batches(redelivered):
-            await second.interactions(batch, nothing_dead, kafka)
+        await feed(second, [e for e in events if e.offset > stored[e.partition]], kafka)
         await second.flush(nothing_dead, kafka)
 
     run(second, restart)
@@ -147,9 +151,7 @@ def test_a_revoke_writes_what_is_staged_and_forgets_the_held_rows(db_settings):
     kafka = RecordingKafka(owned=(0, 1))
 
     async def work():
-        await ingestor.resume([0, 1])
-        for batch in batches(events):
-            await ingestor.interactions(batch, nothing_dead, kafka)
+        await assigned_and_fed(ingestor, events, kafka)
         assert ingestor.rows.staged_events() == 300
         kafka.owned.clear()  # the consumer has let go of both partitions when the revoke callback runs
         await ingestor.release(nothing_dead, kafka)
