@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         "each item's training interactions, the rest uniform: popular items are the hard negatives, and the "
         "uniform floor still draws the rest (ml-100k, 512 of 1,682 drawn, seed 0: 0.9 > 1.0 > 0.5).",
     )
+    item_word_buckets: int = Field(
+        1024, ge=0, description="Hashed-word buckets appended to HyMiRec's item content (0: the item LLM's "
+        "state alone). The model learns an embedding of the words of items' text, so items that share words sit "
+        "together and a new item is placed by its words (synthetic validation seeds, frozen model: Recall@10 "
+        "0.04 → 0.13; 256 buckets 0.127, 1024 0.131).",
+    )
     item_encoder: str = Field(
         "", description="Backbone of HyMiRec's frozen item content encoder ('smollm2', 'tiny', a path or "
         "hub id); empty = the same as --backbone (the user LLM). Pretrained encoders' item embeddings "

@@ -92,6 +92,7 @@ def encoder_from_files(recipe: dict, files: dict[str, bytes]) -> ItemEncoder:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(files[ENCODER_TOKENIZER].decode("utf-8")),
                                         pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     model = AutoModelForCausalLM.from_config(tiny_config(recipe["arch"], recipe["vocab_size"], recipe["hidden"]))
-    encoder = ItemEncoder(Backbone(recipe["backbone"], model, tokenizer, recipe["hidden"]), None)
+    encoder = ItemEncoder(Backbone(recipe["backbone"], model, tokenizer, recipe["hidden"]), None,
+                          word_buckets=recipe.get("word_buckets", 0))
     encoder.load_state_dict(load_safetensors(files[ENCODER_WEIGHTS]))
     return encoder.freeze_llm().eval()

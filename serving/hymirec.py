@@ -32,7 +32,7 @@ from hymirec.settings import Settings
 from model import artifact
 from model.catalogue import Catalogue, pad_left
 from model.hymirec import length_groups
-from model.item_encoder import ItemEncoder, encode_content, frozen_encoder
+from model.item_encoder import ItemEncoder, encode_content, encoder_from_recipe
 from serving.loader import LoadedModel, load_version
 from serving.model import EncodedItems
 from store.registry import ModelRegistry
@@ -230,7 +230,7 @@ def _verified_rebuild(loaded: LoadedModel, recipe: dict) -> ItemEncoder | None:
     """The content encoder rebuilt from its recipe, if it reproduces the stored content of a sample
     of items (a tiny tokenizer is trained on the catalogue's texts: they must be the same)."""
     try:
-        encoder = frozen_encoder(recipe["backbone"], loaded.catalogue.texts, recipe["hidden"], recipe["seed"])
+        encoder = encoder_from_recipe(recipe, loaded.catalogue.texts)
     except HymirecError as exc:
         log.warning("model %s: no content encoder (%s); items it has not trained on wait for the next version",
                     loaded.version, exc)

@@ -13,7 +13,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from model import artifact
 from model.catalogue import Catalogue, pad_left
-from model.item_encoder import encode_content, frozen_encoder
+from model.item_encoder import encode_content, encoder_from_recipe
 from model.retrieval import TopK, topk_items
 from store.registry import ModelRegistry
 
@@ -50,8 +50,7 @@ class LoadedModel:
         if self.kind != "hymirec":
             raise HymirecError(f"model {self.version} ({self.manifest['model']}) has no content encoder")
         if self._encoder is None:
-            spec = self.manifest["item_encoder"]
-            self._encoder = frozen_encoder(spec["backbone"], self.catalogue.texts, spec["hidden"], spec["seed"])
+            self._encoder = encoder_from_recipe(self.manifest["item_encoder"], self.catalogue.texts)
         content = self.module.items.standardise(encode_content(self._encoder, texts))
         vectors = self.module.items.content_vectors(content)
         if self.codebook is None:

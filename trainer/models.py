@@ -18,7 +18,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from model.codebook import CodebookConfig
 from model.hymirec import HyMiRec, HyMiRecConfig, HyMiRecObjective, cut_points
-from model.item_encoder import cached_item_embeddings, frozen_encoder, zero_textless
+from model.item_encoder import cached_item_embeddings, frozen_encoder, hashed_words, zero_textless
 from model.losses import LogitScale, draw_negatives, negative_distribution, sampled_softmax_loss
 from model.retrieval import popularity_vectors
 from model.sasrec import SASRec, SASRecConfig
@@ -320,9 +320,17 @@ class ChosenOnValidation(RankingModel):
         return self.chosen.item_vectors()
 
 
+def encoder_recipe(backbone: str, settings: Settings) -> dict:
+    """How HyMiRec's content encoder is made (model.item_encoder.encoder_from_recipe), as a version's
+    manifest records it."""
+    return {"backbone": backbone, "hidden": settings.embedding_dim, "seed": settings.seed,
+            "word_buckets": settings.item_word_buckets}
+
+
 def item_content(catalogue: Catalogue, backbone: str, settings: Settings, progress: bool = False) -> torch.Tensor:
     """Frozen content embeddings [N+1, C] of every item (row 0 and items without text = 0): the
-    [ITEM]-token states of the item encoder. Pretrained backbones are cached on disk."""
+    [ITEM]-token states of the item encoder, then ``item_word_buckets`` hashed words (what
+    ``frozen_encoder`` with them gives). Pretrained backbones' states are cached on disk."""
     texts = catalogue.texts
 
     def compute() -> torch.Tensor:
@@ -333,4 +341,5 @@ def item_content(catalogue: Catalogue, backbone: str, settings: Settings, progre
         vectors = compute()
     else:
         vectors = cached_item_embeddings(settings.cache_dir, backbone, texts, compute, progress)
+    vectors = torch.cat([vectors, hashed_words(texts, encoder_recipe(backbone, settings)["word_buckets"])], dim=1)
     return torch.cat([torch.zeros(1, vectors.size(1)), zero_textless(vectors, texts)], dim=0)

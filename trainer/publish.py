@@ -16,6 +16,7 @@ from model import artifact
 from store.registry import ModelRegistry, ModelVersion
 from trainer.data import build_sequences, load_catalogue, read_log
 from trainer.evaluate import RankingModel
+from trainer.models import encoder_recipe
 from trainer.recipes import RUNS, build, item_encoder_name
 from trainer.runtime import seed_everything, select_device
 
@@ -44,7 +45,7 @@ def train_and_publish(settings: Settings, *, interactions: Path, items: Path, mo
                     "reconstruction_cosine": round(report.extra["reconstruction_cosine"], 4)}
     manifest = artifact.manifest(
         model=model, kind=kind, config=asdict(config), backbone=backbone,
-        item_encoder={"backbone": item_encoder, "hidden": settings.embedding_dim, "seed": settings.seed},
+        item_encoder=encoder_recipe(item_encoder, settings),
         codebook=codebook,
         metrics={"final_loss": round(report.final_loss, 5), "epochs": report.epochs,
                  "train_s": round(report.train_seconds, 1), "train_items_per_s": round(report.items_per_second)},

@@ -22,11 +22,11 @@ from hymirec.settings import Settings
 from model import artifact
 from model.catalogue import Catalogue
 from model.codebook import CodebookConfig
-from model.item_encoder import encode_content, frozen_encoder
+from model.item_encoder import encode_content, encoder_from_recipe
 from serving.hymirec import ServedHyMiRec
 from serving.loader import LoadedModel
 from trainer.data import Sequences
-from trainer.models import HyMiRecModel
+from trainer.models import HyMiRecModel, encoder_recipe
 from trainer.runtime import seed_everything, select_device
 
 
@@ -111,8 +111,8 @@ def bootstrap(settings: Settings, items: pd.DataFrame, sequences: dict[str, list
     """The first model: content encoder, codebook and HyMiRec trained from scratch on ``sequences``."""
     seed_everything(settings.seed)
     cat = _catalogue(items, sequences)
-    recipe = {"backbone": backbone, "hidden": settings.embedding_dim, "seed": settings.seed}
-    encoder = frozen_encoder(backbone, cat.texts, recipe["hidden"], recipe["seed"])
+    recipe = encoder_recipe(backbone, settings)
+    encoder = encoder_from_recipe(recipe, cat.texts)
     content = torch.cat([torch.zeros(1, encoder.out_dim), encode_content(encoder, cat.texts)])
     model = HyMiRecModel(cat, select_device(None), settings, backbone=backbone, epochs=epochs, content=content)
     model.name = "hymirec"
