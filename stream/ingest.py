@@ -89,7 +89,7 @@ class BatchResult:
     """What one micro-batch of interactions does: counted and prepared by ``prepare_interactions``,
     made durable by ``write_interactions``."""
 
-    applied: int = 0
+    applied_by_shard: dict[int, int] = field(default_factory=dict)  # shard -> events appended
     duplicate_offsets: int = 0
     duplicate_event_ids: int = 0
     already_applied: int = 0  # at or below the shard's position: read again after a restart or rebalance
@@ -98,7 +98,15 @@ class BatchResult:
     rows: dict[int, list[dict]] = field(default_factory=dict)  # shard -> user rows to write
     positions: dict[int, int] = field(default_factory=dict)  # shard -> applied position the write records
     gaps: dict[int, Gap] = field(default_factory=dict)  # partitions left out: offsets missing before them
-    applied_timestamps: list[float] = field(default_factory=list)  # message timestamps, for freshness
+    timestamps_by_shard: dict[int, list[float]] = field(default_factory=dict)  # message timestamps, for freshness
+
+    @property
+    def applied(self) -> int:
+        return sum(self.applied_by_shard.values())
+
+    @property
+    def applied_timestamps(self) -> list[float]:
+        return [ts for stamps in self.timestamps_by_shard.values() for ts in stamps]
 
     @property
     def duplicates(self) -> int:
@@ -237,6 +245,7 @@ def prepare_interactions(
             continue
         result.positions[shard] = fresh[-1][0].offset
         users: dict[str, _Pending] = {}
+        stamps = result.timestamps_by_shard.setdefault(shard, [])
         for raw, ev in fresh:
             if isinstance(ev, dict):
                 result.dead.append(ev)
@@ -261,9 +270,9 @@ def prepare_interactions(
             row["event_count"] += 1
             row["last_ts"] = ev.ts if row["last_ts"] is None else max(row["last_ts"], ev.ts)
             row["watermark_offset"] = raw.offset
-            result.applied += 1
+            result.applied_by_shard[shard] = result.applied_by_shard.get(shard, 0) + 1
             if raw.timestamp is not None:
-                result.applied_timestamps.append(raw.timestamp)
+                stamps.append(raw.timestamp)
             if known_items is not None and ev.item_id not in known_items:
                 result.unknown_items += 1
         pending += [(shard, user) for user in users.values() if user.appended]

@@ -40,8 +40,8 @@ class ShardCache:
         self._positions: dict[int, int] = {}  # shard -> applied position, staged or written (-1: none)
         self._staged_rows: dict[int, dict[str, dict]] = {}  # shard -> user -> newest staged row
         self._staged_positions: dict[int, int] = {}
-        self._staged_applied = 0
-        self._staged_timestamps: list[float] = []
+        self._staged_applied: dict[int, int] = {}  # shard -> events
+        self._staged_timestamps: dict[int, list[float]] = {}
         self._staged_dead: list[dict] = []  # dead-letter records, sent right before the write
         self._staged_at: float | None = None  # when the oldest staged batch was staged (monotonic)
 
@@ -81,14 +81,16 @@ class ShardCache:
                 staged[row["user_id"]] = row
         self._positions.update(result.positions)
         self._staged_positions.update(result.positions)
-        self._staged_applied += result.applied
-        self._staged_timestamps += result.applied_timestamps
+        for shard, applied in result.applied_by_shard.items():
+            self._staged_applied[shard] = self._staged_applied.get(shard, 0) + applied
+        for shard, stamps in result.timestamps_by_shard.items():
+            self._staged_timestamps.setdefault(shard, []).extend(stamps)
         self._staged_dead += result.dead
         if result.positions and self._staged_at is None:
             self._staged_at = time.monotonic()
 
     def staged_events(self) -> int:
-        return self._staged_applied
+        return sum(self._staged_applied.values())
 
     def staged_for_s(self) -> float:
         """Seconds the oldest staged batch has waited for its write (0 when nothing is staged)."""
@@ -97,10 +99,10 @@ class ShardCache:
     def pending(self) -> BatchResult:
         """What is staged, as one batch for ``write_interactions``: per shard its staged rows and position."""
         return BatchResult(
-            applied=self._staged_applied,
+            applied_by_shard=dict(self._staged_applied),
             rows={shard: list(self._staged_rows.get(shard, {}).values()) for shard in self._staged_positions},
             positions=dict(self._staged_positions),
-            applied_timestamps=list(self._staged_timestamps),
+            timestamps_by_shard={shard: list(stamps) for shard, stamps in self._staged_timestamps.items()},
             dead=list(self._staged_dead),
         )
 
@@ -127,6 +129,8 @@ class ShardCache:
             self._positions.pop(shard, None)
             self._staged_rows.pop(shard, None)
             self._staged_positions.pop(shard, None)
+            self._staged_applied.pop(shard, None)
+            self._staged_timestamps.pop(shard, None)
         self._staged_dead = [record for record in self._staged_dead if record["source"]["partition"] not in gone]
         if not self._staged_positions:
             self._clear_staged()
@@ -142,8 +146,8 @@ class ShardCache:
     def _clear_staged(self) -> None:
         self._staged_rows.clear()
         self._staged_positions.clear()
-        self._staged_applied = 0
-        self._staged_timestamps = []
+        self._staged_applied = {}
+        self._staged_timestamps = {}
         self._staged_dead = []
         self._staged_at = None
 

@@ -10,6 +10,7 @@ from collections import defaultdict
 
 from hymirec.settings import Settings
 from stream.ingestor import Ingestor
+from stream.ingest import BatchResult
 from stream.shard_cache import ShardCache
 
 from helpers import RecordingKafka, click
@@ -189,4 +190,19 @@ def test_the_cache_reads_a_shard_position_once_and_then_keeps_its_own(db_setting
     assert cache.get_histories_and_position([], 4) == ({}, None)  # a shard without a position
     ingestor.store.upsert_histories(3, [], position=50)  # (another writer: the cache is the only one)
     assert cache.get_histories_and_position([], 3)[1] == 41
+    ingestor.close()
+
+
+def test_forgetting_a_shard_drops_its_staged_events_from_what_the_write_will_count(db_settings):
+    ingestor = Ingestor(db_settings)
+    cache = ShardCache(ingestor.store, max_ids=1000)
+    row = {"user_id": "u", "history_item_ids": ["a"], "recent_event_ids": []}
+    cache.stage(BatchResult(applied_by_shard={0: 3, 1: 2}, rows={0: [row], 1: [{**row, "user_id": "v"}]},
+                            positions={0: 7, 1: 4}, timestamps_by_shard={0: [1.0, 2.0, 3.0], 1: [4.0, 5.0]}))
+    cache.stage(BatchResult(applied_by_shard={1: 1}, positions={1: 5}, timestamps_by_shard={1: [6.0]}))
+    assert cache.staged_events() == 6
+    cache.forget([1])  # revoked: its events are read again by the next owner, and counted there
+    pending = cache.pending()
+    assert (pending.applied, pending.applied_timestamps, pending.positions) == (3, [1.0, 2.0, 3.0], {0: 7})
+    assert cache.staged_events() == 3 and list(pending.rows) == [0]
     ingestor.close()
