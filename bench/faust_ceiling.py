@@ -14,19 +14,10 @@ import time
 import faust
 
 from hymirec.settings import load_settings
-from stream.credentials import broker_credentials
+from stream.credentials import app_options
 
 settings = load_settings()
-settings.worker_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
-app = faust.App(
-    settings.app_id,
-    broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
-    broker_credentials=broker_credentials(settings),
-    web_host=settings.web_host, web_bind=settings.web_host, web_port=settings.web_port,
-    datadir=str(settings.worker_dir / settings.app_id),
-    consumer_auto_offset_reset="earliest",
-    topic_disable_leader=True,
-)
+app = faust.App(settings.app_id, **app_options(settings))
 topic = app.topic(settings.topic_interactions, key_serializer="raw", value_serializer="raw", acks=False)
 counted: dict[str, float | int | None] = {"events": 0, "first_batch": 0, "first_at": None, "last_at": None}
 

@@ -38,7 +38,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import load_settings
 from store.layout import claim_layout
 from store.tables import Store
-from stream.credentials import broker_credentials
+from stream.credentials import app_options
 from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
 from stream.metrics import CONTENT_TYPE
@@ -48,7 +48,6 @@ from stream.web import authorized, unauthorized
 log = logging.getLogger(__name__)
 
 settings = load_settings()
-settings.worker_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
 try:
     # Before any agent writes: with another partition count users would hash to other shards.
     claim_layout(Store(settings))
@@ -57,15 +56,8 @@ except HymirecError as exc:
 
 app = faust.App(
     settings.app_id,
-    broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
-    broker_credentials=broker_credentials(settings),
-    web_host=settings.web_host,
-    web_bind=settings.web_host,
-    web_port=settings.web_port,
-    datadir=str(settings.worker_dir / settings.app_id),
+    **app_options(settings),
     topic_partitions=settings.partitions,
-    topic_disable_leader=True,
-    consumer_auto_offset_reset="earliest",
     producer_acks=-1,  # a dead-letter record counts as kept only once all in-sync replicas have it
     broker_session_timeout=settings.worker_session_timeout_s,
     broker_rebalance_timeout=settings.worker_session_timeout_s,
