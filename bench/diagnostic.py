@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, Signals, Trending, candidates, fit, top
+from model.blend import Blend, Example, Signals, candidates, fit, top
 from model.retrieval import topk_items
-from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP, TRENDING_CANDIDATES
+from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
 
 BATCH = 256  # users per interests call
@@ -68,11 +68,6 @@ def exact_histories(log: pd.DataFrame, stop: int) -> dict[str, list[str]]:
     return out
 
 
-def users_by_last_event(log: pd.DataFrame, stop: int) -> list[str]:
-    """The users of the log's first ``stop`` events, in the order of their last one."""
-    return list(dict.fromkeys(reversed(log["user_id"].iloc[:stop].tolist())))[::-1]
-
-
 def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
     """Apply ``events`` (user_id, item_id, in log order) to ``histories`` in place."""
     for user, item in zip(events["user_id"].tolist(), events["item_id"].tolist()):
@@ -82,29 +77,24 @@ def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
 class SignalsOnly:
     """The serving blend without the model (``model.blend``, the model's weight held at 0): the same
     signals (follows counted along the stream, popularity over each user's newest ``recent_len``
-    items, trending counts fed user by user after each chunk), the same candidates (rules', popular and
-    trending ones) and the same prequential fit as the worker's ``serving.blend.BlendKeeper``. Its gap
-    to the live arms is the model's own share of the blend."""
+    items), the same candidates (rules' and popular ones) and the same prequential fit as the worker's
+    ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend."""
 
     name = "signals-only"
 
-    def __init__(self, histories: dict[str, list[str]], recent_len: int, by_last_event: list[str]):
-        """``by_last_event``: the users of ``histories`` in the order of their last event."""
+    def __init__(self, histories: dict[str, list[str]], recent_len: int):
         self.recent_len = recent_len
         self.running = Signals.count(histories.values())  # the worker counts along the bootstrap replay
-        self.trending = Trending()  # the worker's first count: each user's newest item, by last event
-        self.trending.add(histories[u][-1] for u in by_last_event if histories[u])
         self.signals = self._stored(histories)
-        self.blend = Blend(np.array([0.0, 1.0, 0.05, 0.0], dtype=np.float32))  # the rules, ties by popularity, until a fit
+        self.blend = Blend(np.array([0.0, 1.0, 0.05], dtype=np.float32))  # the rules, ties by popularity, until a fit
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
 
     def _stored(self, histories: dict[str, list[str]]) -> Signals:
         popular = Counter(i for h in histories.values() for i in h[-self.recent_len:])
-        return Signals(self.running.follows, dict(popular), dict(self.trending.counts)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        return Signals(self.running.follows, dict(popular)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
     def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray]:
-        return candidates(self.signals, history, {}, self.signals.shortlist(POPULAR_CANDIDATES, TRENDING_CANDIDATES),
-                          set(history))
+        return candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         out = {}
@@ -126,5 +116,4 @@ class SignalsOnly:
         self.blend = fit(list(self.examples), self.blend, use_model=False)
         for user, count in new.items():
             self.running.add(histories[user], count)
-            self.trending.add(histories[user][-count:])
         self.signals = self._stored(histories)

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from bench import harness
-from bench.diagnostic import Diagnostic, SignalsOnly, exact_histories, extend, users_by_last_event
+from bench.diagnostic import Diagnostic, SignalsOnly, exact_histories, extend
 from bench.prequential import K, metrics_of, paired_gap, score_chunk, thirds, warm, windows
 from bench.simulate_plot import plot
 from hymirec.errors import HymirecError
@@ -386,7 +386,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         catalogue = read_items(items)
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
         exact, diagnosed, signalled = exact_histories(log, boot), [], []
-        signals_only = SignalsOnly(exact, online.settings.recent_len, users_by_last_event(log, boot))
+        signals_only = SignalsOnly(exact, online.settings.recent_len)
         say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
             f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)
 

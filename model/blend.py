@@ -7,12 +7,7 @@ A candidate item i of a user u gets features (``FEATURES``):
 - ``rules``: log(1 + Σ over u's last ``LAST`` items j, the most recent first (recency r = 1, 2, …),
   of follows[j → i] / r), where follows[j → i] adds 1/d each time i came d ≤ ``BACK`` steps after j in
   somebody's recent items (the sequential rules of ``model.baselines``);
-- ``popular``: log(1 + how many users' recent items hold i);
-- ``trending``: log(1 + how many of the stream's last ``TRENDING_EVENTS`` applied events were of i).
-  Popularity over users' recent items moves slowly (a user's recent items span their last 50 events,
-  however old); an item released an hour ago and taken up by many is trending before it is popular,
-  and the model, which has not trained on it, cannot know it is wanted (synthetic: on events of
-  items released after the bootstrap, recent popularity 0.11 against the model's 0.004).
+- ``popular``: log(1 + how many users' recent items hold i).
 
 Its score is w · features. ``fit`` chooses w on a small grid by Recall@10: each example is an event the
 system has already applied — the features of its candidates as they were *before* the event, and
@@ -25,7 +20,6 @@ Pure numpy/Arrow: no settings, no store.
 
 from __future__ import annotations
 
-from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,29 +27,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-FEATURES = ("model", "rules", "popular", "trending")
-TRENDING_EVENTS = 2000  # the window of ``trending`` (recent-pop's of DESIGN §7a)
+FEATURES = ("model", "rules", "popular")
 BACK = 3  # follows[j → i] counts i up to this many steps after j
 LAST = 5  # a user's rules score reads this many of their newest items
 TOP = 10  # the blend is fitted for Recall@TOP
-FIT_GRID_BLOCK = 32  # weights scored per matrix product in ``fit`` (bounds its memory)
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
-# The weights tried (model, rules, popular, trending): every mix of these (only the ratios rank), each
-# signal alone among them. Features: a cosine in [-1, 1] and log counts up to ~10.
-GRID = np.array([(m, r, p, t) for m in (0.0, 0.25, 0.5, 1, 2, 4, 8, 16) for r in (0.0, 0.5, 1.0)
-                 for p in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6) for t in (0.0, 0.25, 0.5, 1.0, 2.0) if m or r or p or t],
-                dtype=np.float32)
+# The weights tried (model, rules, popular): every mix of these (only the ratios rank), the model
+# alone, the rules alone and the popular items alone among them. Features: a cosine in [-1, 1] and
+# log counts up to ~10.
+GRID = np.array([(m, r, p) for m in (0.0, 0.25, 0.5, 1, 2, 4, 8, 16) for r in (0.0, 0.5, 1.0)
+                 for p in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6) if m or r or p], dtype=np.float32)
 
 
 @dataclass
 class Signals:
-    """The stream's item-level state the blend reads: follows[j][i], per-item user counts and the
-    trending counts."""
+    """The stream's item-level state the blend reads: follows[j][i] and per-item user counts."""
 
     follows: dict[str, dict[str, float]] = field(default_factory=dict)
     popular: dict[str, int] = field(default_factory=dict)
-    trending: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int | None = None) -> Signals:
@@ -109,42 +99,14 @@ class Signals:
         return acc
 
     def top_popular(self, n: int) -> list[str]:
-        return heaviest(self.popular, n)
-
-    def shortlist(self, popular: int, trending: int) -> list[str]:
-        """Every user's candidates beside the model's and the rules': the ``popular`` most popular items
-        and the ``trending`` most trending ones."""
-        return list(dict.fromkeys([*heaviest(self.popular, popular), *heaviest(self.trending, trending)]))
+        return [i for i, _ in sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
     def kept(self, follows: int, popular: int) -> Signals:
         """What the serving tables hold: each item's ``follows`` heaviest followers, the ``popular`` most
-        popular items, every trending one (the weights are fitted on exactly what the readers will see)."""
+        popular items (the weights are fitted on exactly what the readers will see)."""
         return Signals({j: dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:follows])
                         for j, row in self.follows.items()},
-                       dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]), dict(self.trending))
-
-
-def heaviest(counts: dict[str, float], n: int) -> list[str]:
-    """The ``n`` keys of the largest counts, ties by key."""
-    return [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
-
-
-class Trending:
-    """Counts of the items of the stream's last ``TRENDING_EVENTS`` applied events."""
-
-    def __init__(self) -> None:
-        self.window: deque[str] = deque()
-        self.counts: Counter[str] = Counter()
-
-    def add(self, items: Iterable[str]) -> None:
-        for item in items:
-            self.window.append(item)
-            self.counts[item] += 1
-            if len(self.window) > TRENDING_EVENTS:
-                old = self.window.popleft()
-                self.counts[old] -= 1
-                if not self.counts[old]:
-                    del self.counts[old]
+                       dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]))
 
 
 def popularity(lists: pa.Array | pa.ChunkedArray) -> dict[str, int]:
@@ -162,20 +124,19 @@ def top(blend: Blend, names: list[str], features: np.ndarray, k: int) -> list[tu
     return [(names[j], float(scores[j])) for j in order]
 
 
-def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], shortlist: Sequence[str],
+def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], popular: Sequence[str],
                seen: set[str]) -> tuple[list[str], np.ndarray]:
     """A user's candidates and their features [len(FEATURES), C]: the model's ``pool`` ({item: cosine},
     its top items), the items the rules reach from ``recent`` (the user's items, oldest first) and
-    ``shortlist`` (``Signals.shortlist``), none in ``seen``. A candidate outside the pool scores the pool's lowest cosine for the
+    ``popular``, none in ``seen``. A candidate outside the pool scores the pool's lowest cosine for the
     model: being outside the model's top, its own cosine is no higher."""
     rules = signals.rules(recent)
-    ids = [i for i in dict.fromkeys([*pool, *rules, *shortlist]) if i not in seen]
+    ids = [i for i in dict.fromkeys([*pool, *rules, *popular]) if i not in seen]
     floor = min(pool.values()) if pool else 0.0
     return ids, np.stack([
         np.array([pool.get(i, floor) for i in ids], dtype=np.float32),
         np.log1p(np.array([rules.get(i, 0.0) for i in ids], dtype=np.float32)),
         np.log1p(np.array([signals.popular.get(i, 0) for i in ids], dtype=np.float32)),
-        np.log1p(np.array([signals.trending.get(i, 0) for i in ids], dtype=np.float32)),
     ]).reshape(len(FEATURES), len(ids))
 
 
@@ -191,7 +152,7 @@ class Example:
 class Blend:
     """w [F] over FEATURES; ``fitted_on``: how many examples the last fit saw (0: the prior)."""
 
-    weights: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32))
+    weights: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0], dtype=np.float32))
     fitted_on: int = 0
 
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -201,7 +162,7 @@ class Blend:
 
     def score_weights(self) -> np.ndarray:
         """The weights ``score`` applies, tie-breakers included."""
-        return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR, 0.0], dtype=np.float32)
+        return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR], dtype=np.float32)
 
     def to_json(self) -> dict:
         return {"features": list(FEATURES), "weights": [round(float(w), 6) for w in self.weights],
@@ -229,15 +190,12 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
         x[row, :, : e.features.shape[1]] = e.features
         pad[row, : e.features.shape[1]] = False
     chosen = np.array([e.chosen for e in examples])
-    flat = x.transpose(0, 2, 1).reshape(-1, len(FEATURES))  # [B*C, F]
     hits = np.zeros(len(grid), dtype=np.int64)
-    for first in range(0, len(grid), FIT_GRID_BLOCK):  # a block of weights per matrix product
-        weights = grid[first : first + FIT_GRID_BLOCK]
-        ties = np.stack([Blend(w).score_weights() for w in weights])  # [G, F]
-        scores = (flat @ ties.T).reshape(len(examples), width, len(weights))  # [B, C, G]
+    for g, w in enumerate(grid):
+        scores = np.einsum("f,bfc->bc", Blend(w).score_weights(), x)
         scores[pad] = -np.inf
-        target = scores[np.arange(len(examples)), chosen]  # [B, G]
-        hits[first : first + len(weights)] = ((scores > target[:, None, :]).sum(axis=1) < TOP).sum(axis=0)
+        target = scores[np.arange(len(examples)), chosen]
+        hits[g] = int(((scores > target[:, None]).sum(axis=1) < TOP).sum())
     same = np.flatnonzero(np.all(np.isclose(grid, start.weights), axis=1))
     best = same[0] if len(same) and hits[same[0]] == hits.max() else int(np.argmax(hits))
     return Blend(grid[best].astype(np.float32), len(examples))

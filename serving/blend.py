@@ -4,10 +4,6 @@ top-k reader.
 - ``popular_items``: the POPULAR_KEEP items most present in users' recent items (also the answer
   when there is no model);
 - ``item_follows``: per item, its FOLLOWS_KEEP heaviest followers in users' recent items;
-- ``trending_items``: the items of the last TRENDING_EVENTS applied events, with their counts. The
-  keeper sees the events of a count interval per user, not in the stream's order, so an interval's
-  events enter the window user by user; after a (re)start the window begins from each user's newest
-  item, in the order of the users' last events;
 - ``serving_blend``: the weights, one row.
 
 ``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
@@ -27,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import Blend, Example, Signals, Trending, candidates, fit, popularity
+from model.blend import Blend, Example, Signals, candidates, fit, popularity
 from serving.model import ServingModel
-from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, TRENDING, blend_schema, follows_schema, histories_schema,
-                           item_vectors_schema, popular_schema, trending_schema)
+from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, blend_schema, follows_schema, histories_schema,
+                           item_vectors_schema, popular_schema)
 from store.tables import Store, open_table, table_names, to_arrow
 
 log = logging.getLogger(__name__)
@@ -39,7 +35,6 @@ POPULAR_KEEP = 1000  # most popular items stored: enough for k plus a long seen-
 FOLLOWS_KEEP = 100  # followers stored per item
 POOL = 100  # the model's candidates per user, beside the rules' and the popular ones
 POPULAR_CANDIDATES = 50  # the most popular items, candidates for every user
-TRENDING_CANDIDATES = 50  # the most trending items, candidates for every user
 EXAMPLES_KEEP = 2000  # the newest applied events the weights are fitted on
 EXAMPLES_PER_COUNT = 512  # newest events learnt from per count: bounds a count's model work
 FIT_USERS = 256  # users per interests call while building examples
@@ -68,13 +63,11 @@ def counted_at(store: Store) -> datetime | None:
 def read_signals(store: Store, recent: list[str]) -> Signals:
     """The stored signals a reader needs: the popular counts and the follows of the ``recent`` items."""
     signals = Signals()
-    names = table_names(store.db)
-    for name, schema, attribute in ((POPULAR, popular_schema(), "popular"), (TRENDING, trending_schema(), "trending")):
-        if name in names:
-            counts = open_table(store.db, name, schema, create=False).to_arrow()
-            setattr(signals, attribute, dict(zip(counts["item_id"].to_pylist(), counts["count"].to_pylist())))
+    if POPULAR in table_names(store.db):
+        popular = open_table(store.db, POPULAR, popular_schema(), create=False).to_arrow()
+        signals.popular = dict(zip(popular["item_id"].to_pylist(), popular["count"].to_pylist()))
     wanted = sorted(set(recent))
-    if wanted and FOLLOWS in names:
+    if wanted and FOLLOWS in table_names(store.db):
         rows = (open_table(store.db, FOLLOWS, follows_schema(), create=False).search()
                 .where(col("item_id").isin(wanted)).limit(None).to_arrow().to_pylist())
         signals.follows = {r["item_id"]: dict(zip(r["next_item_ids"], r["next_weights"])) for r in rows}
@@ -88,7 +81,6 @@ class BlendKeeper:
         self.store = store
         self.signals: Signals | None = None  # the previous count, as stored
         self.follows = Signals()  # the running follows count, whole (stored: each item's heaviest)
-        self.trending = Trending()
         self.events: dict[str, int] = {}  # user → event_count at the previous count
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
         self.blend = read_blend(store) or Blend()
@@ -99,7 +91,7 @@ class BlendKeeper:
         Follows are a running count: the first count (a start) takes every user's recent items, each
         later one adds the events since (a user with more new events than ``recent_len``: the
         newest ``recent_len``). Popularity is recounted from the recent items every time."""
-        scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count", "last_ts"])
+        scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
         users, recents = rows["user_id"].to_pylist(), rows["recent_item_ids"]
@@ -107,19 +99,14 @@ class BlendKeeper:
         changed = [u for u, n in counts.items() if n > self.events.get(u, 0)]
         if self.signals is not None and model is not None and vectors_table is not None and changed:
             self._learn(model, vectors_table, dim, {u: counts[u] - self.events.get(u, 0) for u in changed})
-        row_of = {u: r for r, u in enumerate(users)}
         if self.signals is None:
             self.follows = Signals.count(recents)
-            by_last = sorted(range(len(users)), key=lambda r: rows["last_ts"][r].as_py() or 0)
-            self.trending.add(recent[-1] for r in by_last if (recent := recents[r].as_py()))
         else:
+            row_of = {u: r for r, u in enumerate(users)}
             for user in changed:
                 recent = recents[row_of[user]].as_py() or []
-                new = counts[user] - self.events.get(user, 0)
-                self.follows.add(recent, new)
-                self.trending.add(recent[-new:])
-        self.signals = Signals(self.follows.follows, popularity(recents), dict(self.trending.counts)).kept(
-            FOLLOWS_KEEP, POPULAR_KEEP)
+                self.follows.add(recent, counts[user] - self.events.get(user, 0))
+        self.signals = Signals(self.follows.follows, popularity(recents)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
@@ -131,7 +118,7 @@ class BlendKeeper:
         ids = table["item_id"].to_pylist()
         matrix = table["vector"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(len(ids), dim)
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-        shortlist = self.signals.shortlist(POPULAR_CANDIDATES, TRENDING_CANDIDATES)
+        popular = self.signals.top_popular(POPULAR_CANDIDATES)
         events = []  # (history before, item)
         for user, row in self.store.get_histories(list(new)).items():
             history = list(row["history_item_ids"] or [])
@@ -146,7 +133,7 @@ class BlendKeeper:
                 for j in np.argsort(-scores)[: POOL + len(seen)]:
                     if ids[j] not in seen and len(pool) < POOL:
                         pool[ids[j]] = float(scores[j])
-                names, features = candidates(self.signals, before, pool, shortlist, seen)
+                names, features = candidates(self.signals, before, pool, popular, seen)
                 if target in names:  # an item no candidate list holds cannot be learnt to rank
                     self.examples.append(Example(features, names.index(target)))
         self.blend = fit(list(self.examples), self.blend)
@@ -154,11 +141,9 @@ class BlendKeeper:
 
     def _write(self, version: str | None) -> None:
         now = datetime.now(timezone.utc)
-        for name, schema, counts in ((POPULAR, popular_schema(), self.signals.popular),
-                                     (TRENDING, trending_schema(), self.signals.trending)):
-            ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-            self._overwrite(name, schema, {
-                "item_id": [i for i, _ in ranked], "count": [c for _, c in ranked], "updated_at": [now] * len(ranked)})
+        popular = sorted(self.signals.popular.items(), key=lambda kv: (-kv[1], kv[0]))
+        self._overwrite(POPULAR, popular_schema(), {
+            "item_id": [i for i, _ in popular], "count": [c for _, c in popular], "updated_at": [now] * len(popular)})
         follows = sorted(self.signals.follows.items())
         self._overwrite(FOLLOWS, follows_schema(), {
             "item_id": [j for j, _ in follows], "next_item_ids": [list(row) for _, row in follows],

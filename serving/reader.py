@@ -21,7 +21,7 @@ from kafka.partitioner.default import murmur2
 
 from hymirec.errors import HymirecError
 from model.blend import LAST, Blend, Signals, candidates, popularity, top
-from serving.blend import POOL, POPULAR_CANDIDATES, TRENDING_CANDIDATES, read_blend, read_signals
+from serving.blend import POOL, POPULAR_CANDIDATES, read_blend, read_signals
 from store.schemas import HISTORIES, POPULAR, VERSIONS, item_vectors_schema, popular_schema, versions_schema
 from store.tables import Store, open_table, table_names
 
@@ -193,7 +193,7 @@ def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str
     """The top-k of the blend (model.blend) over the model's POOL best items, the rules' and the popular
     ones; ``interest`` says which interest gave a model candidate its cosine (None for the others)."""
     pool = dict(sorted(((i, s) for i, (s, _) in scores.items()), key=lambda kv: (-kv[1], kv[0]))[:POOL])
-    names, features = candidates(signals, recent, pool, signals.shortlist(POPULAR_CANDIDATES, TRENDING_CANDIDATES), seen)
+    names, features = candidates(signals, recent, pool, signals.top_popular(POPULAR_CANDIDATES), seen)
     return [Scored(item, score, scores[item][1] if item in pool else None)
             for item, score in top(blend, names, features, k)]
 

@@ -31,7 +31,6 @@ REGISTRY = "model_registry"
 # The retrieval side's tables (serving/): written by the worker's serving runtime.
 VERSIONS = "serving_versions"
 POPULAR = "popular_items"
-TRENDING = "trending_items"
 FOLLOWS = "item_follows"  # the serving blend's sequential rules (model.blend)
 BLEND = "serving_blend"  # the serving blend's weights, one row
 # The partition count the user shards are laid out for (one row; written by the worker at start-up).
@@ -158,11 +157,6 @@ def popular_schema() -> pa.Schema:
         pa.field("count", pa.int64(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
-
-
-def trending_schema() -> pa.Schema:
-    """The items of the stream's last events, with their counts (model.blend.Trending)."""
-    return popular_schema()
 
 
 def follows_schema() -> pa.Schema:
