@@ -341,5 +341,5 @@ def item_content(catalogue: Catalogue, backbone: str, settings: Settings, progre
         vectors = compute()
     else:
         vectors = cached_item_embeddings(settings.cache_dir, backbone, texts, compute, progress)
-    vectors = torch.cat([vectors, hashed_words(texts, encoder_recipe(backbone, settings)["word_buckets"])], dim=1)
+    vectors = torch.cat([vectors, hashed_words(texts, settings.item_word_buckets)], dim=1)
     return torch.cat([torch.zeros(1, vectors.size(1)), zero_textless(vectors, texts)], dim=0)
