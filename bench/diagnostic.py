@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, Signals, candidates, fit, top
+from model.blend import Blend, Example, Signals, candidates, fit, neighbours, top
 from model.retrieval import topk_items
-from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
+from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
 
 BATCH = 256  # users per interests call
@@ -76,8 +76,8 @@ def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
 
 class SignalsOnly:
     """The serving blend without the model (``model.blend``, the model's weight held at 0): the same
-    signals (follows counted along the stream, popularity over each user's newest ``recent_len``
-    items), the same candidates (rules' and popular ones) and the same prequential fit as the worker's
+    signals (follows counted along the stream, popularity and neighbours over each user's newest
+    ``recent_len`` items), the same candidates (rules', popular and nearest ones) and the same prequential fit as the worker's
     ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend."""
 
     name = "signals-only"
@@ -86,12 +86,13 @@ class SignalsOnly:
         self.recent_len = recent_len
         self.running = Signals.count(histories.values())  # the worker counts along the bootstrap replay
         self.signals = self._stored(histories)
-        self.blend = Blend(np.array([0.0, 1.0, 0.05], dtype=np.float32))  # the rules, ties by popularity, until a fit
+        self.blend = Blend(np.array([0.0, 1.0, 0.05, 0.0], dtype=np.float32))  # the rules, ties by popularity, until a fit
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
 
     def _stored(self, histories: dict[str, list[str]]) -> Signals:
-        popular = Counter(i for h in histories.values() for i in h[-self.recent_len:])
-        return Signals(self.running.follows, dict(popular)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        recent = [h[-self.recent_len:] for h in histories.values()]
+        popular = Counter(i for r in recent for i in r)
+        return Signals(self.running.follows, dict(popular), neighbours(recent, NEIGHBOURS_KEEP)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
     def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray]:
         return candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))

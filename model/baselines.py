@@ -10,6 +10,10 @@ is the user's applied items, oldest first (None: no event yet, a cold user).
 - ``SequentialRules`` ("rules"): after each applied event, for each of the user's previous 3 items j
   (1, 2, 3 back) add 1/distance to count[j → new item]; a user's score of an item is the sum of
   count[j → item] over the user's last 5 items j, weighted 1/recency (the most recent: 1).
+- ``ItemNeighbours`` ("item-knn"): item-to-item co-occurrence without order — cos(j, i) of the two
+  items' columns in the binary users × items matrix of every user's newest 50 items (each item's 100
+  nearest kept); a user's score of an item is Σ cos(j, item) over the user's last 20 items j. The
+  serving blend's ``neighbours`` signal alone (``model.blend.neighbours``), recounted after every apply.
 
 Ties: by all-time popularity (that is the rules' tie-break, as §7a says; the popularity rankings
 have none left), then by the order in which items first appeared in the stream. Pure python and
@@ -22,6 +26,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+
+from model.blend import NEAR, neighbours
 
 
 class StreamingBaseline:
@@ -151,6 +157,33 @@ class SequentialRules(StreamingBaseline):
         return _then_popular(ruled, self.popular())
 
 
+class ItemNeighbours(StreamingBaseline):
+    name = "item-knn"
+
+    def __init__(self, recent: int = 50, keep: int = 100) -> None:
+        super().__init__()
+        self.recent, self.keep = recent, keep
+        self.near: dict[str, dict[str, float]] | None = None  # recounted lazily after an apply
+
+    def changed(self) -> None:
+        self.near = None
+
+    def scores(self, history: list[int]) -> dict[int, float]:
+        """{item: Σ cos(j, item) over the last NEAR items j}, items near one of them only."""
+        if self.near is None:
+            self.near = neighbours([[self.ids[i] for i in h[-self.recent:]] for h in self.histories.values()], self.keep)
+        acc: dict[int, float] = {}
+        for j in history[-NEAR:]:
+            for item, cosine in self.near.get(self.ids[j], {}).items():
+                acc[self.index[item]] = acc.get(self.index[item], 0.0) + cosine
+        return acc
+
+    def ranked(self, history: list[int]) -> Iterable[int]:
+        scores = self.scores(history)
+        near = sorted(scores, key=lambda i: (-round(scores[i], 9), -self.counts[i], i))
+        return _then_popular(near, self.popular())
+
+
 def _then_popular(first: list[int], popular: np.ndarray) -> Iterator[int]:
     """``first``, then the popular items not in it (the zero scores, tied, by popularity)."""
     yield from first
@@ -159,5 +192,5 @@ def _then_popular(first: list[int], popular: np.ndarray) -> Iterator[int]:
 
 
 def streaming_baselines(window: int = 2000) -> list[StreamingBaseline]:
-    """The three baselines of §7a, fresh: pop, recent-pop (``window`` events), rules."""
-    return [MostPopular(), RecentPopular(window), SequentialRules()]
+    """The baselines, fresh: §7a's pop, recent-pop (``window`` events) and rules, and item-knn."""
+    return [MostPopular(), RecentPopular(window), SequentialRules(), ItemNeighbours()]

@@ -7,7 +7,11 @@ A candidate item i of a user u gets features (``FEATURES``):
 - ``rules``: log(1 + Σ over u's last ``LAST`` items j, the most recent first (recency r = 1, 2, …),
   of follows[j → i] / r), where follows[j → i] adds 1/d each time i came d ≤ ``BACK`` steps after j in
   somebody's recent items (the sequential rules of ``model.baselines``);
-- ``popular``: log(1 + how many users' recent items hold i).
+- ``popular``: log(1 + how many users' recent items hold i);
+- ``neighbours``: Σ over u's last ``NEAR`` items j of cos(j, i), the cosine of the two items' columns
+  in the users × items matrix of who holds which in their recent items (item-to-item co-occurrence,
+  order-free: what the rules miss when a user's items come in no fixed order, as in ml-100k's rating
+  sessions, or when the item that predicts i is more than ``BACK`` steps before it).
 
 Its score is w · features. ``fit`` chooses w on a small grid by Recall@10: each example is an event the
 system has already applied — the features of its candidates as they were *before* the event, and
@@ -26,36 +30,40 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy import sparse
 
-FEATURES = ("model", "rules", "popular")
+FEATURES = ("model", "rules", "popular", "neighbours")
 BACK = 3  # follows[j → i] counts i up to this many steps after j
 LAST = 5  # a user's rules score reads this many of their newest items
+NEAR = 20  # a user's neighbours score reads this many of their newest items
+NEAR_CANDIDATES = 50  # the items the neighbours score highest: candidates beside the pool, rules and popular
+NEAR_ITEMS = 4096  # neighbours are counted among this many most popular items (bounds items² memory)
 TOP = 10  # the blend is fitted for Recall@TOP
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
-# The weights tried (model, rules, popular): every mix of these (only the ratios rank), the model
-# alone, the rules alone and the popular items alone among them. Features: a cosine in [-1, 1] and
-# log counts up to ~10.
-GRID = np.array([(m, r, p) for m in (0.0, 0.25, 0.5, 1, 2, 4, 8, 16) for r in (0.0, 0.5, 1.0)
-                 for p in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6) if m or r or p], dtype=np.float32)
+FIT_GRID_BLOCK = 64  # weights scored per matrix product in ``fit`` (bounds its memory)
+# The weights tried (model, rules, popular, neighbours): every mix of these (only the ratios rank), each
+# signal alone among them. Features: a cosine in [-1, 1], log counts up to ~10 and a sum of NEAR cosines.
+GRID = np.array([(m, r, p, n) for m in (0.0, 0.25, 0.5, 1, 2, 4, 8, 16) for r in (0.0, 0.5, 1.0)
+                 for p in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6) for n in (0.0, 0.25, 0.5, 1, 2, 4) if m or r or p or n],
+                dtype=np.float32)
 
 
 @dataclass
 class Signals:
-    """The stream's item-level state the blend reads: follows[j][i] and per-item user counts."""
+    """The stream's item-level state the blend reads: follows[j][i], per-item user counts and each
+    item's nearest neighbours {j: {i: cos(j, i)}}."""
 
     follows: dict[str, dict[str, float]] = field(default_factory=dict)
     popular: dict[str, int] = field(default_factory=dict)
+    neighbours: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int | None = None) -> Signals:
         """From users' recent items (each oldest first; lists, or an Arrow list column): follows and
         popularity, as defined above; with ``keep``, each item's ``keep`` heaviest followers only. Counted
         in Arrow: a worker recounts 100k users' recent items."""
-        lists = sequences if isinstance(sequences, (pa.Array, pa.ChunkedArray)) else pa.array(
-            [list(s) for s in sequences], pa.list_(pa.string()))
-        if isinstance(lists, pa.ChunkedArray):
-            lists = lists.combine_chunks() if lists.num_chunks else pa.array([], pa.list_(pa.string()))
+        lists = list_array(sequences)
         items = pc.list_flatten(lists)
         owner = pc.list_parent_indices(lists).to_numpy()
         out = cls()
@@ -73,13 +81,7 @@ class Signals:
         total = np.bincount(where, weights=np.concatenate(weights))
         j, i = pair // len(names), pair % len(names)
         order = np.lexsort((-total, j))  # by j, the heaviest first (np.unique left ties ordered by i)
-        j, i, total = j[order], i[order], total[order]
-        if keep is not None:  # each j's ``keep`` heaviest followers, before anything becomes Python
-            first = np.r_[0, np.flatnonzero(j[1:] != j[:-1]) + 1] if len(j) else np.zeros(0, np.int64)
-            rank = np.arange(len(j)) - np.repeat(first, np.diff(np.r_[first, len(j)]))
-            j, i, total = j[rank < keep], i[rank < keep], total[rank < keep]
-        for a, b, w in zip(j.tolist(), i.tolist(), total.tolist()):
-            out.follows.setdefault(names[a], {})[names[b]] = w
+        out.follows = rows_of(names, j[order], i[order], total[order], keep)
         return out
 
     def add(self, recent: Sequence[str], new: int) -> None:
@@ -98,22 +100,74 @@ class Signals:
                 acc[item] = acc.get(item, 0.0) + count / recency
         return acc
 
+    def near(self, recent: Sequence[str]) -> dict[str, float]:
+        """{item: Σ cos(j, item)} over the user's last NEAR items j."""
+        acc: dict[str, float] = {}
+        for j in recent[-NEAR:]:
+            for item, cosine in self.neighbours.get(j, {}).items():
+                acc[item] = acc.get(item, 0.0) + cosine
+        return acc
+
     def top_popular(self, n: int) -> list[str]:
         return [i for i, _ in sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
     def kept(self, follows: int, popular: int) -> Signals:
         """What the serving tables hold: each item's ``follows`` heaviest followers, the ``popular`` most
-        popular items (the weights are fitted on exactly what the readers will see)."""
+        popular items, the neighbours as counted (the weights are fitted on exactly what the readers will see)."""
         return Signals({j: dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:follows])
                         for j, row in self.follows.items()},
-                       dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]))
+                       dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]), self.neighbours)
+
+
+def list_array(sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Users' item lists as one Arrow list<string> array."""
+    if isinstance(sequences, pa.ChunkedArray):
+        return sequences.combine_chunks() if sequences.num_chunks else pa.array([], pa.list_(pa.string()))
+    if isinstance(sequences, pa.Array):
+        return sequences
+    return pa.array([list(s) for s in sequences], pa.list_(pa.string()))
+
+
+def rows_of(names: list[str], j: np.ndarray, i: np.ndarray, weight: np.ndarray, keep: int | None) -> dict[str, dict[str, float]]:
+    """{names[j]: {names[i]: weight}} from pairs sorted by j, the heaviest first within each j; with
+    ``keep``, each j's ``keep`` first only (cut before anything becomes Python)."""
+    if keep is not None:
+        first = np.r_[0, np.flatnonzero(j[1:] != j[:-1]) + 1] if len(j) else np.zeros(0, np.int64)
+        rank = np.arange(len(j)) - np.repeat(first, np.diff(np.r_[first, len(j)]))
+        j, i, weight = j[rank < keep], i[rank < keep], weight[rank < keep]
+    out: dict[str, dict[str, float]] = {}
+    for a, b, w in zip(j.tolist(), i.tolist(), weight.tolist()):
+        out.setdefault(names[a], {})[names[b]] = w
+    return out
+
+
+def neighbours(sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int) -> dict[str, dict[str, float]]:
+    """{j: its ``keep`` nearest items i: cos(j, i)}, the cosine of j's and i's columns in the binary
+    users × items matrix of users' recent items (``sequences``), among the NEAR_ITEMS most popular items;
+    ties by id. A sparse product in scipy: a worker recounts it from 100k users' recent items."""
+    lists = list_array(sequences)
+    counts = popularity(lists)
+    names = sorted(counts, key=lambda i: (-counts[i], i))[:NEAR_ITEMS]
+    if len(names) < 2:
+        return {}
+    code = pc.fill_null(pc.index_in(pc.list_flatten(lists), pa.array(names)), -1).to_numpy()
+    owner = pc.list_parent_indices(lists).to_numpy()
+    kept = code >= 0
+    held = sparse.csr_matrix((np.ones(int(kept.sum())), (owner[kept], code[kept])), shape=(len(lists), len(names)))
+    held.sum_duplicates()
+    held.data[:] = 1.0  # a user holds an item or not, however often it recurs in their recent items
+    shared = (held.T @ held).tocoo()  # [items, items]: users holding both
+    norm = np.sqrt(shared.diagonal())
+    other = shared.row != shared.col
+    j, i = shared.row[other], shared.col[other]
+    cosine = shared.data[other] / (norm[j] * norm[i])
+    order = np.lexsort((i, -cosine, j))
+    return rows_of(names, j[order], i[order], cosine[order], keep)
 
 
 def popularity(lists: pa.Array | pa.ChunkedArray) -> dict[str, int]:
     """{item: how many times it appears} over an Arrow list column (users' recent items)."""
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks() if lists.num_chunks else pa.array([], pa.list_(pa.string()))
-    counted = pc.value_counts(pc.list_flatten(lists))
+    counted = pc.value_counts(pc.list_flatten(list_array(lists)))
     return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
 
 
@@ -127,16 +181,20 @@ def top(blend: Blend, names: list[str], features: np.ndarray, k: int) -> list[tu
 def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], popular: Sequence[str],
                seen: set[str]) -> tuple[list[str], np.ndarray]:
     """A user's candidates and their features [len(FEATURES), C]: the model's ``pool`` ({item: cosine},
-    its top items), the items the rules reach from ``recent`` (the user's items, oldest first) and
-    ``popular``, none in ``seen``. A candidate outside the pool scores the pool's lowest cosine for the
-    model: being outside the model's top, its own cosine is no higher."""
+    its top items), the items the rules reach from ``recent`` (the user's items, oldest first),
+    ``popular`` and the NEAR_CANDIDATES items nearest to the user's, none in ``seen``. A candidate
+    outside the pool scores the pool's lowest cosine for the model: being outside the model's top, its
+    own cosine is no higher."""
     rules = signals.rules(recent)
-    ids = [i for i in dict.fromkeys([*pool, *rules, *popular]) if i not in seen]
+    near = signals.near(recent)
+    nearest = sorted((i for i in near if i not in seen), key=lambda i: (-near[i], i))[:NEAR_CANDIDATES]
+    ids = [i for i in dict.fromkeys([*pool, *rules, *popular, *nearest]) if i not in seen]
     floor = min(pool.values()) if pool else 0.0
     return ids, np.stack([
         np.array([pool.get(i, floor) for i in ids], dtype=np.float32),
         np.log1p(np.array([rules.get(i, 0.0) for i in ids], dtype=np.float32)),
         np.log1p(np.array([signals.popular.get(i, 0) for i in ids], dtype=np.float32)),
+        np.array([near.get(i, 0.0) for i in ids], dtype=np.float32),
     ]).reshape(len(FEATURES), len(ids))
 
 
@@ -152,7 +210,7 @@ class Example:
 class Blend:
     """w [F] over FEATURES; ``fitted_on``: how many examples the last fit saw (0: the prior)."""
 
-    weights: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0], dtype=np.float32))
+    weights: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32))
     fitted_on: int = 0
 
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -162,7 +220,7 @@ class Blend:
 
     def score_weights(self) -> np.ndarray:
         """The weights ``score`` applies, tie-breakers included."""
-        return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR], dtype=np.float32)
+        return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR, 0.0], dtype=np.float32)
 
     def to_json(self) -> dict:
         return {"features": list(FEATURES), "weights": [round(float(w), 6) for w in self.weights],
@@ -190,12 +248,13 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
         x[row, :, : e.features.shape[1]] = e.features
         pad[row, : e.features.shape[1]] = False
     chosen = np.array([e.chosen for e in examples])
+    ties = Blend().score_weights() - Blend().weights
     hits = np.zeros(len(grid), dtype=np.int64)
-    for g, w in enumerate(grid):
-        scores = np.einsum("f,bfc->bc", Blend(w).score_weights(), x)
-        scores[pad] = -np.inf
-        target = scores[np.arange(len(examples)), chosen]
-        hits[g] = int(((scores > target[:, None]).sum(axis=1) < TOP).sum())
+    for g in range(0, len(grid), FIT_GRID_BLOCK):
+        scores = np.einsum("gf,bfc->gbc", grid[g : g + FIT_GRID_BLOCK] + ties, x)  # [G, B, C]
+        scores[:, pad] = -np.inf
+        target = scores[:, np.arange(len(examples)), chosen]
+        hits[g : g + FIT_GRID_BLOCK] = ((scores > target[..., None]).sum(axis=2) < TOP).sum(axis=1)
     same = np.flatnonzero(np.all(np.isclose(grid, start.weights), axis=1))
     best = same[0] if len(same) and hits[same[0]] == hits.max() else int(np.argmax(hits))
     return Blend(grid[best].astype(np.float32), len(examples))

@@ -4,6 +4,8 @@ top-k reader.
 - ``popular_items``: the POPULAR_KEEP items most present in users' recent items (also the answer
   when there is no model);
 - ``item_follows``: per item, its FOLLOWS_KEEP heaviest followers in users' recent items;
+- ``item_neighbours``: per item, its NEIGHBOURS_KEEP nearest items by co-occurrence in users' recent
+  items (recounted every time, like the popular items);
 - ``serving_blend``: the weights, one row.
 
 ``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
@@ -23,16 +25,17 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import Blend, Example, Signals, candidates, fit, popularity
+from model.blend import LAST, NEAR, Blend, Example, Signals, candidates, fit, neighbours, popularity
 from serving.model import ServingModel
-from store.schemas import (BLEND, FOLLOWS, HISTORIES, POPULAR, blend_schema, follows_schema, histories_schema,
-                           item_vectors_schema, popular_schema)
+from store.schemas import (BLEND, FOLLOWS, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
+                           histories_schema, item_vectors_schema, neighbours_schema, popular_schema)
 from store.tables import Store, open_table, table_names, to_arrow
 
 log = logging.getLogger(__name__)
 
 POPULAR_KEEP = 1000  # most popular items stored: enough for k plus a long seen-list
 FOLLOWS_KEEP = 100  # followers stored per item
+NEIGHBOURS_KEEP = 100  # neighbours stored per item
 POOL = 100  # the model's candidates per user, beside the rules' and the popular ones
 POPULAR_CANDIDATES = 50  # the most popular items, candidates for every user
 EXAMPLES_KEEP = 2000  # the newest applied events the weights are fitted on
@@ -60,18 +63,27 @@ def counted_at(store: Store) -> datetime | None:
     return row["updated_at"] if row is not None else None
 
 
-def read_signals(store: Store, recent: list[str]) -> Signals:
-    """The stored signals a reader needs: the popular counts and the follows of the ``recent`` items."""
+def read_signals(store: Store, recents: list[list[str]]) -> Signals:
+    """The stored signals the readers of users with these ``recents`` (their items, oldest first) need:
+    the popular counts, the follows of their last LAST items and the neighbours of their last NEAR."""
     signals = Signals()
-    if POPULAR in table_names(store.db):
+    names = table_names(store.db)
+    if POPULAR in names:
         popular = open_table(store.db, POPULAR, popular_schema(), create=False).to_arrow()
         signals.popular = dict(zip(popular["item_id"].to_pylist(), popular["count"].to_pylist()))
-    wanted = sorted(set(recent))
-    if wanted and FOLLOWS in table_names(store.db):
-        rows = (open_table(store.db, FOLLOWS, follows_schema(), create=False).search()
-                .where(col("item_id").isin(wanted)).limit(None).to_arrow().to_pylist())
-        signals.follows = {r["item_id"]: dict(zip(r["next_item_ids"], r["next_weights"])) for r in rows}
+    signals.follows = _rows_of(store, names, FOLLOWS, follows_schema(), {i for r in recents for i in r[-LAST:]})
+    signals.neighbours = _rows_of(store, names, NEIGHBOURS, neighbours_schema(), {i for r in recents for i in r[-NEAR:]})
     return signals
+
+
+def _rows_of(store: Store, names: list[str], table: str, schema: pa.Schema, items: set[str]) -> dict[str, dict[str, float]]:
+    """{item: {other: weight}} of ``items`` in a table of per-item lists (``schema``: key, ids, weights)."""
+    if not items or table not in names:
+        return {}
+    key, ids, weights = schema.names[:3]
+    rows = (open_table(store.db, table, schema, create=False).search()
+            .where(col(key).isin(sorted(items))).limit(None).to_arrow().to_pylist())
+    return {r[key]: dict(zip(r[ids], r[weights])) for r in rows}
 
 
 class BlendKeeper:
@@ -106,7 +118,8 @@ class BlendKeeper:
             for user in changed:
                 recent = recents[row_of[user]].as_py() or []
                 self.follows.add(recent, counts[user] - self.events.get(user, 0))
-        self.signals = Signals(self.follows.follows, popularity(recents)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        self.signals = Signals(self.follows.follows, popularity(recents), neighbours(recents, NEIGHBOURS_KEEP)).kept(
+            FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
@@ -144,10 +157,13 @@ class BlendKeeper:
         popular = sorted(self.signals.popular.items(), key=lambda kv: (-kv[1], kv[0]))
         self._overwrite(POPULAR, popular_schema(), {
             "item_id": [i for i, _ in popular], "count": [c for _, c in popular], "updated_at": [now] * len(popular)})
-        follows = sorted(self.signals.follows.items())
-        self._overwrite(FOLLOWS, follows_schema(), {
-            "item_id": [j for j, _ in follows], "next_item_ids": [list(row) for _, row in follows],
-            "next_weights": [[float(w) for w in row.values()] for _, row in follows], "updated_at": [now] * len(follows)})
+        for name, schema, rows in ((FOLLOWS, follows_schema(), self.signals.follows),
+                                   (NEIGHBOURS, neighbours_schema(), self.signals.neighbours)):
+            key, ids, weights = schema.names[:3]
+            ordered = sorted(rows.items())
+            self._overwrite(name, schema, {key: [j for j, _ in ordered], ids: [list(row) for _, row in ordered],
+                                           weights: [[float(w) for w in row.values()] for _, row in ordered],
+                                           "updated_at": [now] * len(ordered)})
         # Written last, always: its time says a whole count (and fit) is in place.
         self._overwrite(BLEND, blend_schema(), {"blend": [json.dumps(self.blend.to_json())], "model_version": [version],
                                                 "updated_at": [now]})

@@ -20,7 +20,7 @@ import pyarrow as pa
 from kafka.partitioner.default import murmur2
 
 from hymirec.errors import HymirecError
-from model.blend import LAST, Blend, Signals, candidates, popularity, top
+from model.blend import Blend, Signals, candidates, popularity, top
 from serving.blend import POOL, POPULAR_CANDIDATES, read_blend, read_signals
 from store.schemas import HISTORIES, POPULAR, VERSIONS, item_vectors_schema, popular_schema, versions_schema
 from store.tables import Store, open_table, table_names
@@ -113,7 +113,7 @@ class Recommender:
                     (user_id, np.asarray(row["interests"], dtype=np.float32), seen))
                 recent[user_id] = list(history["recent_item_ids"] or []) if history is not None else []
         blend = read_blend(self.store) if by_version else None
-        signals = read_signals(self.store, [i for r in recent.values() for i in r[-LAST:]]) if blend else None
+        signals = read_signals(self.store, list(recent.values())) if blend else None
         pool = POOL if blend else 0
         for version, members in by_version.items():
             members.sort(key=lambda m: len(m[2]))
@@ -190,8 +190,8 @@ class Recommender:
 
 def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]], seen: set[str],
              k: int) -> list[Scored]:
-    """The top-k of the blend (model.blend) over the model's POOL best items, the rules' and the popular
-    ones; ``interest`` says which interest gave a model candidate its cosine (None for the others)."""
+    """The top-k of the blend (model.blend) over the model's POOL best items, the rules', the popular and
+    the nearest ones; ``interest`` says which interest gave a model candidate its cosine (None for the others)."""
     pool = dict(sorted(((i, s) for i, (s, _) in scores.items()), key=lambda kv: (-kv[1], kv[0]))[:POOL])
     names, features = candidates(signals, recent, pool, signals.top_popular(POPULAR_CANDIDATES), seen)
     return [Scored(item, score, scores[item][1] if item in pool else None)

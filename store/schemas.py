@@ -32,6 +32,7 @@ REGISTRY = "model_registry"
 VERSIONS = "serving_versions"
 POPULAR = "popular_items"
 FOLLOWS = "item_follows"  # the serving blend's sequential rules (model.blend)
+NEIGHBOURS = "item_neighbours"  # the serving blend's item-to-item co-occurrence (model.blend)
 BLEND = "serving_blend"  # the serving blend's weights, one row
 # The partition count the user shards are laid out for (one row; written by the worker at start-up).
 LAYOUT = "store_layout"
@@ -166,6 +167,17 @@ def follows_schema() -> pa.Schema:
         key_field("item_id"),
         pa.field("next_item_ids", pa.list_(pa.string())),
         pa.field("next_weights", pa.list_(pa.float32())),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def neighbours_schema() -> pa.Schema:
+    """Per item j: its nearest items by co-occurrence in users' recent items, with their cosines
+    (model.blend.Signals.neighbours), the nearest first."""
+    return pa.schema([
+        key_field("item_id"),
+        pa.field("neighbour_ids", pa.list_(pa.string())),
+        pa.field("cosines", pa.list_(pa.float32())),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 

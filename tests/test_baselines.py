@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.baselines import MostPopular, RecentPopular, SequentialRules, streaming_baselines
+from model.baselines import ItemNeighbours, MostPopular, RecentPopular, SequentialRules, streaming_baselines
 
 
 def pairs(text: str) -> list[tuple[str, str]]:
@@ -103,9 +103,39 @@ def test_chunks_applied_one_by_one_equal_one_apply():
     for model in parts:
         for start in range(0, len(log), 3):
             model.apply(log[start : start + 3])
-    assert [m.name for m in whole] == ["pop", "recent-pop", "rules"]
+    assert [m.name for m in whole] == ["pop", "recent-pop", "rules", "item-knn"]
     for a, b in zip(whole, parts):
         for user in ("u1", "u2", "u3", "cold"):
             assert a.top(user, 10) == b.top(user, 10)
             assert a.history(user) == b.history(user)
             assert not set(a.top(user, 10)) & set(a.history(user) or [])
+
+
+def test_item_neighbours_sum_cosines_of_the_users_items_in_any_order():
+    knn = ItemNeighbours()
+    knn.apply(pairs("u:a u:b u:c v:c v:a w:b w:d x:a"))
+    # Who holds what: a {u, v, x}, b {u, w}, c {u, v}, d {w}. cos(a, c) = 2/sqrt(3·2), cos(a, b) =
+    # 1/sqrt(3·2), cos(b, c) = 1/sqrt(2·2), cos(b, d) = 1/sqrt(2·1); a–d and c–d share no user.
+    assert named(knn, knn.scores(knn.histories["x"])) == {"c": pytest.approx(2 / 6 ** 0.5),
+                                                          "b": pytest.approx(1 / 6 ** 0.5)}
+    assert knn.top("x", 3) == ["c", "b", "d"]  # then the popular items
+    # w holds b and d: c 1/2 and a 0.408 through b; through d nothing new. Order does not matter:
+    # v took c before a, u a before c, and both count alike in cos(a, c).
+    assert knn.top("w", 2) == ["c", "a"]
+    assert knn.top("nobody", 4) == ["a", "b", "c", "d"]  # cold: popularity (a 3, b 2, c 2, d 1)
+    knn.apply(pairs("x:d"))  # recounted: d {w, x}, so cos(a, d) = 1/sqrt(3·2), cos(b, d) = 1/2
+    scores = named(knn, knn.scores(knn.histories["w"]))  # w's own b and d score too; top leaves them out
+    assert (scores["a"], scores["c"]) == (pytest.approx(2 / 6 ** 0.5), pytest.approx(0.5))
+    assert knn.top("w", 2) == ["a", "c"]
+
+
+def test_item_neighbours_count_fifty_items_a_user_and_read_twenty():
+    knn = ItemNeighbours()
+    knn.apply(pairs("u:a " + " ".join(f"u:b{n}" for n in range(50)) + " v:a v:c"))
+    # u's newest 50 are b0..b49: u's a is not counted, so a's only co-holder is v, with c.
+    assert named(knn, knn.scores([knn.index["a"]])) == {"c": pytest.approx(1.0)}
+    knn.apply(pairs("o:h0 o:y " + " ".join(f"h:h{n}" for n in range(20))))
+    # h's last 20 items hold h0, which o shares with y: cos(h0, y) = 1/sqrt(2·1).
+    assert named(knn, knn.scores(knn.histories["h"]))[("y")] == pytest.approx(2 ** -0.5)
+    knn.apply(pairs("h:h20"))  # h0 is now 21 back: no longer read
+    assert "y" not in named(knn, knn.scores(knn.histories["h"]))

@@ -10,7 +10,7 @@ import pytest
 
 from bench.diagnostic import SignalsOnly
 import model.blend
-from model.blend import FEATURES, MIN_EXAMPLES, Blend, Example, Signals, candidates, fit
+from model.blend import FEATURES, MIN_EXAMPLES, Blend, Example, Signals, candidates, fit, neighbours
 from serving.blend import counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -41,21 +41,37 @@ def test_signals_count_follows_and_popularity_by_hand():
 
 
 def test_candidates_union_and_the_model_floor():
-    s = Signals.count([["a", "b"], ["a", "c"], ["z"]])
+    lists = [["a", "b"], ["a", "c"], ["z"], ["a", "q1", "q2", "q3", "w"]]
+    s = Signals.count(lists)
+    s.neighbours = neighbours(lists, keep=100)
+    # Who holds what: a {0, 1, 3}, every other item one user: cos(a, ·) = 1/sqrt(3) for b, c, q1..q3, w;
+    # w is 4 steps after a (no rule), so it is a candidate as a's neighbour only.
     names, x = candidates(s, ["a"], {"x": 0.9, "b": 0.4}, ["z", "a"], seen={"a"})
-    assert names == ["x", "b", "c", "z"]  # pool, then rules' items, then popular; never a seen one
-    assert x.shape == (len(FEATURES), 4)
-    assert x[0].tolist() == pytest.approx([0.9, 0.4, 0.4, 0.4])  # outside the pool: the pool's lowest cosine
-    assert x[1].tolist() == pytest.approx([0.0, np.log(2), np.log(2), 0.0])
-    assert x[2].tolist() == pytest.approx([0.0, np.log(2), np.log(2), np.log(2)])
-    assert candidates(s, [], {}, [], seen=set()) == ([], pytest.approx(np.zeros((3, 0))))
+    assert names == ["x", "b", "c", "q1", "q2", "q3", "z", "w"]  # pool, rules', popular, nearest; never a seen one
+    assert x.shape == (len(FEATURES), 8)
+    assert x[0].tolist() == pytest.approx([0.9, 0.4] + [0.4] * 6)  # outside the pool: the pool's lowest cosine
+    assert x[1].tolist() == pytest.approx([0.0] + [np.log(2)] * 3 + [np.log(1.5), np.log(4 / 3), 0.0, 0.0])
+    assert x[2].tolist() == pytest.approx([0.0] + [np.log(2)] * 7)
+    assert x[3].tolist() == pytest.approx([0.0] + [3 ** -0.5] * 5 + [0.0, 3 ** -0.5])
+    assert candidates(s, [], {}, [], seen=set()) == ([], pytest.approx(np.zeros((len(FEATURES), 0))))
+
+
+def test_neighbours_are_the_cosines_of_who_holds_what_nearest_first():
+    near = neighbours([["a", "b", "a"], ["a", "c"], ["b"], ["d"]], keep=1)
+    # a {0, 1}, b {0, 2}, c {1}, d {3}: cos(a, b) = 1/2 (a twice in one list counts once), cos(a, c) =
+    # 1/sqrt(2), cos(b, c) = 0; d shares no user. keep=1: each item's nearest, ties by id.
+    assert near == {"a": {"c": pytest.approx(2 ** -0.5)}, "b": {"a": pytest.approx(0.5)},
+                    "c": {"a": pytest.approx(2 ** -0.5)}}
+    assert neighbours([], keep=5) == {} and neighbours([["a"]], keep=5) == {}
+    s = Signals(neighbours={"a": {"c": 0.5, "d": 0.25}, "b": {"c": 0.25}})
+    assert s.near(["b", "a"]) == {"c": 0.75, "d": 0.25}
 
 
 def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
     rng = np.random.default_rng(0)
     examples = []
     for _ in range(600):
-        x = rng.normal(size=(3, 20)).astype(np.float32)
+        x = rng.normal(size=(len(FEATURES), 20)).astype(np.float32)
         examples.append(Example(x, int(np.argmax(x[1]))))  # the choice follows the rules' feature only
     learnt = fit(examples)
     assert fit(examples[:MIN_EXAMPLES - 1]).to_json() == Blend().to_json()  # too few: the prior (the model alone)
@@ -104,8 +120,8 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     blend = read_blend(store)
     assert blend is not None and 0 < blend.fitted_on <= 12 and counted_at(store) > before
     assert np.isfinite(blend.weights).all()
-    signals = read_signals(store, items)
-    assert signals.popular and signals.follows
+    signals = read_signals(store, [items])
+    assert signals.popular and signals.follows and signals.neighbours
     answers = Recommender(store).many(users, 10)
     assert [a.to_json() for a in answers] == [recommend(store, u, 10).to_json() for u in users]
     for answer in answers:
