@@ -16,12 +16,13 @@ The *signals-only* arm (``SignalsOnly``): the serving blend with the model left 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, Signals, candidates, fit, neighbours, top
+from model.blend import Blend, Example, FirstSeen, Signals, candidates, fit, neighbours, top
 from model.retrieval import topk_items
 from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
@@ -77,14 +78,18 @@ def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
 class SignalsOnly:
     """The serving blend without the model (``model.blend``, the model's weight held at 0): the same
     signals (follows counted along the stream, popularity and neighbours over each user's newest
-    ``recent_len`` items), the same candidates (rules', popular and nearest ones) and the same prequential fit as the worker's
+    ``recent_len`` items, fresh items numbered along the stream), the same candidates (rules', popular,
+    nearest and fresh ones), the same fresh slots and the same prequential fit as the worker's
     ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend."""
 
     name = "signals-only"
 
-    def __init__(self, histories: dict[str, list[str]], recent_len: int):
+    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = ()):
+        """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh)."""
         self.recent_len = recent_len
         self.running = Signals.count(histories.values())  # the worker counts along the bootstrap replay
+        self.first_seen = FirstSeen()
+        self.first_seen.add(applied)
         self.signals = self._stored(histories)
         self.blend = Blend(np.array([0.0, 1.0, 0.05, 0.0], dtype=np.float32))  # the rules, ties by popularity, until a fit
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
@@ -92,16 +97,18 @@ class SignalsOnly:
     def _stored(self, histories: dict[str, list[str]]) -> Signals:
         recent = [h[-self.recent_len:] for h in histories.values()]
         popular = Counter(i for r in recent for i in r)
-        return Signals(self.running.follows, dict(popular), neighbours(recent, NEIGHBOURS_KEEP)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        return Signals(self.running.follows, dict(popular), neighbours(recent, NEIGHBOURS_KEEP),
+                       self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
-    def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray]:
-        return candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))
+    def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        names, features = candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))
+        return names, features, np.array([i in self.signals.fresh for i in names], dtype=bool)
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         out = {}
         for user, history in histories.items():
-            names, features = self._candidates(history)
-            out[user] = [item for item, _ in top(self.blend, names, features, k)]
+            names, features, fresh = self._candidates(history)
+            out[user] = [item for item, _ in top(self.blend, names, features, k, fresh)]
         return out
 
     def learn(self, histories: dict[str, list[str]], new: Counter) -> None:
@@ -111,10 +118,11 @@ class SignalsOnly:
         for user, count in new.items():
             history = histories[user]
             for end in range(max(1, len(history) - count), len(history)):
-                names, features = self._candidates(history[:end])
+                names, features, fresh = self._candidates(history[:end])
                 if history[end] in names:
-                    self.examples.append(Example(features, names.index(history[end])))
+                    self.examples.append(Example(features, names.index(history[end]), fresh))
         self.blend = fit(list(self.examples), self.blend, use_model=False)
         for user, count in new.items():
             self.running.add(histories[user], count)
+            self.first_seen.add(histories[user][-count:])
         self.signals = self._stored(histories)

@@ -386,7 +386,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         catalogue = read_items(items)
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
         exact, diagnosed, signalled = exact_histories(log, boot), [], []
-        signals_only = SignalsOnly(exact, online.settings.recent_len)
+        signals_only = SignalsOnly(exact, online.settings.recent_len, log["item_id"].iloc[:boot].tolist())
         say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
             f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)
 

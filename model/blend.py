@@ -13,6 +13,14 @@ A candidate item i of a user u gets features (``FEATURES``):
   order-free: what the rules miss when a user's items come in no fixed order, as in ml-100k's rating
   sessions, or when the item that predicts i is more than ``BACK`` steps before it).
 
+**Fresh slots.** An item is *fresh* while its first applied event is among the stream's last
+``FRESH_EVENTS``. The model has barely trained on it (or not at all) and the counts behind the other
+signals are small, so a blend fitted on every event rarely ranks it, however many users take it up.
+So ``fresh_slots`` s of the top k are kept for fresh items: the blend's best k − s, then the s best
+fresh candidates left (by the same blended score, so each user gets the fresh items nearest their
+own), topped up from the blend when fewer are fresh. s is fitted like the weights, on the same past
+events (0 when slots do not pay).
+
 Its score is w · features. ``fit`` chooses w on a small grid by Recall@10: each example is an event the
 system has already applied — the features of its candidates as they were *before* the event, and
 which candidate the user then chose — so the weights only ever come from the past (prequential),
@@ -41,6 +49,9 @@ NEAR_ITEMS = 4096  # neighbours are counted among this many most popular items (
 TOP = 10  # the blend is fitted for Recall@TOP
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
+FRESH_EVENTS = 5000  # an item is fresh while its first event is among the stream's last this many
+FRESH_CANDIDATES = 100  # the fresh items with the most events: candidates for every user
+SLOTS = (0, 1, 2, 3)  # fresh slots tried by ``fit``
 FIT_GRID_BLOCK = 64  # weights scored per matrix product in ``fit`` (bounds its memory)
 # The weights tried (model, rules, popular, neighbours): every mix of these (only the ratios rank), each
 # signal alone among them. Features: a cosine in [-1, 1], log counts up to ~10 and a sum of NEAR cosines.
@@ -57,6 +68,7 @@ class Signals:
     follows: dict[str, dict[str, float]] = field(default_factory=dict)
     popular: dict[str, int] = field(default_factory=dict)
     neighbours: dict[str, dict[str, float]] = field(default_factory=dict)
+    fresh: dict[str, int] = field(default_factory=dict)  # fresh item → its events so far
 
     @classmethod
     def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int | None = None) -> Signals:
@@ -116,7 +128,39 @@ class Signals:
         popular items, the neighbours as counted (the weights are fitted on exactly what the readers will see)."""
         return Signals({j: dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:follows])
                         for j, row in self.follows.items()},
-                       dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]), self.neighbours)
+                       dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]), self.neighbours,
+                       self.fresh)
+
+    def top_fresh(self) -> list[str]:
+        """The FRESH_CANDIDATES fresh items with the most events, ties by id."""
+        return [i for i, _ in sorted(self.fresh.items(), key=lambda kv: (-kv[1], kv[0]))[:FRESH_CANDIDATES]]
+
+
+class FirstSeen:
+    """Which items are fresh: each item's first applied event, numbered along the stream."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, int] = {}  # item → the stream's event count at its first event
+        self.counts: dict[str, int] = {}  # fresh item → its events so far
+        self.events = 0  # applied events so far
+
+    def old(self, items: Iterable[str]) -> None:
+        """Items already in the stream when counting began (a start): never fresh."""
+        for item in items:
+            self.first.setdefault(item, -FRESH_EVENTS)
+
+    def add(self, items: Iterable[str]) -> None:
+        """Newly applied events' items, in the order applied."""
+        for item in items:
+            self.events += 1
+            self.first.setdefault(item, self.events)
+            if self.events - self.first[item] < FRESH_EVENTS:
+                self.counts[item] = self.counts.get(item, 0) + 1
+
+    def fresh(self) -> dict[str, int]:
+        """{fresh item: its events}; items no longer fresh are forgotten."""
+        self.counts = {i: c for i, c in self.counts.items() if self.events - self.first[i] < FRESH_EVENTS}
+        return dict(self.counts)
 
 
 def list_array(sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -171,27 +215,35 @@ def popularity(lists: pa.Array | pa.ChunkedArray) -> dict[str, int]:
     return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
 
 
-def top(blend: Blend, names: list[str], features: np.ndarray, k: int) -> list[tuple[str, float]]:
-    """The ``k`` best (candidate, blended score), ties by candidate id."""
+def top(blend: Blend, names: list[str], features: np.ndarray, k: int, fresh: Sequence[bool] = ()) -> list[tuple[str, float]]:
+    """The ``k`` best (candidate, blended score), ties by candidate id: the blend's best k − s, then
+    the best ``fresh`` (a flag per candidate) of the rest in s = ``blend.fresh_slots`` slots, topped up
+    from the blend."""
     scores = blend.score(features)
-    order = sorted(range(len(names)), key=lambda j: (-float(scores[j]), names[j]))[:k]
-    return [(names[j], float(scores[j])) for j in order]
+    order = sorted(range(len(names)), key=lambda j: (-float(scores[j]), names[j]))
+    main = order[: max(0, k - blend.fresh_slots)]
+    rest = order[len(main):]
+    slots = [j for j in rest if len(fresh) and fresh[j]][: k - len(main)]
+    chosen = main + slots + [j for j in rest if j not in slots][: k - len(main) - len(slots)]
+    return [(names[j], float(scores[j])) for j in chosen]
 
 
 def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], popular: Sequence[str],
-               seen: set[str]) -> tuple[list[str], np.ndarray]:
+               seen: set[str], known: dict[str, float] | None = None) -> tuple[list[str], np.ndarray]:
     """A user's candidates and their features [len(FEATURES), C]: the model's ``pool`` ({item: cosine},
     its top items), the items the rules reach from ``recent`` (the user's items, oldest first),
-    ``popular`` and the NEAR_CANDIDATES items nearest to the user's, none in ``seen``. A candidate
-    outside the pool scores the pool's lowest cosine for the model: being outside the model's top, its
-    own cosine is no higher."""
+    ``popular``, the NEAR_CANDIDATES items nearest to the user's and the fresh ones, none in ``seen``.
+    ``known``: exact cosines of candidates outside the pool (the fresh ones); any other candidate outside
+    the pool scores the pool's lowest cosine for the model: being outside the model's top, its own
+    cosine is no higher."""
     rules = signals.rules(recent)
     near = signals.near(recent)
     nearest = sorted((i for i in near if i not in seen), key=lambda i: (-near[i], i))[:NEAR_CANDIDATES]
-    ids = [i for i in dict.fromkeys([*pool, *rules, *popular, *nearest]) if i not in seen]
+    ids = [i for i in dict.fromkeys([*pool, *rules, *popular, *nearest, *signals.top_fresh()]) if i not in seen]
     floor = min(pool.values()) if pool else 0.0
+    known = known or {}
     return ids, np.stack([
-        np.array([pool.get(i, floor) for i in ids], dtype=np.float32),
+        np.array([pool.get(i, known.get(i, floor)) for i in ids], dtype=np.float32),
         np.log1p(np.array([rules.get(i, 0.0) for i in ids], dtype=np.float32)),
         np.log1p(np.array([signals.popular.get(i, 0) for i in ids], dtype=np.float32)),
         np.array([near.get(i, 0.0) for i in ids], dtype=np.float32),
@@ -200,18 +252,22 @@ def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], 
 
 @dataclass
 class Example:
-    """One applied event: its candidates' features [F, C] before it, and the chosen candidate's column."""
+    """One applied event: its candidates' features [F, C] before it, which were fresh [C], and the chosen
+    candidate's column."""
 
     features: np.ndarray
     chosen: int
+    fresh: np.ndarray | None = None
 
 
 @dataclass
 class Blend:
-    """w [F] over FEATURES; ``fitted_on``: how many examples the last fit saw (0: the prior)."""
+    """w [F] over FEATURES; ``fresh_slots`` of the top k kept for fresh items; ``fitted_on``: how many
+    examples the last fit saw (0: the prior)."""
 
     weights: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32))
     fitted_on: int = 0
+    fresh_slots: int = 0
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """features [F, C] → scores [C]; equal blends (e.g. items no rule reaches, with the weights of the
@@ -224,18 +280,19 @@ class Blend:
 
     def to_json(self) -> dict:
         return {"features": list(FEATURES), "weights": [round(float(w), 6) for w in self.weights],
-                "fitted_on": self.fitted_on}
+                "fitted_on": self.fitted_on, "fresh_slots": self.fresh_slots}
 
     @classmethod
     def from_json(cls, d: dict) -> Blend:
         if list(d.get("features", [])) != list(FEATURES):
             return cls()  # another feature set: start from the prior rather than misread the weights
-        return cls(np.asarray(d["weights"], dtype=np.float32), int(d.get("fitted_on", 0)))
+        return cls(np.asarray(d["weights"], dtype=np.float32), int(d.get("fitted_on", 0)), int(d.get("fresh_slots", 0)))
 
 
 def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: bool = True) -> Blend:
     """The weights of ``GRID`` under which most examples' chosen candidate ranks in the top ``TOP``
-    (the metric the blend is judged by); ties go to ``start``'s weights, then to the grid's order.
+    (the metric the blend is judged by); ties go to ``start``'s weights, then to the grid's order. Then,
+    under those weights, the fresh slots (of ``SLOTS``) with the most such examples, ties to the fewest.
     ``use_model`` False keeps the model's weight at 0."""
     start = start or Blend()
     if len(examples) < MIN_EXAMPLES:
@@ -257,4 +314,28 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
         hits[g : g + FIT_GRID_BLOCK] = ((scores > target[..., None]).sum(axis=2) < TOP).sum(axis=1)
     same = np.flatnonzero(np.all(np.isclose(grid, start.weights), axis=1))
     best = same[0] if len(same) and hits[same[0]] == hits.max() else int(np.argmax(hits))
-    return Blend(grid[best].astype(np.float32), len(examples))
+    weights = grid[best].astype(np.float32)
+    fresh = np.zeros((len(examples), width), dtype=bool)
+    for row, e in enumerate(examples):
+        if e.fresh is not None:
+            fresh[row, : len(e.fresh)] = e.fresh
+    scores = np.einsum("f,bfc->bc", weights + ties, x)
+    scores[pad] = -np.inf
+    slot_hits = [slot_hits_of(scores, fresh, chosen, s) for s in SLOTS]
+    return Blend(weights, len(examples), SLOTS[int(np.argmax(slot_hits))])
+
+
+def slot_hits_of(scores: np.ndarray, fresh: np.ndarray, chosen: np.ndarray, slots: int) -> int:
+    """How many examples (scores [B, C], fresh [B, C], chosen [B]) ``top`` with ``slots`` fresh slots
+    would answer with the chosen candidate in the top TOP (without its top-up from the blend)."""
+    rows = np.arange(len(chosen))
+    target = scores[rows, chosen]
+    above = scores > target[:, None]  # [B, C]
+    rank = above.sum(axis=1)
+    main = max(0, TOP - slots)
+    # Fresh candidates in the blend's best ``main``: the main part takes them; the slots go to the rest.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :main]
+    fresh_in_main = np.take_along_axis(fresh, order, axis=1).sum(axis=1)
+    fresh_above = (above & fresh).sum(axis=1)
+    hit = (rank < main) | (fresh[rows, chosen] & (fresh_above - fresh_in_main < slots))
+    return int(hit.sum())

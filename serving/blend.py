@@ -6,6 +6,8 @@ top-k reader.
 - ``item_follows``: per item, its FOLLOWS_KEEP heaviest followers in users' recent items;
 - ``item_neighbours``: per item, its NEIGHBOURS_KEEP nearest items by co-occurrence in users' recent
   items (recounted every time, like the popular items);
+- ``fresh_items``: the fresh items, when each first came and its events since (read back at a start,
+  so that a restart does not make every item old, or new);
 - ``serving_blend``: the weights, one row.
 
 ``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
@@ -25,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import LAST, NEAR, Blend, Example, Signals, candidates, fit, neighbours, popularity
+from model.blend import LAST, NEAR, Blend, Example, FirstSeen, Signals, candidates, fit, neighbours, popularity
 from serving.model import ServingModel
-from store.schemas import (BLEND, FOLLOWS, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
-                           histories_schema, item_vectors_schema, neighbours_schema, popular_schema)
+from store.schemas import (BLEND, FOLLOWS, FRESH, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
+                           fresh_schema, histories_schema, item_vectors_schema, neighbours_schema, popular_schema)
 from store.tables import Store, open_table, table_names, to_arrow
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ def read_signals(store: Store, recents: list[list[str]]) -> Signals:
     if POPULAR in names:
         popular = open_table(store.db, POPULAR, popular_schema(), create=False).to_arrow()
         signals.popular = dict(zip(popular["item_id"].to_pylist(), popular["count"].to_pylist()))
+    if FRESH in names:
+        fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
+        signals.fresh = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
     signals.follows = _rows_of(store, names, FOLLOWS, follows_schema(), {i for r in recents for i in r[-LAST:]})
     signals.neighbours = _rows_of(store, names, NEIGHBOURS, neighbours_schema(), {i for r in recents for i in r[-NEAR:]})
     return signals
@@ -96,6 +101,11 @@ class BlendKeeper:
         self.events: dict[str, int] = {}  # user → event_count at the previous count
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
         self.blend = read_blend(store) or Blend()
+        self.first_seen = FirstSeen()
+        if FRESH in table_names(store.db):  # the fresh items of the last run stay fresh
+            fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
+            self.first_seen.first = dict(zip(fresh["item_id"].to_pylist(), fresh["first_event"].to_pylist()))
+            self.first_seen.counts = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
 
     def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
         """Count, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept.
@@ -113,13 +123,18 @@ class BlendKeeper:
             self._learn(model, vectors_table, dim, {u: counts[u] - self.events.get(u, 0) for u in changed})
         if self.signals is None:
             self.follows = Signals.count(recents)
+            self.first_seen.old(popularity(recents))
         else:
             row_of = {u: r for r, u in enumerate(users)}
             for user in changed:
                 recent = recents[row_of[user]].as_py() or []
-                self.follows.add(recent, counts[user] - self.events.get(user, 0))
-        self.signals = Signals(self.follows.follows, popularity(recents), neighbours(recents, NEIGHBOURS_KEEP)).kept(
-            FOLLOWS_KEEP, POPULAR_KEEP)
+                new = counts[user] - self.events.get(user, 0)
+                self.follows.add(recent, new)
+                self.first_seen.add(recent[-new:])
+        # Numbered by the stream's applied events (every user's event_count): the same after a restart.
+        self.first_seen.events = sum(counts.values())
+        self.signals = Signals(self.follows.follows, popularity(recents), neighbours(recents, NEIGHBOURS_KEEP),
+                               self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
@@ -132,6 +147,7 @@ class BlendKeeper:
         matrix = table["vector"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(len(ids), dim)
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         popular = self.signals.top_popular(POPULAR_CANDIDATES)
+        fresh_rows = [j for j, i in enumerate(ids) if i in self.signals.fresh]
         events = []  # (history before, item)
         for user, row in self.store.get_histories(list(new)).items():
             history = list(row["history_item_ids"] or [])
@@ -146,11 +162,14 @@ class BlendKeeper:
                 for j in np.argsort(-scores)[: POOL + len(seen)]:
                     if ids[j] not in seen and len(pool) < POOL:
                         pool[ids[j]] = float(scores[j])
-                names, features = candidates(self.signals, before, pool, popular, seen)
+                known = {ids[j]: float(scores[j]) for j in fresh_rows}
+                names, features = candidates(self.signals, before, pool, popular, seen, known)
                 if target in names:  # an item no candidate list holds cannot be learnt to rank
-                    self.examples.append(Example(features, names.index(target)))
+                    self.examples.append(Example(features, names.index(target),
+                                                 np.array([i in self.signals.fresh for i in names])))
         self.blend = fit(list(self.examples), self.blend)
-        log.info("serving blend: %d examples, weights %s", len(self.examples), self.blend.to_json()["weights"])
+        log.info("serving blend: %d examples, weights %s, %d fresh slot(s)", len(self.examples),
+                 self.blend.to_json()["weights"], self.blend.fresh_slots)
 
     def _write(self, version: str | None) -> None:
         now = datetime.now(timezone.utc)
@@ -164,6 +183,10 @@ class BlendKeeper:
             self._overwrite(name, schema, {key: [j for j, _ in ordered], ids: [list(row) for _, row in ordered],
                                            weights: [[float(w) for w in row.values()] for _, row in ordered],
                                            "updated_at": [now] * len(ordered)})
+        fresh = sorted(self.signals.fresh.items())
+        self._overwrite(FRESH, fresh_schema(), {
+            "item_id": [i for i, _ in fresh], "first_event": [self.first_seen.first[i] for i, _ in fresh],
+            "count": [c for _, c in fresh], "updated_at": [now] * len(fresh)})
         # Written last, always: its time says a whole count (and fit) is in place.
         self._overwrite(BLEND, blend_schema(), {"blend": [json.dumps(self.blend.to_json())], "model_version": [version],
                                                 "updated_at": [now]})

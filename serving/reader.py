@@ -18,6 +18,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 from kafka.partitioner.default import murmur2
+from lancedb.expr import col
 
 from hymirec.errors import HymirecError
 from model.blend import Blend, Signals, candidates, popularity, top
@@ -135,12 +136,14 @@ class Recommender:
                     score, interest = 1.0 - float(distance), int(query - first[m])
                     if item_id not in group[m][2] and (item_id not in best[m] or score > best[m][item_id][0]):
                         best[m][item_id] = (score, interest)
-                for (user_id, _, seen), scores in zip(group, best):
+                fresh = (self._fresh_cosines(version, signals.top_fresh(), [q for _, q, _ in group])
+                         if blend is not None and blend.fresh_slots else [{} for _ in group])
+                for (user_id, _, seen), scores, known in zip(group, best, fresh):
                     if blend is None:
                         ranked = sorted(scores.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
                         items = [Scored(i, s, w) for i, (s, w) in ranked]
                     else:
-                        items = _blended(blend, signals, recent[user_id], scores, seen, k)
+                        items = _blended(blend, signals, recent[user_id], scores, known, seen, k)
                     answers[user_id] = Recommendation(user_id, version, items, vectors_table=table,
                                                       ranked_by="model" if blend is None else "blend")
         if fallback:
@@ -163,6 +166,25 @@ class Recommender:
             for user_id in group:
                 if rows.get(user_id) is not None or histories.get(user_id) is not None or shard is None:
                     out[user_id] = (rows.get(user_id), histories.get(user_id))
+        return out
+
+    def _fresh_cosines(self, version: str, fresh: list[str], queries: list[np.ndarray]) -> list[dict[str, tuple[float, int]]]:
+        """Per member (``queries``: its interests [K, d]), {fresh item: (max cosine, which interest)}: exact, for
+        the fresh items the ANN pool did not reach (a fresh slot ranks them by the blend, model included)."""
+        table = self._tables.get(self._versions[version]["vectors_table"]) if version in self._versions else None
+        if table is None or not fresh:
+            return [{} for _ in queries]
+        rows = (table.search().where(col("item_id").isin(fresh)).select(["item_id", "vector"]).limit(None)
+                .to_arrow())
+        ids = rows["item_id"].to_pylist()
+        vectors = rows["vector"].combine_chunks().flatten().to_numpy().reshape(len(ids), -1).astype(np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        out = []
+        for q in queries:
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+            cosine = q @ vectors.T  # [K, F]
+            best = cosine.argmax(axis=0)
+            out.append({i: (float(cosine[w, f]), int(w)) for f, (i, w) in enumerate(zip(ids, best.tolist()))})
         return out
 
     def _search_reopening(self, version: str, queries: np.ndarray, limit: int) -> pa.Table | None:
@@ -188,14 +210,17 @@ class Recommender:
                 .select(["item_id", "_distance"]).to_arrow())
 
 
-def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]], seen: set[str],
-             k: int) -> list[Scored]:
-    """The top-k of the blend (model.blend) over the model's POOL best items, the rules', the popular and
-    the nearest ones; ``interest`` says which interest gave a model candidate its cosine (None for the others)."""
+def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]],
+             fresh: dict[str, tuple[float, int]], seen: set[str], k: int) -> list[Scored]:
+    """The top-k of the blend (model.blend) over the model's POOL best items, the rules', the popular, the
+    nearest and the ``fresh`` ones (exact cosines); ``interest`` says which interest gave a candidate its
+    cosine (None for those outside the pool and not fresh)."""
     pool = dict(sorted(((i, s) for i, (s, _) in scores.items()), key=lambda kv: (-kv[1], kv[0]))[:POOL])
-    names, features = candidates(signals, recent, pool, signals.top_popular(POPULAR_CANDIDATES), seen)
-    return [Scored(item, score, scores[item][1] if item in pool else None)
-            for item, score in top(blend, names, features, k)]
+    names, features = candidates(signals, recent, pool, signals.top_popular(POPULAR_CANDIDATES), seen,
+                                 {i: c for i, (c, _) in fresh.items()})
+    interest = {i: w for i, (_, w) in fresh.items()} | {i: scores[i][1] for i in pool}
+    return [Scored(item, score, interest.get(item))
+            for item, score in top(blend, names, features, k, [i in signals.fresh for i in names])]
 
 
 def recommend(store: Store, user_id: str, k: int = 10, *, include_seen: bool = False) -> Recommendation:

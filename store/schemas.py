@@ -33,6 +33,7 @@ VERSIONS = "serving_versions"
 POPULAR = "popular_items"
 FOLLOWS = "item_follows"  # the serving blend's sequential rules (model.blend)
 NEIGHBOURS = "item_neighbours"  # the serving blend's item-to-item co-occurrence (model.blend)
+FRESH = "fresh_items"  # the serving blend's fresh items (model.blend.FirstSeen)
 BLEND = "serving_blend"  # the serving blend's weights, one row
 # The partition count the user shards are laid out for (one row; written by the worker at start-up).
 LAYOUT = "store_layout"
@@ -167,6 +168,16 @@ def follows_schema() -> pa.Schema:
         key_field("item_id"),
         pa.field("next_item_ids", pa.list_(pa.string())),
         pa.field("next_weights", pa.list_(pa.float32())),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def fresh_schema() -> pa.Schema:
+    """The fresh items: when each first came (the stream's applied-event count then) and its events since."""
+    return pa.schema([
+        key_field("item_id"),
+        pa.field("first_event", pa.int64(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 

@@ -10,8 +10,9 @@ import pytest
 
 from bench.diagnostic import SignalsOnly
 import model.blend
-from model.blend import FEATURES, MIN_EXAMPLES, Blend, Example, Signals, candidates, fit, neighbours
-from serving.blend import counted_at, read_blend, read_signals
+from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, Blend, Example, FirstSeen, Signals, candidates, fit,
+                         neighbours, slot_hits_of, top)
+from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
 from store import Store
@@ -85,6 +86,64 @@ def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
     assert Blend.from_json({"features": ["other"], "weights": [1.0]}).fitted_on == 0  # never misread
 
 
+def test_an_item_is_fresh_while_its_first_event_is_among_the_last_ones():
+    seen = FirstSeen()
+    seen.old(["a"])  # in the stream before counting began
+    seen.add(["a", "b", "b"])
+    assert seen.fresh() == {"b": 2}  # a is old however often it comes
+    seen.add(["c"] * (FRESH_EVENTS - 2))  # b's first event (the 2nd) is now FRESH_EVENTS - 1 events back
+    assert seen.fresh() == {"b": 2, "c": FRESH_EVENTS - 2}
+    seen.add(["c"])
+    assert seen.fresh() == {"c": FRESH_EVENTS - 1}  # b is out; c came at event 4, FRESH_EVENTS - 1 back
+    assert Signals(fresh={"x": 1, "y": 3, "z": 3}).top_fresh() == ["y", "z", "x"]
+
+
+def test_fresh_slots_take_the_best_fresh_items_after_the_blends_best():
+    names = ["a", "b", "c", "f1", "f2", "f3"]
+    features = np.zeros((len(FEATURES), 6), dtype=np.float32)
+    features[0] = [0.9, 0.8, 0.7, 0.1, 0.3, 0.2]  # the model alone ranks a b c f2 f3 f1
+    fresh = [False, False, False, True, True, True]
+    assert [i for i, _ in top(Blend(), names, features, 3, fresh)] == ["a", "b", "c"]
+    slotted = Blend(fresh_slots=2)
+    assert [i for i, _ in top(slotted, names, features, 3, fresh)] == ["a", "f2", "f3"]
+    # A fresh item in the blend's own best keeps its place; the slots go to the next fresh ones.
+    features[0, 4] = 0.95
+    assert [i for i, _ in top(slotted, names, features, 3, fresh)] == ["f2", "f3", "f1"]
+    # Too few fresh items: topped up from the blend.
+    assert [i for i, _ in top(Blend(fresh_slots=3), names, features, 5, [False] * 5 + [True])] == ["f2", "a", "f3", "b", "c"]
+    assert Blend.from_json(slotted.to_json()).fresh_slots == 2
+
+
+def test_slot_hits_count_what_top_would_answer(monkeypatch):
+    monkeypatch.setattr(model.blend, "TOP", 3)
+    names = ["c0", "c1", "c2", "c3", "c4", "c5"]
+    scores = np.array([[5, 4, 3, 2, 1, 0]] * 3, dtype=np.float32)
+    fresh = np.array([[False, False, True, False, True, True]] * 3)
+    chosen = np.array([0, 4, 5])  # ranks 0, 4 (the 2nd fresh), 5 (the 3rd fresh)
+    # 0 slots: c0 c1 c2; 1: c0 c1 + c2; 2: c0 + c2 c4; 3: c2 c4 c5.
+    assert [slot_hits_of(scores, fresh, chosen, s) for s in (0, 1, 2, 3)] == [1, 1, 2, 2]
+    features = np.zeros((len(FEATURES), 6), dtype=np.float32)
+    features[0] = scores[0]
+    for slots, hits in zip((0, 1, 2, 3), (1, 1, 2, 2)):
+        answer = [i for i, _ in top(Blend(fresh_slots=slots), names, features, 3, fresh[0])]
+        assert sum(names[c] in answer for c in chosen) == hits
+
+
+def test_fit_gives_fresh_items_slots_when_the_stream_takes_them():
+    rng = np.random.default_rng(0)
+    examples = []
+    for n in range(600):
+        x = rng.normal(size=(len(FEATURES), 30)).astype(np.float32)
+        fresh = np.zeros(30, dtype=bool)
+        fresh[20:] = True
+        x[0, 20:] -= 10.0  # the model ranks every fresh candidate last...
+        chosen = 20 + int(np.argmax(x[0, 20:])) if n % 2 else int(np.argmax(x[0]))  # ...yet half the events take one
+        examples.append(Example(x, chosen, fresh))
+    learnt = fit(examples)
+    assert learnt.fresh_slots >= 1
+    assert fit([Example(e.features, e.chosen, np.zeros(30, dtype=bool)) for e in examples]).fresh_slots == 0
+
+
 def test_signals_only_arm_learns_after_each_chunk():
     histories = {"u1": ["a", "b"], "u2": ["a", "b"], "u3": ["c"]}
     arm = SignalsOnly(histories, recent_len=50)
@@ -122,6 +181,8 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     assert np.isfinite(blend.weights).all()
     signals = read_signals(store, [items])
     assert signals.popular and signals.follows and signals.neighbours
+    # The fresh items are stored with when they first came: a restarted keeper takes them up again.
+    assert BlendKeeper(store).first_seen.counts == signals.fresh
     answers = Recommender(store).many(users, 10)
     assert [a.to_json() for a in answers] == [recommend(store, u, 10).to_json() for u in users]
     for answer in answers:
