@@ -45,7 +45,8 @@ BACK = 3  # follows[j → i] counts i up to this many steps after j
 LAST = 5  # a user's rules score reads this many of their newest items
 NEAR = 20  # a user's neighbours score reads this many of their newest items
 NEAR_CANDIDATES = 50  # the items the neighbours score highest: candidates beside the pool, rules and popular
-NEAR_ITEMS = 4096  # neighbours are counted among this many most popular items (bounds items² memory)
+NEAR_ITEMS = 4096  # neighbours are counted among this many most popular items (bounds items² work)
+NEAR_BLOCK = 256  # rows of the items × items cosines held dense at once
 TOP = 10  # the blend is fitted for Recall@TOP
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
@@ -186,27 +187,36 @@ def rows_of(names: list[str], j: np.ndarray, i: np.ndarray, weight: np.ndarray, 
 
 
 def neighbours(sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int) -> dict[str, dict[str, float]]:
-    """{j: its ``keep`` nearest items i: cos(j, i)}, the cosine of j's and i's columns in the binary
+    """{j: its ``keep`` nearest items i: cos(j, i) > 0}, the cosine of j's and i's columns in the binary
     users × items matrix of users' recent items (``sequences``), among the NEAR_ITEMS most popular items;
-    ties by id. A sparse product in scipy: a worker recounts it from 100k users' recent items."""
+    ties by id. A sparse product, then each row's nearest from a dense block: a worker recounts it
+    from 100k users' recent items on its popularity timer."""
     lists = list_array(sequences)
     counts = popularity(lists)
-    names = sorted(counts, key=lambda i: (-counts[i], i))[:NEAR_ITEMS]
+    names = sorted(sorted(counts, key=lambda i: (-counts[i], i))[:NEAR_ITEMS])  # by id: a stable sort ties by id
     if len(names) < 2:
         return {}
     code = pc.fill_null(pc.index_in(pc.list_flatten(lists), pa.array(names)), -1).to_numpy()
     owner = pc.list_parent_indices(lists).to_numpy()
     kept = code >= 0
-    held = sparse.csr_matrix((np.ones(int(kept.sum())), (owner[kept], code[kept])), shape=(len(lists), len(names)))
+    held = sparse.csr_matrix((np.ones(int(kept.sum()), np.float32), (owner[kept], code[kept])),
+                             shape=(len(lists), len(names)))
     held.sum_duplicates()
     held.data[:] = 1.0  # a user holds an item or not, however often it recurs in their recent items
-    shared = (held.T @ held).tocoo()  # [items, items]: users holding both
+    shared = (held.T @ held).tocsr()  # [items, items]: users holding both
     norm = np.sqrt(shared.diagonal())
-    other = shared.row != shared.col
-    j, i = shared.row[other], shared.col[other]
-    cosine = shared.data[other] / (norm[j] * norm[i])
-    order = np.lexsort((i, -cosine, j))
-    return rows_of(names, j[order], i[order], cosine[order], keep)
+    keep = min(keep, len(names) - 1)
+    j, i, cosine = [], [], []
+    for first in range(0, len(names), NEAR_BLOCK):
+        rows = np.arange(first, min(first + NEAR_BLOCK, len(names)))
+        block = shared[rows].toarray() / np.maximum(norm[rows, None] * norm[None, :], 1e-12)  # [R, items]
+        block[np.arange(len(rows)), rows] = 0.0  # never its own neighbour
+        nearest = np.argsort(-block, axis=1, kind="stable")[:, :keep]
+        values = np.take_along_axis(block, nearest, axis=1)
+        j.append(np.repeat(rows, keep)), i.append(nearest.ravel()), cosine.append(values.ravel())
+    j, i, cosine = np.concatenate(j), np.concatenate(i), np.concatenate(cosine)
+    some = cosine > 0
+    return rows_of(names, j[some], i[some], cosine[some].astype(np.float64), None)
 
 
 def popularity(lists: pa.Array | pa.ChunkedArray) -> dict[str, int]:
