@@ -112,7 +112,8 @@ class BlendKeeper:
 
         Follows are a running count: the first count (a start) takes every user's recent items, each
         later one adds the events since (a user with more new events than ``recent_len``: the
-        newest ``recent_len``). Popularity is recounted from the recent items every time."""
+        newest ``recent_len``). Popularity is recounted from the recent items every time, the
+        neighbours whenever a history changed."""
         scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
@@ -133,8 +134,11 @@ class BlendKeeper:
                 self.first_seen.add(recent[-new:])
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
-        self.signals = Signals(self.follows.follows, popularity(recents), neighbours(recents, NEIGHBOURS_KEEP),
-                               self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+        # The neighbours are the count's costly part (a sparse product over every user's recent items):
+        # unchanged histories keep the last ones.
+        near = neighbours(recents, NEIGHBOURS_KEEP) if self.signals is None or changed else self.signals.neighbours
+        self.signals = Signals(self.follows.follows, popularity(recents), near, self.first_seen.fresh()).kept(
+            FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)

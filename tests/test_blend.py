@@ -10,6 +10,7 @@ import pytest
 
 from bench.diagnostic import SignalsOnly
 import model.blend
+import serving.blend
 from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, Blend, Example, FirstSeen, Signals, candidates, fit,
                          neighbours, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
@@ -183,6 +184,11 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     assert signals.popular and signals.follows and signals.neighbours
     # The fresh items are stored with when they first came: a restarted keeper takes them up again.
     assert BlendKeeper(store).first_seen.counts == signals.fresh
+    # A count with no history changed since the last keeps the neighbours rather than recount them.
+    recounts = []
+    monkeypatch.setattr(serving.blend, "neighbours", lambda *a: recounts.append(a) or {})
+    runtime.refresh_popularity()
+    assert recounts == [] and read_signals(store, [items]).neighbours == signals.neighbours
     answers = Recommender(store).many(users, 10)
     assert [a.to_json() for a in answers] == [recommend(store, u, 10).to_json() for u in users]
     for answer in answers:
