@@ -42,3 +42,14 @@ def test_bad_input_is_one_line(args, env, fragment):
     assert lines[0].startswith("hymirec")
     assert "error" in lines[0] and fragment in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_runs_the_commands_clean_up():
+    # `hymirec simulate` stops its broker and workers in `finally`/`with` blocks: SIGTERM must reach them.
+    script = ("import time\nfrom hymirec.cli import exit_on_sigterm\nexit_on_sigterm()\nprint('ready', flush=True)\n"
+              "try:\n    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    assert out.strip() == "cleaned up" and proc.returncode == 143
