@@ -3,9 +3,12 @@ tables (serving.blend) and top-k ranked by it (serving.reader), on a real LanceD
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from bench.diagnostic import SignalsOnly
@@ -17,6 +20,8 @@ from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
 from store import Store
+from store.schemas import BLEND, FRESH, blend_schema, fresh_schema
+from store.tables import to_arrow
 
 from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 
@@ -197,3 +202,18 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
         assert len(answer.items) == 10 and not seen & {s.item_id for s in answer.items}
         scores = [s.score for s in answer.items]
         assert scores == sorted(scores, reverse=True)
+    # One fresh slot: every answer then holds the fresh item (unless the user has it), ranked with its
+    # exact cosine although it may be outside the model's pool.
+    seen = {u: set(h["history_item_ids"] or []) for u, h in store.get_histories(users).items()}
+    fresh = min(items, key=lambda i: sum(i in s for s in seen.values()))  # the item fewest users have
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    store.db.create_table(FRESH, to_arrow(pa.table({"item_id": [fresh], "first_event": [0], "count": [1],
+                                                    "updated_at": [now]}), fresh_schema(), FRESH), mode="overwrite")
+    slotted = {**blend.to_json(), "fresh_slots": 1}
+    store.db.create_table(BLEND, to_arrow(pa.table({"blend": [json.dumps(slotted)], "model_version": [None],
+                                                    "updated_at": [now]}), blend_schema(), BLEND), mode="overwrite")
+    unseen = [u for u in users if fresh not in seen[u]]
+    assert unseen
+    for answer in Recommender(store).many(unseen, 10):
+        assert fresh in [s.item_id for s in answer.items] and len(answer.items) == 10
+        assert next(s for s in answer.items if s.item_id == fresh).interest is not None  # an exact cosine
