@@ -164,12 +164,7 @@ def popular_schema() -> pa.Schema:
 def follows_schema() -> pa.Schema:
     """Per item j: the items that followed j in users' recent items, with weights Σ 1/distance
     (model.blend.Signals.follows), the heaviest first."""
-    return pa.schema([
-        key_field("item_id"),
-        pa.field("next_item_ids", pa.list_(pa.string())),
-        pa.field("next_weights", pa.list_(pa.float32())),
-        pa.field("updated_at", TIMESTAMP, nullable=False),
-    ])
+    return _per_item_lists("next_item_ids", "next_weights")
 
 
 def fresh_schema() -> pa.Schema:
@@ -185,10 +180,15 @@ def fresh_schema() -> pa.Schema:
 def neighbours_schema() -> pa.Schema:
     """Per item j: its nearest items by co-occurrence in users' recent items, with their cosines
     (model.blend.Signals.neighbours), the nearest first."""
+    return _per_item_lists("neighbour_ids", "cosines")
+
+
+def _per_item_lists(ids: str, weights: str) -> pa.Schema:
+    """Per item: a list of other items and their weights (the key, ``ids``, ``weights``, in that order)."""
     return pa.schema([
         key_field("item_id"),
-        pa.field("neighbour_ids", pa.list_(pa.string())),
-        pa.field("cosines", pa.list_(pa.float32())),
+        pa.field(ids, pa.list_(pa.string())),
+        pa.field(weights, pa.list_(pa.float32())),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 
