@@ -102,7 +102,7 @@ class SignalsOnly:
 
     def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
         names, features = candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))
-        return names, features, np.array([i in self.signals.fresh for i in names], dtype=bool)
+        return names, features, self.signals.fresh_flags(names)
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         out = {}

@@ -50,6 +50,7 @@ NEAR_BLOCK = 256  # rows of the items × items cosines held dense at once
 TOP = 10  # the blend is fitted for Recall@TOP
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
+TIES = np.array([TIE_MODEL, 0.0, TIE_POPULAR, 0.0], dtype=np.float32)  # added to every weights, per feature
 FRESH_EVENTS = 5000  # an item is fresh while its first event is among the stream's last this many
 FRESH_CANDIDATES = 100  # the fresh items with the most events: candidates for every user
 SLOTS = (0, 1, 2, 3)  # fresh slots tried by ``fit``
@@ -131,6 +132,10 @@ class Signals:
                         for j, row in self.follows.items()},
                        dict(sorted(self.popular.items(), key=lambda kv: (-kv[1], kv[0]))[:popular]), self.neighbours,
                        self.fresh)
+
+    def fresh_flags(self, names: Sequence[str]) -> np.ndarray:
+        """Which of ``names`` are fresh (``top``'s and ``Example``'s flags)."""
+        return np.array([i in self.fresh for i in names], dtype=bool)
 
     def top_fresh(self) -> list[str]:
         """The FRESH_CANDIDATES fresh items with the most events, ties by id."""
@@ -286,7 +291,7 @@ class Blend:
 
     def score_weights(self) -> np.ndarray:
         """The weights ``score`` applies, tie-breakers included."""
-        return self.weights + np.array([TIE_MODEL, 0.0, TIE_POPULAR, 0.0], dtype=np.float32)
+        return self.weights + TIES
 
     def to_json(self) -> dict:
         return {"features": list(FEATURES), "weights": [round(float(w), 6) for w in self.weights],
@@ -315,10 +320,9 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
         x[row, :, : e.features.shape[1]] = e.features
         pad[row, : e.features.shape[1]] = False
     chosen = np.array([e.chosen for e in examples])
-    ties = Blend().score_weights() - Blend().weights
     hits = np.zeros(len(grid), dtype=np.int64)
     for g in range(0, len(grid), FIT_GRID_BLOCK):
-        scores = np.einsum("gf,bfc->gbc", grid[g : g + FIT_GRID_BLOCK] + ties, x)  # [G, B, C]
+        scores = np.einsum("gf,bfc->gbc", grid[g : g + FIT_GRID_BLOCK] + TIES, x)  # [G, B, C]
         scores[:, pad] = -np.inf
         target = scores[:, np.arange(len(examples)), chosen]
         hits[g : g + FIT_GRID_BLOCK] = ((scores > target[..., None]).sum(axis=2) < TOP).sum(axis=1)
@@ -329,7 +333,7 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
     for row, e in enumerate(examples):
         if e.fresh is not None:
             fresh[row, : len(e.fresh)] = e.fresh
-    scores = np.einsum("f,bfc->bc", weights + ties, x)
+    scores = np.einsum("f,bfc->bc", weights + TIES, x)
     scores[pad] = -np.inf
     slot_hits = [slot_hits_of(scores, fresh, chosen, s) for s in SLOTS]
     return Blend(weights, len(examples), SLOTS[int(np.argmax(slot_hits))])

@@ -5,7 +5,7 @@ top-k reader.
   when there is no model);
 - ``item_follows``: per item, its FOLLOWS_KEEP heaviest followers in users' recent items;
 - ``item_neighbours``: per item, its NEIGHBOURS_KEEP nearest items by co-occurrence in users' recent
-  items (recounted every time, like the popular items);
+  items (recounted whenever a history changed);
 - ``fresh_items``: the fresh items, when each first came and its events since (read back at a start,
   so that a restart does not make every item old, or new);
 - ``serving_blend``: the weights, one row.
@@ -92,7 +92,7 @@ def _rows_of(store: Store, names: list[str], table: str, schema: pa.Schema, item
 
 
 class BlendKeeper:
-    """Counts the signals and fits the weights; the runtime's one writer of the three tables."""
+    """Counts the signals and fits the weights; the runtime's one writer of its tables."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -170,7 +170,7 @@ class BlendKeeper:
                 names, features = candidates(self.signals, before, pool, popular, seen, known)
                 if target in names:  # an item no candidate list holds cannot be learnt to rank
                     self.examples.append(Example(features, names.index(target),
-                                                 np.array([i in self.signals.fresh for i in names])))
+                                                 self.signals.fresh_flags(names)))
         self.blend = fit(list(self.examples), self.blend)
         log.info("serving blend: %d examples, weights %s, %d fresh slot(s)", len(self.examples),
                  self.blend.to_json()["weights"], self.blend.fresh_slots)

@@ -220,7 +220,7 @@ def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str
                                  {i: c for i, (c, _) in fresh.items()})
     interest = {i: w for i, (_, w) in fresh.items()} | {i: scores[i][1] for i in pool}
     return [Scored(item, score, interest.get(item))
-            for item, score in top(blend, names, features, k, [i in signals.fresh for i in names])]
+            for item, score in top(blend, names, features, k, signals.fresh_flags(names))]
 
 
 def recommend(store: Store, user_id: str, k: int = 10, *, include_seen: bool = False) -> Recommendation:
