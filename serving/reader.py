@@ -116,6 +116,7 @@ class Recommender:
         blend = read_blend(self.store) if by_version else None
         signals = read_signals(self.store, list(recent.values())) if blend else None
         pool = POOL if blend else 0
+        fresh_vectors: dict[str, tuple[list[str], np.ndarray]] = {}  # per version, read once per call
         for version, members in by_version.items():
             members.sort(key=lambda m: len(m[2]))
             for start in range(0, len(members), SEARCH_USERS):
@@ -136,8 +137,10 @@ class Recommender:
                     score, interest = 1.0 - float(distance), int(query - first[m])
                     if item_id not in group[m][2] and (item_id not in best[m] or score > best[m][item_id][0]):
                         best[m][item_id] = (score, interest)
-                fresh = (self._fresh_cosines(version, signals.top_fresh(), [q for _, q, _ in group])
-                         if blend is not None and blend.fresh_slots else [{} for _ in group])
+                if blend is not None and blend.fresh_slots and version not in fresh_vectors:
+                    fresh_vectors[version] = self._fresh_vectors(version, signals.top_fresh())
+                fresh = _fresh_cosines(*fresh_vectors.get(version, ([], np.zeros((0, 0), np.float32))),
+                                       [q for _, q, _ in group])
                 for (user_id, _, seen), scores, known in zip(group, best, fresh):
                     if blend is None:
                         ranked = sorted(scores.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
@@ -168,24 +171,16 @@ class Recommender:
                     out[user_id] = (rows.get(user_id), histories.get(user_id))
         return out
 
-    def _fresh_cosines(self, version: str, fresh: list[str], queries: list[np.ndarray]) -> list[dict[str, tuple[float, int]]]:
-        """Per member (``queries``: its interests [K, d]), {fresh item: (max cosine, which interest)}: exact, for
-        the fresh items the ANN pool did not reach (a fresh slot ranks them by the blend, model included)."""
+    def _fresh_vectors(self, version: str, fresh: list[str]) -> tuple[list[str], np.ndarray]:
+        """The ``fresh`` items' ids and unit vectors [F, d] under ``version`` (those it has embedded)."""
         table = self._tables.get(self._versions[version]["vectors_table"]) if version in self._versions else None
         if table is None or not fresh:
-            return [{} for _ in queries]
+            return [], np.zeros((0, 0), np.float32)
         rows = (table.search().where(col("item_id").isin(fresh)).select(["item_id", "vector"]).limit(None)
                 .to_arrow())
         ids = rows["item_id"].to_pylist()
         vectors = rows["vector"].combine_chunks().flatten().to_numpy().reshape(len(ids), -1).astype(np.float32)
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        out = []
-        for q in queries:
-            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-            cosine = q @ vectors.T  # [K, F]
-            best = cosine.argmax(axis=0)
-            out.append({i: (float(cosine[w, f]), int(w)) for f, (i, w) in enumerate(zip(ids, best.tolist()))})
-        return out
+        return ids, vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def _search_reopening(self, version: str, queries: np.ndarray, limit: int) -> pa.Table | None:
         try:
@@ -208,6 +203,20 @@ class Recommender:
             self._tables[name] = table
         return (self._tables[name].search(queries).distance_type("cosine").limit(limit).refine_factor(REFINE)
                 .select(["item_id", "_distance"]).to_arrow())
+
+
+def _fresh_cosines(ids: list[str], vectors: np.ndarray, queries: list[np.ndarray]) -> list[dict[str, tuple[float, int]]]:
+    """Per member (``queries``: its interests [K, d]), {fresh item: (max cosine, which interest)}: exact, for
+    the fresh items the ANN pool did not reach (a fresh slot ranks them by the blend, model included)."""
+    out = []
+    for q in queries:
+        if not ids:
+            out.append({})
+            continue
+        cosine = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)) @ vectors.T  # [K, F]
+        best = cosine.argmax(axis=0)
+        out.append({i: (float(cosine[w, f]), int(w)) for f, (i, w) in enumerate(zip(ids, best.tolist()))})
+    return out
 
 
 def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]],
