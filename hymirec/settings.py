@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     s3_home: Path = Field(Path("data/s3"), description="Local S3 server state: one folder per bucket, log, pid file.")
 
     # --- Worker ----------------------------------------------------------------------------------
-    app_id: str = Field("hymirec", description="Faust app id (consumer group and table prefix).")
+    app_id: str = Field("hymirec", description="Consumer group of the workers' interactions (Faust's app is `{app_id}-control`).")
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     http_token: SecretStr = Field(

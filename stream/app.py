@@ -1,22 +1,20 @@
-"""The Faust app of the online loop: its topics, agents and web views (the logic is in stream.ingest, stream.ingestor).
+"""The Faust app of the online loop: its topics, agents, timers and web views (the logic is in
+stream.ingest, stream.ingestor; ``interactions`` are read by stream.consumer).
 
     faust -A stream.app worker -l info      # reads HYMIREC_* (kafka_bootstrap, lancedb_uri, ...)
 
-Input topics are consumed as raw bytes: the agents validate each payload themselves, so a malformed
-one becomes a dead-letter record instead of a deserialisation error that would stop the worker.
-Agents run with ``concurrency=1`` (faust #606: with more, an offset can be committed past a message
-still in flight), in micro-batches of ``batch_size`` events or ``batch_within_s`` seconds.
+Input topics are consumed as raw bytes: the ingest path validates each payload itself, so a
+malformed one becomes a dead-letter record instead of a deserialisation error that would stop the
+worker. ``interactions`` bypass Faust's per-event stream (stream.consumer: aiokafka's getmany, group
+``app_id``, its offsets and rebalances handled there, DESIGN §7b); Faust runs as group
+``{app_id}-control`` for the rest. Its agents run with ``concurrency=1`` (faust #606: with more, an
+offset can be committed past a message still in flight), in micro-batches of ``batch_size`` events
+or ``batch_within_s`` seconds. Faust acknowledges messages it never handed to an agent (after a
+rebalance, queued messages of the old generation are skipped *and acked*, faust/streams.py
+``_py_aiter``), so ``items`` is declared ``acks=False`` and committed only after its write (an item
+upsert is idempotent, so a re-read costs nothing).
 
-Offsets (DESIGN §7b). Faust acknowledges messages it never handed to an agent: after a rebalance
-or while its flow is paused, queued messages of the old generation are skipped *and acked*
-(faust/streams.py ``_py_aiter``), and its commit loop then commits past them. So the input topics
-are declared ``acks=False``: Faust commits nothing of them. Each ``user_histories_pNNN`` shard
-stores its partition's applied position in the same write as its rows; on every assignment the
-worker commits and seeks each ``interactions`` partition to position + 1, and after each write
-it commits the new position (for monitoring; the stored position is what counts). Items are
-committed after their write (an item upsert is idempotent, so a re-read costs nothing).
-
-Several workers share one group. The ``items`` topic has one partition: the worker it is assigned
+Several workers share the groups. The ``items`` topic has one partition: the worker it is assigned
 to is the one writer of the tables all workers share (items here; item vectors, serving versions
 and the blend in serving.runtime), and the group hands the role over when that worker leaves.
 
@@ -32,12 +30,14 @@ import sys
 from collections.abc import Mapping
 
 import faust
+import mode
 from faust.types import TP
 
 from hymirec.errors import HymirecError
 from hymirec.settings import load_settings
 from store.layout import claim_layout
 from store.tables import Store
+from stream.consumer import InteractionsConsumer
 from stream.credentials import app_options
 from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
@@ -55,7 +55,7 @@ except HymirecError as exc:
     sys.exit(f"hymirec worker: error: {exc}")  # one line, not faust's traceback of an import error
 
 app = faust.App(
-    settings.app_id,
+    f"{settings.app_id}-control",
     **app_options(settings),
     topic_partitions=settings.partitions,
     producer_acks=-1,  # a dead-letter record counts as kept only once all in-sync replicas have it
@@ -65,7 +65,8 @@ app = faust.App(
 )
 
 # internal=True makes faust create the topics (with the project's partition count) before it
-# subscribes, so a worker started before `hymirec kafka topics` does not get the broker's defaults.
+# subscribes, so a worker started before `hymirec kafka topics` does not get the broker's defaults;
+# interactions, read by stream.consumer, are declared before it starts.
 interactions_topic = app.topic(settings.topic_interactions, key_serializer="raw", value_serializer="raw",
                                partitions=settings.partitions, internal=True, acks=False)
 items_topic = app.topic(settings.topic_items, key_serializer="raw", value_serializer="raw",
@@ -78,7 +79,7 @@ COMMIT_TIMEOUT_S = 10.0
 
 
 class FaustKafka:
-    """The ingest path's ``KafkaSide`` over this app's consumer."""
+    """The items path's ``KafkaSide`` over this app's consumer."""
 
     def owns(self, topic: str, partition: int) -> bool:
         return TP(topic, partition) in app.consumer.assignment()
@@ -87,15 +88,15 @@ class FaustKafka:
         if self.owns(topic, partition):
             await app.consumer.seek(TP(topic, partition), offset)
 
-    async def commit(self, topic: str, offsets: Mapping[int, int], *, during_rebalance: bool = False) -> None:
-        if not offsets or (app.rebalancing and not during_rebalance):
-            return  # the next batch's commit, or the next assignment's, carries it
+    async def commit(self, topic: str, offsets: Mapping[int, int]) -> None:
+        if not offsets or app.rebalancing:
+            return  # the next batch's commit carries it
         # Faust's public commit() commits only what it acked, and it acks nothing of these topics:
         # this is the step its own commit path ends in, given the offsets to record.
         tps = {TP(topic, partition): offset for partition, offset in offsets.items()}
         try:
             await asyncio.wait_for(app.consumer._commit(tps), COMMIT_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 — monitoring only: the positions in LanceDB count
+        except Exception as exc:  # noqa: BLE001 — an item re-read is idempotent
             log.warning("committing %s to Kafka failed: %s: %s", tps, type(exc).__name__, exc)
 
 
@@ -113,52 +114,39 @@ async def send_dead(records: list[dict]) -> None:
         await future
 
 
-@app.agent(interactions_topic, concurrency=1)
-async def ingest_interactions(stream):
-    try:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            await ingestor.interactions(_raw(events), send_dead, kafka)
-    finally:  # a stop writes what is staged (else the next start reads it again from the stored positions)
-        await ingestor.flush(send_dead, kafka)
-
-
 @app.agent(items_topic, concurrency=1)
 async def ingest_items(stream):
     async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
         await ingestor.items(_raw(events), send_dead, kafka)
 
 
-def _owned(topic: str) -> list[int]:
-    return sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topic)
-
-
 @app.on_rebalance_complete.connect
-async def resume_from_stored_positions(sender, **kwargs) -> None:
-    """Before Faust seeks its partitions to their committed offsets (right after this signal),
-    make those offsets the positions stored with the shards, and seek there ourselves too."""
-    if any(p > 0 for p in _owned(settings.topic_items)):  # a topic created before it had one partition
-        await app.crash(HymirecError(
+async def check_items_topic(sender, **kwargs) -> None:
+    if any(tp.partition > 0 for tp in app.consumer.assignment() if tp.topic == settings.topic_items):
+        await app.crash(HymirecError(  # a topic created before it had one partition
             f"topic {settings.topic_items!r} has more than one partition: every worker of the group would write "
             f"the shared tables; delete it and create it again with `hymirec kafka topics` (1 partition)"))
-        return
-    offsets = await ingestor.resume(_owned(settings.topic_interactions))
-    log.info("resuming %r from the positions stored in LanceDB: %s", settings.topic_interactions, offsets)
-    await kafka.commit(settings.topic_interactions, offsets, during_rebalance=True)
-    for partition, offset in offsets.items():
-        await kafka.seek(settings.topic_interactions, partition, offset)
 
 
 @app.on_partitions_revoked.connect
-async def finish_the_batch_in_flight(sender, *args, **kwargs) -> None:
-    """A revoked partition's new owner must not start before this worker's last write to it lands
-    (the catalogue's too: the shared tables' writer may be in the middle of a step)."""
-    await ingestor.release(send_dead, kafka)
+async def finish_the_step_in_flight(sender, *args, **kwargs) -> None:
+    """The catalogue's next writer must not start before this worker's items write, or the
+    runtime step writing the shared tables, has landed."""
+    await ingestor.idle()
     await serving_side.wait_idle()
 
 
-def _end_offsets() -> dict[int, int]:
-    ends = {p: app.consumer.highwater(TP(settings.topic_interactions, p)) for p in _owned(settings.topic_interactions)}
-    return {p: end for p, end in ends.items() if end is not None}
+@app.service
+class ConsumeInteractions(mode.Service):
+    """Starts stream.consumer once the app runs; on stop (before Faust's producer stops: services
+    stop in reverse order) it writes what is staged and leaves the interactions group."""
+
+    async def on_start(self) -> None:
+        await interactions_topic.maybe_declare()
+        await interactions.start()
+
+    async def on_stop(self) -> None:
+        await interactions.stop()
 
 
 @app.task
@@ -175,23 +163,20 @@ async def refresh_items() -> None:
 
 @app.timer(settings.ingest_flush_s / 2)
 async def flush_staged() -> None:
-    """Under a backlog the agent writes every ingest_flush_s; this catches a backlog that ended
+    """Under a backlog the consumer writes every ingest_flush_s; this catches a backlog that ended
     with a full micro-batch, whose events would otherwise wait for the next one."""
-    await ingestor.flush(send_dead, kafka, only_if_due=True)
+    await ingestor.flush(send_dead, interactions, only_if_due=True)
 
 
 @app.timer(settings.lag_report_s)
 async def report_lag() -> None:
-    ingestor.report_lag(_end_offsets())
+    ingestor.report_lag(interactions.end_offsets())
 
 
 @app.timer(settings.optimize_interval_s)
 async def optimize_tables() -> None:
-    assigned = app.consumer.assignment()
-    await ingestor.optimize(
-        shards={tp.partition for tp in assigned if tp.topic == settings.topic_interactions},
-        items=any(tp.topic == settings.topic_items for tp in assigned),
-    )
+    await ingestor.optimize(shards=interactions.partitions(),
+                            items=any(tp.topic == settings.topic_items for tp in app.consumer.assignment()))
 
 
 @app.page("/metrics")
@@ -204,8 +189,10 @@ async def metrics(web, request):
 
 @app.page("/health")
 async def health(web, request):
-    return web.json(ingestor.health(_end_offsets()) | {"writes_catalogue": serving_side.owns_catalogue()})
+    return web.json(ingestor.health(interactions.end_offsets()) | {"writes_catalogue": serving_side.owns_catalogue()})
 
 
-serving_side = register_serving(app, settings, ingestor)  # hot-swap, interest refresh, GET /recommend
+interactions = InteractionsConsumer(settings, ingestor, send_dead, on_crash=app.crash)
+serving_side = register_serving(app, settings, ingestor, interactions.partitions)  # hot-swap, refresh, /recommend
 ingestor.on_written = serving_side.touched
+interactions.on_revoked = serving_side.wait_idle  # a revoked shard's interests: its next owner writes them

@@ -1,11 +1,11 @@
-"""The worker's ingest runtime: what the agents of ``stream.app`` call.
+"""The worker's ingest runtime: what stream.consumer (interactions) and the agents of ``stream.app`` call.
 
 ``Ingestor`` wraps the plain functions of ``stream.ingest`` with one store thread, retries, the
 dead-letter send, metrics, the item-id cache, the model-version hook and the applied positions:
 a batch's dead letters are sent right before its write (once the stored position passes their
 offsets they are never read again; a crash in between sends them again when they are read again:
 at least once, each record naming its source offset), its rows and position are written in one
-commit per shard, and only then is the position committed to Kafka (monitoring; see stream.app)
+commit per shard, and only then is the position committed to Kafka (monitoring; see stream.consumer)
 and are the written rows handed on (``on_written``: the interest refresher).
 
 Writes are behind (``stream.shard_cache``): a batch is applied to the rows held in memory, and
@@ -45,7 +45,8 @@ Written = Callable[[dict[int, list[dict]]], None]
 
 
 class KafkaSide(Protocol):
-    """What the ingest path needs of its Kafka consumer (stream.app implements it over Faust)."""
+    """What the ingest path needs of its Kafka consumer (stream.consumer for interactions, stream.app
+    over Faust for items)."""
 
     def owns(self, topic: str, partition: int) -> bool:
         """True while ``partition`` of ``topic`` is assigned to this worker."""
@@ -162,6 +163,11 @@ class Ingestor:
             self._gaps_sought.clear()
             self._gaps_sought_at.clear()
         return {p: stored.get(p, -1) + 1 for p in partitions}
+
+    async def idle(self) -> None:
+        """Return once the batch or write in flight (if any) has landed."""
+        async with self._busy:
+            pass
 
     async def release(self, send_dead: SendDead, kafka: KafkaSide) -> None:
         """On revoke: write what is staged and forget the held rows, so that a partition's next owner

@@ -51,8 +51,8 @@ class ServingSide:
     """The retrieval side's state in a worker: the runtime is built by ``start`` (when the worker
     starts), the top-k reader by the first query."""
 
-    def __init__(self, app: faust.App, settings: Settings, ingestor: Ingestor):
-        self.app, self.settings, self.ingestor = app, settings, ingestor
+    def __init__(self, app: faust.App, settings: Settings, ingestor: Ingestor, shards: Callable[[], set[int]]):
+        self.app, self.settings, self.ingestor, self.shards = app, settings, ingestor, shards
         self.metrics: ServingMetrics | None = None
         self.runtime: ServingRuntime | None = None
         self.recommender: Recommender | None = None
@@ -82,8 +82,7 @@ class ServingSide:
         """Run a runtime step on the writer thread; a failure is logged and the next timer retries."""
         if self.runtime is None:
             return None  # not started yet: the next timer runs it
-        self.runtime.shards = {tp.partition for tp in self.app.consumer.assignment()
-                               if tp.topic == self.settings.topic_interactions}
+        self.runtime.shards = self.shards()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._writer, fn, self.runtime, *args)
         except Exception as exc:  # noqa: BLE001 — keep serving what is live; the step is retried
@@ -120,9 +119,10 @@ class ServingSide:
             self._readers, lambda: self.recommender(user_id, k, include_seen=include_seen))
 
 
-def register(app: faust.App, settings: Settings, ingestor: Ingestor) -> ServingSide:
-    """Add the retrieval side's topic, agent, timers and web view to ``app``."""
-    side = ServingSide(app, settings, ingestor)
+def register(app: faust.App, settings: Settings, ingestor: Ingestor, shards: Callable[[], set[int]]) -> ServingSide:
+    """Add the retrieval side's topic, agent, timers and web view to ``app``; ``shards`` says which
+    ``interactions`` partitions (hence interest shards) the worker owns now."""
+    side = ServingSide(app, settings, ingestor, shards)
     versions_topic = app.topic(settings.topic_model_versions, key_serializer="raw", value_serializer="raw",
                                partitions=settings.partitions, internal=True)
 
