@@ -184,6 +184,23 @@ def test_malformed_payload(payload, reason):
     assert reject(parse_item, payload).reason == reason
 
 
+ACCEPTED = [
+    b'{"user_id": 196, "item_id": 242, "ts": 881250949000}',
+    b' {"user_id":"196","item_id":"242","ts":881250949000,"x":[1,{"y":null}]}\n',
+    b'{"user_id": "1", "item_id": "242", "ts": 0, "user_id": "196"}',  # the last duplicate key wins
+    b'{"user_id": "caf\\u00e9 \xe2\x98\x95", "item_id": "242", "ts": 1, "action": "play", "event_id": 7}',
+    b'{"user_id": "196", "item_id": "242", "ts": 1, "extra": NaN}',
+]
+
+
+@pytest.mark.parametrize("payload", ACCEPTED)
+def test_the_native_json_path_gives_what_json_loads_does(payload):
+    # parse_interaction reads bytes with pydantic's JSON parser; the reference is json.loads + validation.
+    reference = Interaction.model_validate(json.loads(payload))
+    assert Interaction.model_validate_json(payload) == reference  # the path taken: nothing fell back
+    assert parse_interaction(payload) == reference
+
+
 def test_nested_but_parseable_extra_field_is_ignored():
     payload = json.dumps(GOOD | {"deep": [[[[[[[[1]]]]]]]] * 3}).encode()
     assert parse_interaction(payload).user_id == "196"
