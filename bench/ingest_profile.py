@@ -66,7 +66,7 @@ def profile_ingest(settings: Settings, events: Sequence[RawEvent], batch_size: i
     writing what is staged every ``flush_every`` events and at the end."""
     s = settings.model_copy(update={"lancedb_uri": str(lancedb_dir)})
     store, known = Store(s), ItemCache()
-    cache = ShardCache(store, s.ingest_cache_ids)
+    cache = ShardCache(store, s)
     profiler = cProfile.Profile()
     for start in range(0, len(events), batch_size):
         profiler.enable()

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         0.5, gt=0, description="Longest wait (seconds) to fill a micro-batch before applying what came."
     )
     ingest_flush_s: float = Field(
-        0.25, gt=0, description="Longest time (seconds) applied events wait in the worker's memory for their "
+        1.0, gt=0, description="Longest time (seconds) applied events wait in the worker's memory for their "
         "LanceDB write while it is catching up on a backlog (once caught up, each micro-batch is written at once)."
     )
     ingest_flush_events: int = Field(

@@ -103,7 +103,7 @@ class Ingestor:
     @property
     def rows(self) -> ShardCache:
         if self._rows is None:
-            self._rows = ShardCache(self.store, self.settings.ingest_cache_ids)
+            self._rows = ShardCache(self.store, self.settings)
         return self._rows
 
     def set_encoder(self, encoder: Encoder | None) -> None:

@@ -5,6 +5,10 @@ rows it last wrote are the rows the table holds: a micro-batch reads its users h
 not held is read from LanceDB. Applied batches are *staged* here and written back together, in
 fewer, larger upserts (``pending`` → ``stream.ingest.write_interactions`` → ``written``).
 
+A shard is loaded whole the first time a batch needs it (after an assignment) when all its users
+fit what the budget leaves: from then on a user not held is a new user, and a batch reads nothing
+from LanceDB (otherwise, and once one of its users is dropped, only the users not held are read).
+
 Nothing is lost by holding them (DESIGN §7b): a shard's stored position moves only with the write
 that makes its rows durable, so after a crash its partition is read again from there and the staged
 events are applied again. Memory is bounded by ``max_ids`` history entries (item ids and event ids):
@@ -18,6 +22,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
+import pyarrow.compute as pc
+
+from hymirec.settings import Settings
+from store.schemas import histories_schema
 from store.tables import Store
 from stream.ingest import BatchResult
 
@@ -32,9 +40,11 @@ class ShardCache:
     """A ``HistorySource`` for ``stream.ingest.prepare_interactions`` that also holds what is staged:
     rows, positions, and the dead letters whose offsets those positions pass."""
 
-    def __init__(self, store: Store, max_ids: int):
+    def __init__(self, store: Store, settings: Settings):
         self.store = store
-        self.max_ids = max_ids
+        self.max_ids = settings.ingest_cache_ids
+        self.history_max_len, self.dedupe_window = settings.history_max_len, settings.dedupe_window
+        self._complete: set[int] = set()  # shards whose every user is held
         self._rows: OrderedDict[Key, dict] = OrderedDict()  # least recently used first
         self._size = 0  # _entries over _rows
         self._positions: dict[int, int] = {}  # shard -> applied position, staged or written (-1: none)
@@ -48,6 +58,8 @@ class ShardCache:
     # --- reads (prepare_interactions) ---------------------------------------------------------
     def get_histories_and_position(self, user_ids: Iterable[str], shard: int) -> tuple[dict[str, dict], int | None]:
         """The users' newest rows (those the shard has) and the shard's applied position."""
+        if shard not in self._positions:
+            self._load(shard)
         found: dict[str, dict] = {}
         missing = []
         for user in user_ids:
@@ -57,19 +69,32 @@ class ShardCache:
             else:
                 self._rows.move_to_end((shard, user))
                 found[user] = row
-        if missing or shard not in self._positions:
+        if missing and shard not in self._complete:
             # A user not held has nothing staged (staged rows are never dropped): the table is current.
-            stored, position = self.store.get_histories_and_position(missing, shard)
-            for user, row in stored.items():
-                # One string object per item id, shared by every history that holds it (LanceDB hands
-                # each row its own copies): an entry then costs a list slot, not a string.
-                for column in ("history_item_ids", "recent_item_ids"):
-                    row[column] = [sys.intern(item) for item in row[column] or ()]
-                self._hold(shard, row)
+            for user, row in self.store.get_histories_and_position(missing, shard)[0].items():
+                self._hold_stored(shard, row)
                 found[user] = row
-            self._positions.setdefault(shard, -1 if position is None else position)
         position = self._positions[shard]
         return found, None if position < 0 else position
+
+    def _load(self, shard: int) -> None:
+        """Read the shard's position and, if every user row fits what the budget leaves, the rows."""
+        counts = self.store.scan_histories(shard, ["event_count"])["event_count"]
+        entries = len(counts) + sum(pc.sum(pc.min_element_wise(counts, cap)).as_py() or 0
+                                    for cap in (self.history_max_len, self.dedupe_window))
+        if entries <= self.max_ids - self._size:
+            for row in self.store.scan_histories(shard, histories_schema().names).to_pylist():
+                self._hold_stored(shard, row)
+            self._complete.add(shard)
+        position = self.store.get_histories_and_position([], shard)[1]
+        self._positions[shard] = -1 if position is None else position
+
+    def _hold_stored(self, shard: int, row: dict) -> None:
+        # One string object per item id, shared by every history that holds it (LanceDB hands each
+        # row its own copies): an entry then costs a list slot, not a string.
+        for column in ("history_item_ids", "recent_item_ids"):
+            row[column] = [sys.intern(item) for item in row[column] or ()]
+        self._hold(shard, row)
 
     # --- staging and writing ------------------------------------------------------------------
     def stage(self, result: BatchResult) -> None:
@@ -110,8 +135,9 @@ class ShardCache:
         """The ``pending`` batch is durable: nothing is staged any more; drop users beyond the budget."""
         self._clear_staged()
         while self._size > self.max_ids and self._rows:
-            _, row = self._rows.popitem(last=False)
+            (shard, _), row = self._rows.popitem(last=False)
             self._size -= _entries(row)
+            self._complete.discard(shard)
 
     def forget(self, shards: Iterable[int] | None = None) -> None:
         """Drop what is held of ``shards`` (None: all), staged or not: their partitions are read
@@ -120,6 +146,7 @@ class ShardCache:
             self._rows.clear()
             self._size = 0
             self._positions.clear()
+            self._complete.clear()
             self._clear_staged()
             return
         gone = set(shards)
@@ -127,6 +154,7 @@ class ShardCache:
             self._size -= _entries(self._rows.pop(key))
         for shard in gone:
             self._positions.pop(shard, None)
+            self._complete.discard(shard)
             self._staged_rows.pop(shard, None)
             self._staged_positions.pop(shard, None)
             self._staged_applied.pop(shard, None)

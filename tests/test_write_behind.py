@@ -102,19 +102,37 @@ def test_a_backlog_is_written_in_fewer_larger_writes_and_a_partial_batch_writes_
     assert {u: row["history_item_ids"] for u, row in newest.items()} == expected
 
 
-def test_held_users_are_read_from_memory_not_from_lancedb(db_settings, monkeypatch):
-    s = backlog_settings(db_settings, ingest_flush_events=1)  # every batch written: only the reads differ
-    events, expected = log(400, users=10, partitions=1, seed=2)
-    ingestor = Ingestor(s)
+def count_user_reads(ingestor: Ingestor, monkeypatch) -> list[list[str]]:
+    """The user ids of each LanceDB read of users (the shard cache's reads of users it does not hold)."""
     asked: list[list[str]] = []
     real = ingestor.store.get_histories_and_position
     monkeypatch.setattr(ingestor.store, "get_histories_and_position",
                         lambda users, shard: asked.append(list(users)) or real(users, shard))
+    return asked
 
-    async def work():
-        await assigned_and_fed(ingestor, events, RecordingKafka())
 
-    run(ingestor, work)
+def test_a_shard_that_fits_is_loaded_whole_so_no_user_is_read_one_by_one(db_settings, monkeypatch):
+    s = backlog_settings(db_settings, ingest_flush_events=1)  # every batch written: only the reads differ
+    events, expected = log(400, users=10, partitions=1, seed=2)
+    first, second = Ingestor(s), Ingestor(s)
+    first_reads, second_reads = count_user_reads(first, monkeypatch), count_user_reads(second, monkeypatch)
+    run(first, lambda: assigned_and_fed(first, events[:200], RecordingKafka()))
+    run(second, lambda: assigned_and_fed(second, events[200:], RecordingKafka()))  # the next owner
+    assert histories(s, expected) == expected
+    assert [u for users in first_reads + second_reads for u in users] == [], "only whole-shard loads"
+    assert second.metrics.totals()["events_applied"] == 200
+
+
+def test_a_shard_too_big_to_hold_reads_each_user_once_when_first_seen(db_settings, monkeypatch):
+    s = backlog_settings(db_settings, ingest_flush_events=1, ingest_cache_ids=1000)
+    events, expected = log(400, users=10, partitions=1, seed=2)  # 10 users: about 810 entries when held
+    ingestor = Ingestor(s)
+    # One stored user of 2,000 events (up to 1,000 ids + 100 event ids held) puts the shard over the budget.
+    ingestor.store.upsert_histories(0, [{"user_id": "big", "history_item_ids": ["1"] * 1000, "recent_item_ids": [],
+                                         "recent_event_ids": [f"b{i}" for i in range(100)], "event_count": 2000,
+                                         "watermark_partition": 0, "watermark_offset": -1}])
+    asked = count_user_reads(ingestor, monkeypatch)
+    run(ingestor, lambda: assigned_and_fed(ingestor, events, RecordingKafka()))
     assert histories(s, expected) == expected
     assert sorted(u for users in asked for u in users) == sorted(expected), "each user read once, when first seen"
 
@@ -185,7 +203,7 @@ def test_memory_holds_at_most_the_budget_after_a_write_and_evicted_users_still_a
 def test_the_cache_reads_a_shard_position_once_and_then_keeps_its_own(db_settings):
     ingestor = Ingestor(db_settings)
     ingestor.store.upsert_histories(3, [], position=41)
-    cache = ShardCache(ingestor.store, max_ids=1000)
+    cache = ShardCache(ingestor.store, db_settings.model_copy(update={"ingest_cache_ids": 1000}))
     assert cache.get_histories_and_position([], 3) == ({}, 41)
     assert cache.get_histories_and_position([], 4) == ({}, None)  # a shard without a position
     ingestor.store.upsert_histories(3, [], position=50)  # (another writer: the cache is the only one)
@@ -195,7 +213,7 @@ def test_the_cache_reads_a_shard_position_once_and_then_keeps_its_own(db_setting
 
 def test_forgetting_a_shard_drops_its_staged_events_from_what_the_write_will_count(db_settings):
     ingestor = Ingestor(db_settings)
-    cache = ShardCache(ingestor.store, max_ids=1000)
+    cache = ShardCache(ingestor.store, db_settings.model_copy(update={"ingest_cache_ids": 1000}))
     row = {"user_id": "u", "history_item_ids": ["a"], "recent_event_ids": []}
     cache.stage(BatchResult(applied_by_shard={0: 3, 1: 2}, rows={0: [row], 1: [{**row, "user_id": "v"}]},
                             positions={0: 7, 1: 4}, timestamps_by_shard={0: [1.0, 2.0, 3.0], 1: [4.0, 5.0]}))
