@@ -384,15 +384,19 @@ class HyMiRec(nn.Module):
         interests = self.refined(coarse, recent_vecs, recent_pad.flatten(0, 1))
         return interests.view(B, C, *interests.shape[1:])
 
-    def forward(self, seq: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, history: torch.Tensor | None = None,
+                item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """seq [B, T] left-padded histories (the whole history; the coarse branch reads its last
         ``history_len`` items, the refined branch the last ``recent_len``) → interests [B, K, D].
         ``history`` [B, T, D], aligned with seq: the coarse branch's inputs as the store keeps them
-        (the users' history codes, decoded); without it they are the items' codes in the table."""
+        (the users' history codes, decoded); without it they are the items' codes in the table.
+        ``item_vectors`` [N+1, D]: ``item_vectors()`` as a caller that does not train holds it (a
+        served version computes its table once, not once per batch of users)."""
         seq = seq[:, -self.config.history_len :]
         history = history[:, -self.config.history_len :] if history is not None else None
         ends = torch.full((seq.size(0), 1), seq.size(1) - 1, device=seq.device)
-        return self._interests_at(seq, ends, self.item_vectors(), history)[:, 0]
+        exact = self.item_vectors() if item_vectors is None else item_vectors
+        return self._interests_at(seq, ends, exact, history)[:, 0]
 
     @torch.no_grad()
     def coarse_user(self, seq: torch.Tensor) -> torch.Tensor:

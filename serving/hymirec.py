@@ -125,10 +125,14 @@ class ServedHyMiRec:
             codes = [row.tobytes() for row in packed]
         return EncodedItems(known, vectors, codes)
 
-    def _item_vectors(self) -> torch.Tensor:
+    def _table(self) -> torch.Tensor:
+        """The version's item vectors [N+1, D], computed once (again after items are added)."""
         if self._vectors is None:
-            self._vectors = self.module.item_vectors().float()
+            self._vectors = self.module.item_vectors()
         return self._vectors
+
+    def _item_vectors(self) -> torch.Tensor:
+        return self._table().float()
 
     def _upsert_items(self, ids: list[str], texts: list[str]) -> None:
         """Give new items (appended, no ID embedding) and changed ones their content and codes."""
@@ -197,7 +201,7 @@ class ServedHyMiRec:
                     n = len(tail) // book.bytes_per_item
                     history[row, longest - n:] = decoded[at : at + n]
                     at += n
-        return self.module(seq, history=history).float().numpy()
+        return self.module(seq, history=history, item_vectors=self._table()).float().numpy()
 
     def _stored_tail(self, ids: Sequence[str], seq: np.ndarray, blob: bytes | None, longest: int) -> bytes | None:
         """The packed codes of the last ``longest`` items of a stored history, or None (not usable)."""

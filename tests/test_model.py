@@ -55,6 +55,9 @@ def test_branch_shapes_and_normalised_interests():
     interests = model(seq)
     assert interests.shape == (3, 4, D)
     assert torch.allclose(interests.norm(dim=-1), torch.ones(3, 4), atol=1e-5)
+    model.eval()  # (dropout off) a caller's table of item vectors gives what the model's own does
+    with torch.no_grad():
+        assert torch.equal(model(seq, item_vectors=model.item_vectors()), model(seq))
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_codebook": False}, {"use_coarse": False, "use_codebook": False}])
