@@ -1,10 +1,11 @@
 """The consume rate Faust itself allows, as a Faust app: ``faust -A bench.faust_ceiling worker``.
 
-It reads the ingest benchmark's topic the way the worker's ingest agent does (raw bytes, acks=False,
-``take_events`` of ``batch_size`` within ``batch_within_s``, concurrency 1) and does nothing with the
-events but count them; GET /count says how many and when the first and the last batch came. No
-worker that keeps Faust's per-event stream for consumption ingests faster than this, so ``bench
-ingest`` reports it beside the raw aiokafka read and the worker.
+It reads the ingest benchmark's topic the way the worker's ingest agent did before it read
+``interactions`` with its own aiokafka consumer (raw bytes, acks=False, ``take_events`` of
+``batch_size`` within ``batch_within_s``, concurrency 1) and does nothing with the events but count
+them; GET /count says how many and when the first and the last batch came. No worker that consumes
+through Faust's per-event stream ingests faster than this (the reason stream.consumer exists), so
+``bench ingest`` reports it beside the raw aiokafka read and the worker.
 """
 
 from __future__ import annotations

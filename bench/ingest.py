@@ -6,8 +6,9 @@ the sweep, side by side on the same topic and data:
 1. raw: an aiokafka consumer (the client library under Faust) reads every message of every
    partition from the beginning, doing nothing with them — the ceiling a consumer could reach;
 2. faust (at the default batch size): ``bench.faust_ceiling``, a Faust app whose agent has the
-   worker's shape but only counts the events — the ceiling of a worker that consumes through Faust's
-   per-event stream, timed like the worker;
+   shape the worker's had, but only counts the events — the ceiling of a worker that consumes
+   through Faust's per-event stream (the worker reads with aiokafka's getmany: stream.consumer),
+   timed like the worker;
 3. worker: a fresh `faust -A stream.app worker` (own consumer group, empty LanceDB directory,
    HYMIREC_BATCH_SIZE set) reads the same messages from the beginning and applies them. Its rate is
    timed from outside: /health is polled, and the rate counts the events applied between the first
@@ -239,9 +240,10 @@ def run(settings: Settings, opts: Options) -> Result:
                "the median of 3 reads right before each worker run, on the same topic.",
                "worker_ev_s: events applied between the worker's first completed batch and the last event, "
                "timed from outside by polling /health; ratio = worker_ev_s / raw_consume_ev_s, per run.",
-               "faust_ceiling_ev_s (default batch size only): bench.faust_ceiling, a Faust app with the worker's "
-               "agent shape that only counts the events, timed the same way: what Faust's per-event stream "
-               "allows on this machine; worker_vs_faust = worker_ev_s / faust_ceiling_ev_s.",
+               "faust_ceiling_ev_s (default batch size only): bench.faust_ceiling, a Faust app with the agent shape "
+               "the worker had before it read interactions with aiokafka (stream.consumer), that only counts the "
+               "events, timed the same way: what Faust's per-event stream allows on this machine; "
+               "worker_vs_faust = worker_ev_s / faust_ceiling_ev_s.",
                f"runs: worker runs at that batch size (each after its own raw reads); the row holds their medians "
                f"and ratio_min_max the spread of the ratio. The default batch size runs {opts.repeat}× (--repeat), "
                "the rest of the sweep once.",
