@@ -93,13 +93,15 @@ def assert_exact(settings: Settings, proc, events: list[dict], bad: int, *, dead
 
 @pytest.mark.parametrize("partitions", [1, 4, 12, 16])
 def test_graceful_stop_while_backlogged_loses_and_repeats_nothing(broker_settings, tmp_path, partitions):
-    s = topics_for(broker_settings, tmp_path, partitions)
+    # Under a backlog staged batches are written every ingest_flush_events (or ingest_flush_s): the
+    # default count would let the worker write the whole log at once, so a stop could not land mid-way.
+    s = topics_for(broker_settings, tmp_path, partitions).model_copy(update={"ingest_flush_events": 2000})
     events = synthetic_log(20_000, users=60, items=150, seed=partitions)
     bad = produce_log(s, events)  # the whole log is waiting before the worker starts: a backlog
     log_path = tmp_path / "worker.log"
     with worker(s, log_path) as first:
-        # The backlog's first write (its batches are staged and written every ingest_flush_s); polled
-        # often: the worker applies thousands of events a second, and goes on until the stop lands.
+        # The backlog's first write; polled often: the worker applies thousands of events a second,
+        # and goes on until the stop lands.
         wait_for("the backlog's first write", lambda: applied(s) > 0, first.proc, log_path, interval=0.05)
         assert first.stop(30.0) == 0, "the worker did not stop cleanly on SIGTERM"
     at_stop = sum(r["event_count"] for r in Store(s).get_histories(list(expected_histories(events))).values())
