@@ -13,6 +13,7 @@ LanceDB's native code) by a fraction, so the shares are indicative and the milli
 from __future__ import annotations
 
 import cProfile
+import gc
 import io
 import json
 import pstats
@@ -68,13 +69,18 @@ def profile_ingest(settings: Settings, events: Sequence[RawEvent], batch_size: i
     store, known = Store(s), ItemCache()
     cache = ShardCache(store, s)
     profiler = cProfile.Profile()
-    for start in range(0, len(events), batch_size):
-        profiler.enable()
-        cache.stage(prepare_interactions(cache, s, events[start : start + batch_size], known_items=known))
-        if cache.staged_events() >= flush_every or start + batch_size >= len(events):
-            write_interactions(store, cache.pending())
-            cache.written()
-        profiler.disable()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*s.worker_gc_thresholds)  # as stream.app sets them in the worker
+    try:
+        for start in range(0, len(events), batch_size):
+            profiler.enable()
+            cache.stage(prepare_interactions(cache, s, events[start : start + batch_size], known_items=known))
+            if cache.staged_events() >= flush_every or start + batch_size >= len(events):
+                write_interactions(store, cache.pending())
+                cache.written()
+            profiler.disable()
+    finally:
+        gc.set_threshold(*thresholds)
     return pstats.Stats(profiler)
 
 

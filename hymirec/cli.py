@@ -4,6 +4,7 @@ owns the work, imported lazily so that `hymirec kafka status` does not pay for i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -218,14 +219,14 @@ def _fraction(text: str) -> float:
 
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, field in Settings.model_fields.items():
-        print(f"HYMIREC_{name.upper()}={getattr(settings, name)}" + (f"  # {field.description}" if field.description else ""))
+        value = getattr(settings, name)
+        shown = json.dumps(list(value)) if isinstance(value, tuple) else value  # as the variable takes it
+        print(f"HYMIREC_{name.upper()}={shown}" + (f"  # {field.description}" if field.description else ""))
     return 0
 
 
 # --- online loop ----------------------------------------------------------------------------------
 def _cmd_topk(args: argparse.Namespace, settings: Settings) -> int:
-    import json
-
     from serving.reader import format_recommendation, recommend
     from store import Store
 

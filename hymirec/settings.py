@@ -10,7 +10,7 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hymirec.errors import HymirecError
@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     serving_refresh_s: float = Field(
         0.25, gt=0, description="How often the worker looks for new or changed items to encode (seconds); the "
         "histories its ingest writes are handed to the interest refresher at once."
+    )
+    worker_gc_thresholds: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] = Field(
+        (100_000, 20, 100), description="Python's cyclic-GC thresholds in a worker (gc.set_threshold, JSON list): "
+        "with the default (700, 10, 10) collections kept walking every history row the worker holds, and took "
+        "half of its ingest time; those rows have no cycles."
     )
     worker_torch_threads: int = Field(
         1, ge=1, description="Threads torch may use in a worker (interest recompute, item encoding): more "

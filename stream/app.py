@@ -25,6 +25,7 @@ and the blend in serving.runtime), and the group hands the role over when that w
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Mapping
@@ -48,6 +49,7 @@ from stream.web import authorized, unauthorized
 log = logging.getLogger(__name__)
 
 settings = load_settings()
+gc.set_threshold(*settings.worker_gc_thresholds)
 try:
     # Before any agent writes: with another partition count users would hash to other shards.
     claim_layout(Store(settings))

@@ -32,6 +32,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
          "comma-separated"),
         (["kafka", "status"], {"HYMIREC_PARTITIONS": "zero"}, "HYMIREC_PARTITIONS"),
         (["kafka", "status"], {"HYMIREC_KAFKA_BOOTSTRAP": "nohostport"}, "HYMIREC_KAFKA_BOOTSTRAP"),
+        (["settings"], {"HYMIREC_WORKER_GC_THRESHOLDS": "[-1, 10, 10]"}, "HYMIREC_WORKER_GC_THRESHOLDS"),
     ],
 )
 def test_bad_input_is_one_line(args, env, fragment):
@@ -53,3 +54,12 @@ def test_sigterm_runs_the_commands_clean_up():
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     assert out.strip() == "cleaned up" and proc.returncode == 143
+
+
+def test_settings_prints_each_value_as_its_variable_takes_it():
+    printed = run_cli("settings", env={"HYMIREC_WORKER_GC_THRESHOLDS": "[5000, 7, 9]"}).stdout
+    line = next(line for line in printed.splitlines() if line.startswith("HYMIREC_WORKER_GC_THRESHOLDS="))
+    value = line.split("=", 1)[1].split("  #")[0]
+    assert value == "[5000, 7, 9]"
+    again = run_cli("settings", env={"HYMIREC_WORKER_GC_THRESHOLDS": value}).stdout
+    assert line in again.splitlines()
