@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings, load_settings
+from hymirec.settings import Settings, env_value, load_settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,9 +219,8 @@ def _fraction(text: str) -> float:
 
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)
-        shown = json.dumps(list(value)) if isinstance(value, tuple) else value  # as the variable takes it
-        print(f"HYMIREC_{name.upper()}={shown}" + (f"  # {field.description}" if field.description else ""))
+        print(f"HYMIREC_{name.upper()}={env_value(getattr(settings, name))}"
+              + (f"  # {field.description}" if field.description else ""))
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from hymirec.settings import Settings, env_value
 
 
 WORKER_START_S = 180.0  # longest wait for a new worker's /health (a cold start imports torch)
@@ -128,7 +128,7 @@ def worker_health(settings: Settings) -> dict | None:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as the HYMIREC_* variables a child process (worker, CLI) reads: every field."""
     values = {name: getattr(settings, name) for name in Settings.model_fields}
-    return {f"HYMIREC_{name.upper()}": value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    return {f"HYMIREC_{name.upper()}": value.get_secret_value() if isinstance(value, SecretStr) else env_value(value)
             for name, value in values.items()}
 
 

@@ -6,6 +6,7 @@ or a second worker can run with its own settings in the same process.
 
 from __future__ import annotations
 
+import json
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -286,6 +287,11 @@ def kafka_client_options(settings: Settings) -> dict:
         "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
         "ssl_context": kafka_ssl_context(settings),
     }
+
+
+def env_value(value: object) -> str:
+    """A setting's value as its HYMIREC_* variable takes it (a tuple as a JSON list; a secret stays masked)."""
+    return json.dumps(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def load_settings(**overrides) -> Settings:
