@@ -38,7 +38,7 @@ from hymirec.errors import HymirecError
 from hymirec.settings import load_settings
 from store.layout import claim_layout
 from store.tables import Store
-from stream.consumer import InteractionsConsumer
+from stream.consumer import COMMIT_TIMEOUT_S, InteractionsConsumer
 from stream.credentials import app_options
 from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
@@ -77,7 +77,6 @@ dead_letter_topic = app.topic(settings.topic_dead_letter, key_serializer="raw", 
                               partitions=settings.partitions)
 
 ingestor = Ingestor(settings)
-COMMIT_TIMEOUT_S = 10.0
 
 
 class FaustKafka:
