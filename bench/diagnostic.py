@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, FirstSeen, Signals, candidates, fit, neighbours, top
+from model.blend import Blend, Example, FirstSeen, Follows, Signals, candidates, fit, neighbours, top
 from model.retrieval import topk_items
 from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
@@ -87,7 +87,7 @@ class SignalsOnly:
     def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = ()):
         """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh)."""
         self.recent_len = recent_len
-        self.running = Signals.count(histories.values())  # the worker counts along the bootstrap replay
+        self.running = Follows.count(histories.values())  # the worker counts along the bootstrap replay
         self.first_seen = FirstSeen()
         self.first_seen.add(applied)
         self.signals = self._stored(histories)
@@ -97,7 +97,7 @@ class SignalsOnly:
     def _stored(self, histories: dict[str, list[str]]) -> Signals:
         recent = [h[-self.recent_len:] for h in histories.values()]
         popular = Counter(i for r in recent for i in r)
-        return Signals(self.running.follows, dict(popular), neighbours(recent, NEIGHBOURS_KEEP),
+        return Signals(self.running.top(FOLLOWS_KEEP), dict(popular), neighbours(recent, NEIGHBOURS_KEEP),
                        self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
     def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ Pure numpy/Arrow: no settings, no store.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,11 +43,15 @@ from scipy import sparse
 
 FEATURES = ("model", "rules", "popular", "neighbours")
 BACK = 3  # follows[j → i] counts i up to this many steps after j
+# Follows are counted in 1/FOLLOW_UNITS steps, so 1/distance is a whole number of them: sums are exact
+# whatever order the events are added in, and so are the ties between two items' follows.
+FOLLOW_UNITS = math.lcm(*range(1, BACK + 1))
 LAST = 5  # a user's rules score reads this many of their newest items
 NEAR = 20  # a user's neighbours score reads this many of their newest items
 NEAR_CANDIDATES = 50  # the items the neighbours score highest: candidates beside the pool, rules and popular
 NEAR_ITEMS = 4096  # neighbours are counted among this many most popular items (bounds items² work)
 NEAR_BLOCK = 256  # rows of the items × items cosines held dense at once
+COUNT_BLOCK = 1 << 18  # users' recent items whose follows are counted at once (bounds the count's memory)
 TOP = 10  # the blend is fitted for Recall@TOP
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
 TIE_POPULAR, TIE_MODEL = 1e-4, 1e-6  # tie-breakers, far below any grid step
@@ -75,36 +80,9 @@ class Signals:
     @classmethod
     def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int | None = None) -> Signals:
         """From users' recent items (each oldest first; lists, or an Arrow list column): follows and
-        popularity, as defined above; with ``keep``, each item's ``keep`` heaviest followers only. Counted
-        in Arrow: a worker recounts 100k users' recent items."""
+        popularity, as defined above; with ``keep``, each item's ``keep`` heaviest followers only."""
         lists = list_array(sequences)
-        items = pc.list_flatten(lists)
-        owner = pc.list_parent_indices(lists).to_numpy()
-        out = cls()
-        if not len(items):
-            return out
-        out.popular = popularity(lists)
-        encoded = items.dictionary_encode()
-        names, code = encoded.dictionary.to_pylist(), encoded.indices.to_numpy().astype(np.int64)
-        keys, weights = [], []
-        for distance in range(1, BACK + 1):
-            same = np.flatnonzero(owner[distance:] == owner[:-distance])  # i and i + distance: one user's
-            keys.append(code[same] * len(names) + code[same + distance])
-            weights.append(np.full(len(same), 1.0 / distance))
-        pair, where = np.unique(np.concatenate(keys), return_inverse=True)
-        total = np.bincount(where, weights=np.concatenate(weights))
-        j, i = pair // len(names), pair % len(names)
-        order = np.lexsort((-total, j))  # by j, the heaviest first (np.unique left ties ordered by i)
-        out.follows = rows_of(names, j[order], i[order], total[order], keep)
-        return out
-
-    def add(self, recent: Sequence[str], new: int) -> None:
-        """Count the follows of a user's ``new`` newest events, ``recent`` being their newest items
-        (oldest first, the new ones last): a running count grows by the events since the last one."""
-        for pos in range(max(0, len(recent) - new), len(recent)):
-            for distance in range(1, min(BACK, pos) + 1):
-                row = self.follows.setdefault(recent[pos - distance], {})
-                row[recent[pos]] = row.get(recent[pos], 0.0) + 1.0 / distance
+        return cls(Follows.count(lists).top(keep), popularity(lists))
 
     def rules(self, recent: Sequence[str]) -> dict[str, float]:
         """{item: Σ follows[j → item] / recency} over the user's last LAST items j."""
@@ -140,6 +118,88 @@ class Signals:
     def top_fresh(self) -> list[str]:
         """The FRESH_CANDIDATES fresh items with the most events, ties by id."""
         return [i for i, _ in sorted(self.fresh.items(), key=lambda kv: (-kv[1], kv[0]))[:FRESH_CANDIDATES]]
+
+
+class Follows:
+    """The running count follows[j → i] along the stream (the module doc), as a sparse items × items
+    matrix. Over 100k users' recent items it has millions of pairs: as Python dicts (~100 B a pair)
+    they were the worker's largest allocation, and counting them through ``np.unique`` its memory peak."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []  # the item of each row and column
+        self.code: dict[str, int] = {}
+        self.matrix = sparse.csr_matrix((0, 0), dtype=np.float64)
+        self._added: tuple[list[int], list[int], list[int]] = ([], [], [])  # (j, i, units) since the last merge
+
+    @classmethod
+    def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray) -> Follows:
+        """Every user's follows in ``sequences`` (users' recent items, each oldest first), COUNT_BLOCK items
+        at a time: one block's pairs are all the transient memory it takes."""
+        lists = list_array(sequences)
+        out = cls()
+        items = pc.list_flatten(lists)
+        if not len(items):
+            return out
+        encoded = items.dictionary_encode()
+        out.names = encoded.dictionary.to_pylist()
+        out.code = {name: c for c, name in enumerate(out.names)}
+        code = encoded.indices.to_numpy()
+        owner = pc.list_parent_indices(lists).to_numpy()
+        n = len(out.names)
+        out.matrix = sparse.csr_matrix((n, n), dtype=np.float64)
+        for first in range(0, len(code), COUNT_BLOCK):
+            j, i, weight = [], [], []
+            for distance in range(1, BACK + 1):
+                last = min(first + COUNT_BLOCK, len(code) - distance)
+                # positions p and p + distance in one user's items: a follow
+                same = first + np.flatnonzero(owner[first + distance : last + distance] == owner[first:last])
+                j.append(code[same]), i.append(code[same + distance]), weight.append(np.full(len(same), FOLLOW_UNITS // distance, dtype=np.float64))
+            out.matrix = out.matrix + sparse.csr_matrix(
+                (np.concatenate(weight), (np.concatenate(j), np.concatenate(i))), shape=(n, n))
+        return out
+
+    def add(self, recent: Sequence[str], new: int) -> None:
+        """Count the follows of a user's ``new`` newest events, ``recent`` being their newest items
+        (oldest first, the new ones last): a running count grows by the events since the last one."""
+        rows, cols, weights = self._added
+        for pos in range(max(0, len(recent) - new), len(recent)):
+            for distance in range(1, min(BACK, pos) + 1):
+                rows.append(self._code_of(recent[pos - distance]))
+                cols.append(self._code_of(recent[pos]))
+                weights.append(FOLLOW_UNITS // distance)
+
+    def _code_of(self, item: str) -> int:
+        code = self.code.get(item)
+        if code is None:
+            code = self.code[item] = len(self.names)
+            self.names.append(item)
+        return code
+
+    def top(self, keep: int | None = None) -> dict[str, dict[str, float]]:
+        """{j: {i: follows[j → i]}}, the heaviest first, ties by id; with ``keep``, each j's ``keep`` first
+        (cut before anything becomes Python)."""
+        self._merge()
+        held, n = self.matrix, len(self.names)
+        by_name = np.empty(n, dtype=np.int32)
+        by_name[np.argsort(np.array(self.names, dtype=object), kind="stable")] = np.arange(n, dtype=np.int32)
+        per_row = np.diff(held.indptr)
+        row = np.repeat(np.arange(n, dtype=np.int32), per_row)
+        order = np.lexsort((by_name[held.indices], -held.data, row))  # rows stay where the CSR has them
+        if keep is not None:
+            order = order[np.arange(len(order)) - np.repeat(held.indptr[:-1], per_row) < keep]
+        return rows_of(self.names, row[order], held.indices[order], held.data[order] / FOLLOW_UNITS, None)
+
+    def _merge(self) -> None:
+        n = len(self.names)
+        held = self.matrix
+        if held.shape[0] < n:  # items first seen since the last merge: empty rows and columns
+            grown = np.r_[held.indptr, np.full(n - held.shape[0], held.indptr[-1])]
+            held = sparse.csr_matrix((held.data, held.indices, grown), shape=(n, n))
+        rows, cols, weights = self._added
+        if rows:
+            held = held + sparse.csr_matrix((np.array(weights, dtype=np.float64), (np.array(rows), np.array(cols))),
+                                            shape=(n, n))
+        self.matrix, self._added = held, ([], [], [])
 
 
 class FirstSeen:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import LAST, NEAR, Blend, Example, FirstSeen, Signals, candidates, fit, neighbours, popularity
+from model.blend import LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, neighbours, popularity
 from serving.model import ServingModel
 from store.schemas import (BLEND, FOLLOWS, FRESH, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
                            fresh_schema, histories_schema, item_vectors_schema, neighbours_schema, popular_schema)
@@ -97,7 +97,7 @@ class BlendKeeper:
     def __init__(self, store: Store):
         self.store = store
         self.signals: Signals | None = None  # the previous count, as stored
-        self.follows = Signals()  # the running follows count, whole (stored: each item's heaviest)
+        self.follows = Follows()  # the running count, whole (stored: each item's heaviest)
         self.events: dict[str, int] = {}  # user → event_count at the previous count
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
         self.blend = read_blend(store) or Blend()
@@ -123,7 +123,7 @@ class BlendKeeper:
         if self.signals is not None and model is not None and vectors_table is not None and changed:
             self._learn(model, vectors_table, dim, {u: counts[u] - self.events.get(u, 0) for u in changed})
         if self.signals is None:
-            self.follows = Signals.count(recents)
+            self.follows = Follows.count(recents)
             self.first_seen.old(popularity(recents))
         else:
             row_of = {u: r for r, u in enumerate(users)}
@@ -137,7 +137,7 @@ class BlendKeeper:
         # The neighbours are the count's costly part (a sparse product over every user's recent items):
         # unchanged histories keep the last ones.
         near = neighbours(recents, NEIGHBOURS_KEEP) if self.signals is None or changed else self.signals.neighbours
-        self.signals = Signals(self.follows.follows, popularity(recents), near, self.first_seen.fresh()).kept(
+        self.signals = Signals(self.follows.top(FOLLOWS_KEEP), popularity(recents), near, self.first_seen.fresh()).kept(
             FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)

@@ -14,7 +14,7 @@ import pytest
 from bench.diagnostic import SignalsOnly
 import model.blend
 import serving.blend
-from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, Blend, Example, FirstSeen, Signals, candidates, fit,
+from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
                          neighbours, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
@@ -39,12 +39,39 @@ def test_signals_count_follows_and_popularity_by_hand():
     kept = s.kept(follows=1, popular=2)
     assert kept.follows["a"] == {"c": pytest.approx(1.5)} and kept.popular == {"a": 2, "c": 2}
     assert s.top_popular(3) == ["a", "c", "b"]  # ties by id
-    # A running count grows by the new events only: the same follows as counting the whole lists.
-    running = Signals.count([["a", "b", "c"], ["a", "c"]])
+    # A running count grows by the new events only (d and e new items): the same follows as counting
+    # the whole lists, in the same order.
+    running = Follows.count([["a", "b", "c"], ["a", "c"]])
     running.add(["a", "b", "c", "d", "e"], 2)
-    assert running.follows.keys() == s.follows.keys()
-    assert all(running.follows[j] == pytest.approx(s.follows[j]) for j in s.follows)
+    grown = running.top()
+    assert grown == s.follows and all(list(grown[j]) == list(s.follows[j]) for j in s.follows)
     assert Signals.count([["a", "b", "c"]], keep=1).follows == {"a": {"b": 1.0}, "b": {"c": 1.0}}
+
+
+def test_follows_keep_the_heaviest_ties_by_id_whatever_order_items_came_in():
+    # x → z and x → y weigh 1 each, x → w 1/2: ties by id (y before z), though z was seen first.
+    lists = [["x", "z"], ["x", "y"], ["x", "q", "w"]]
+    assert Follows.count(lists).top(keep=2)["x"] == {"q": 1.0, "y": 1.0}
+    assert Follows.count(lists).top()["x"] == {"q": 1.0, "y": 1.0, "z": 1.0, "w": 0.5}
+    assert list(Follows.count(lists).top()["x"]) == ["q", "y", "z", "w"]
+    running = Follows()
+    for user in lists:  # counted one event at a time from nothing: the same
+        for end in range(1, len(user) + 1):
+            running.add(user[:end], 1)
+    assert running.top() == Follows.count(lists).top() and Follows().top() == {}
+
+
+def test_follows_count_the_same_in_any_blocks_and_order(monkeypatch):
+    rng = np.random.default_rng(0)
+    lists = [[f"i{j}" for j in rng.integers(0, 40, rng.integers(0, 30))] for _ in range(300)]
+    whole = Follows.count(lists).top()
+    monkeypatch.setattr(model.blend, "COUNT_BLOCK", 7)  # blocks that cut users' lists anywhere
+    assert Follows.count(lists).top() == whole
+    running = Follows()
+    for user in reversed(lists):  # users in another order, each event on its own: sums are exact
+        for end in range(1, len(user) + 1):
+            running.add(user[:end], 1)
+    assert running.top() == whole
 
 
 def test_candidates_union_and_the_model_floor():
