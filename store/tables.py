@@ -279,8 +279,10 @@ class Store:
         dead-lettered; the next one to read is position + 1.
         """
         wanted = self.shards(HISTORIES) if shards is None else sorted(set(shards))
-        found = {shard: self.get_histories_and_position([], shard)[1] for shard in wanted}
-        return {shard: position for shard, position in found.items() if position is not None}
+        # The position row alone: a read of whole rows decoded 25k users' histories per shard (~0.4 GB).
+        found = {shard: self._get(HISTORIES, [shard_table(HISTORIES, shard)], [POSITION_KEY], ["watermark_offset"])
+                 for shard in wanted}
+        return {shard: rows[POSITION_KEY]["watermark_offset"] for shard, rows in found.items() if POSITION_KEY in rows}
 
     def scan_histories(self, shard: int, columns: Sequence[str], since: datetime | None = None) -> pa.Table:
         """``columns`` of every user row of ``shard`` (written at or after ``since``), without its position row."""

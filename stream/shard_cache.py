@@ -86,8 +86,7 @@ class ShardCache:
             for row in self.store.scan_histories(shard, histories_schema().names).to_pylist():
                 self._hold_stored(shard, row)
             self._complete.add(shard)
-        position = self.store.get_histories_and_position([], shard)[1]
-        self._positions[shard] = -1 if position is None else position
+        self._positions[shard] = self.store.positions([shard]).get(shard, -1)
 
     def _hold_stored(self, shard: int, row: dict) -> None:
         # One string object per item id, shared by every history that holds it (LanceDB hands each
