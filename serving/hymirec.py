@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 VERIFY_ITEMS = 16  # catalogue items re-encoded to check a rebuilt content encoder
 VERIFY_COSINE = 0.999
 INTERESTS_BATCH = 64
+# Users × longest² per forward at most: the coarse branch's attention holds that many scores per head,
+# and 64 users at 1,000 items were ~0.7 GB of the worker's peak.
+INTERESTS_CELLS = 4_000_000
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -177,10 +180,12 @@ class ServedHyMiRec:
         seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
         out = np.zeros((len(histories), cfg.num_interests, cfg.dim), np.float32)
         # Batches of users of similar length: a batch costs what its longest history costs (the
-        # coarse branch is quadratic in it), and one long history would make every short one pay.
-        for rows, _ in length_groups(torch.as_tensor([min(len(s), cfg.history_len) for s in seqs], dtype=torch.long)):
-            for start in range(0, len(rows), INTERESTS_BATCH):
-                batch = rows[start : start + INTERESTS_BATCH].tolist()
+        # coarse branch is quadratic in it), and one long history would make every short one pay;
+        # the longer the histories, the fewer users per batch.
+        for rows, longest in length_groups(torch.as_tensor([min(len(s), cfg.history_len) for s in seqs], dtype=torch.long)):
+            step = max(1, min(INTERESTS_BATCH, INTERESTS_CELLS // longest**2))
+            for start in range(0, len(rows), step):
+                batch = rows[start : start + step].tolist()
                 out[batch] = self._interests_of([histories[r] for r in batch], [seqs[r] for r in batch],
                                                 [codes[r] for r in batch])
         return out

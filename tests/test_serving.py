@@ -20,6 +20,7 @@ import torch
 
 from hymirec.settings import Settings
 from store import ModelRegistry, Store
+import serving.hymirec
 from serving.reader import open_own, recommend
 import serving.runtime
 from serving.runtime import ServingRuntime
@@ -342,9 +343,9 @@ def test_interests_come_from_the_stored_codes_not_the_item_table(world, settings
     assert not np.allclose(model.interests(histories), from_ids, atol=1e-4)
 
 
-def test_a_users_interests_do_not_depend_on_the_other_users_of_the_batch(world, settings):
-    """Users are batched by history length and the recent window is cut to the batch's longest
-    history: neither may change what a user gets (stored codes or not)."""
+def test_a_users_interests_do_not_depend_on_the_other_users_of_the_batch(world, settings, monkeypatch):
+    """Users are batched by history length (fewer per batch the longer they are) and the recent window
+    is cut to the batch's longest history: none of it may change what a user gets (stored codes or not)."""
     publish(settings, world["m1"])
     runtime = ServingRuntime(settings)
     runtime.start()
@@ -356,6 +357,8 @@ def test_a_users_interests_do_not_depend_on_the_other_users_of_the_batch(world, 
     together = model.interests(histories, codes)
     alone = np.concatenate([model.interests([h], [c]) for h, c in zip(histories, codes)])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+    monkeypatch.setattr(serving.hymirec, "INTERESTS_CELLS", 2 * 60**2)  # the 60- and 90-item users one at a time
+    np.testing.assert_allclose(model.interests(histories, codes), together, atol=1e-5)
     assert not np.allclose(together[0], together[1], atol=1e-3)  # not all alike
 
 
