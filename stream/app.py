@@ -42,6 +42,7 @@ from stream.consumer import COMMIT_TIMEOUT_S, InteractionsConsumer
 from stream.credentials import app_options
 from stream.ingest import RawEvent
 from stream.ingestor import Ingestor
+from stream.malloc import limit_arenas
 from stream.metrics import CONTENT_TYPE
 from stream.serving_agents import register as register_serving
 from stream.web import authorized, unauthorized
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 settings = load_settings()
 gc.set_threshold(*settings.worker_gc_thresholds)
+limit_arenas(settings.worker_malloc_arenas)  # before the worker's threads allocate
 try:
     # Before any agent writes: with another partition count users would hash to other shards.
     claim_layout(Store(settings))
