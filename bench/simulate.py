@@ -114,6 +114,51 @@ def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig) -> dict[str, 
     return records
 
 
+def read_log(interactions: Path, limit: int | None, config: SimConfig) -> tuple[pd.DataFrame, int]:
+    """The log (with its ``position`` column) and how many of its first events bootstrap."""
+    log = read_interactions(interactions, limit=limit)
+    boot = int(round(config.frozen_after * len(log)))
+    if not 0 < boot < len(log):
+        raise HymirecError(f"--frozen-after {config.frozen_after} leaves no bootstrap or no events to score ({len(log)} events)")
+    return log.assign(position=np.arange(len(log))), boot
+
+
+def signals_only_step(arm: SignalsOnly, exact: dict[str, list[str]], chunk: pd.DataFrame, start: int,
+                      bootstrap_items: set[str]) -> list[dict]:
+    """The signals-only arm on one chunk: its events scored against the answers from ``exact`` (the
+    users' histories before it), then the chunk applied to ``exact`` and learnt from."""
+    users = list(dict.fromkeys(chunk["user_id"].tolist()))
+    known = {u: exact[u] for u in users if u in exact}
+    tops = arm.top(known, K)
+    records = score_chunk(chunk, {u: (SignalsOnly.name, tops.get(u, [])) for u in users}, known, start, bootstrap_items)
+    extend(exact, chunk)
+    arm.learn(exact, Counter(chunk["user_id"].tolist()))
+    return records
+
+
+def run_signals_only(interactions: Path, *, config: SimConfig, recent_len: int, dataset: str,
+                     limit: int | None = None) -> dict:
+    """The arms that need no model, in this process (no broker, workers or training): the baselines and
+    the signals-only blend, on the live arms' protocol. A minute or so on a validation slice, for
+    choosing the blend's settings; returns the summary, with the signals-only arm's gap to the best
+    baseline."""
+    log, boot = read_log(interactions, limit, config)
+    n = len(log)
+    records = baseline_arms(log, boot, config)
+    exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
+    arm, signalled = SignalsOnly(exact, recent_len, log["item_id"].iloc[:boot].tolist()), []
+    for start in range(boot, n, config.chunk):
+        signalled += signals_only_step(arm, exact, log.iloc[start : start + config.chunk], start, bootstrap_items)
+    records[SignalsOnly.name] = signalled
+    summary = summarise(records, {}, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
+    best = max((a for a in summary["arms"] if summary["arms"][a]["kind"] == "baseline"),
+               key=lambda a: summary["arms"][a][f"recall@{K}"] or 0.0)
+    for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
+        mean, se = paired_gap(records[best], signalled, key)
+        summary["gap"].setdefault(f"{SignalsOnly.name} − {best}", {})[metric] = {"mean": mean, "standard_error": se}
+    return {**summary, "signals_only": True}
+
+
 def kind_of(arm: str) -> str:
     return "live" if arm in ARMS else "reference" if arm in (Diagnostic.name, SignalsOnly.name) else "baseline"
 
@@ -171,12 +216,14 @@ def _cold(arm: dict) -> str:
 
 def summary_markdown(summary: dict) -> str:
     r, n = f"recall@{K}", f"ndcg@{K}"
+    how = ("bootstrap v0001 ({bootstrap_epochs} epochs), the other {scored:,} scored before they are applied "
+           "(chunks of {chunk}; online: a cycle every {every_events:,} events, {epochs} epoch(s) each, margin {margin})")
+    if summary.get("signals_only"):
+        how = ("are applied first, the other {scored:,} scored before they are applied (chunks of {chunk}); only the "
+               "arms that need no model (--signals-only)")
     lines = [
         f"Prequential Recall@{K} / NDCG@{K} on {summary['dataset']}: {summary['log_events']:,} events, the first "
-        f"{summary['bootstrap_events']:,} bootstrap v0001 ({summary['config']['bootstrap_epochs']} epochs), the other {summary['scored_events']:,} scored before "
-        f"they are applied (chunks of {summary['config']['chunk']}; online: a cycle every "
-        f"{summary['config']['every_events']:,} events, {summary['config']['epochs']} epoch(s) each, margin "
-        f"{summary['config']['margin']}).",
+        f"{summary['bootstrap_events']:,} " + how.format(scored=summary["scored_events"], **summary["config"]) + ".",
         "",
         f"| arm | warm events | Recall@{K} | NDCG@{K} | R@{K} 1st third | 2nd third | 3rd third | cold events (R@{K}) "
         "| versions | cycles (rejected) | train s |",
@@ -339,12 +386,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
                    dataset: str, limit: int | None = None, progress: bool = True) -> dict:
     """Both live arms and the baseline arms through the whole log (see the module doc); writes ``out`` and
     returns the summary."""
-    log = read_interactions(interactions, limit=limit)
+    log, boot = read_log(interactions, limit, config)
     n = len(log)
-    boot = int(round(config.frozen_after * n))
-    if not 0 < boot < n:
-        raise HymirecError(f"--frozen-after {config.frozen_after} leaves no bootstrap or no events to score ({n} events)")
-    log = log.assign(position=np.arange(n))
     say = print if progress else (lambda *a, **k: None)
     say(f"simulate {dataset}: {n:,} events ({interactions}), bootstrap on the first {boot:,} "
         f"({config.frozen_after:.0%}, {config.bootstrap_epochs} epochs), {n - boot:,} scored in chunks of {config.chunk}; "
@@ -402,11 +445,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             tops = diagnostic.top(known, K)
             diagnosed += score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start,
                                      bootstrap_items)
-            tops = signals_only.top(known, K)
-            signalled += score_chunk(chunk, {u: (SignalsOnly.name, tops.get(u, [])) for u in users}, known, start,
-                                     bootstrap_items)
-            extend(exact, chunk)
-            signals_only.learn(exact, Counter(chunk["user_id"].tolist()))
+            signalled += signals_only_step(signals_only, exact, chunk, start, bootstrap_items)
             t0 = time.perf_counter()
             _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
             t1 = time.perf_counter()
@@ -478,6 +517,10 @@ def simulate_command(args, settings: Settings) -> int:
         bootstrap_epochs=args.bootstrap_epochs or settings.trainer_bootstrap_epochs,
         backbone=args.backbone, margin=settings.trainer_margin if args.margin is None else args.margin,
         window=args.window).items() if v is not None})
+    if args.signals_only:
+        summary = run_signals_only(interactions, config=config, recent_len=settings.recent_len, dataset=name, limit=limit)
+        print(summary_markdown(summary))
+        return 0
     out = args.out or Path("results") / "simulate" / name
     summary = run_simulation(settings, interactions, items, config=config, out=out, dataset=name, limit=limit,
                              progress=True)

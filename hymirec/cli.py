@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--margin", type=float, help="online guardrail margin (default HYMIREC_TRAINER_MARGIN)")
     sim.add_argument("--window", type=_positive_int, help="scored events per window and plot smoothing (default 1000)")
     sim.add_argument("--out", type=Path, help="output directory (default results/simulate/<dataset>)")
+    sim.add_argument("--signals-only", action="store_true",
+                     help="only the arms that need no model, in this process: the baselines and the serving blend "
+                          "without the model (a minute on a validation slice: choose blend settings with it)")
     sim.set_defaults(func=_cmd_simulate)
 
     return parser

@@ -16,7 +16,7 @@ import torch
 import bench.simulate
 from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
-from bench.simulate import SimConfig, baseline_arms, run_simulation, summarise, summary_markdown
+from bench.simulate import SimConfig, baseline_arms, run_signals_only, run_simulation, summarise, summary_markdown
 from bench.simulate_plot import plot
 from hymirec.settings import Settings
 from model.baselines import MostPopular
@@ -165,6 +165,20 @@ def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch
     answers = {u: ("pop", pop.top(u, 10)) for u in chunk["user_id"]}
     histories = {u: pop.history(u) for u in chunk["user_id"] if pop.history(u) is not None}
     assert records["pop"][40:80] == score_chunk(chunk, answers, histories, start, set(items[:boot]))
+
+
+def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_path: Path):
+    export_synthetic(tmp_path, users=30, items=80, interests=4, events_per_user=12, drift=0.5, seed=3, fresh_items=0.3)
+    config = SimConfig(frozen_after=0.3, chunk=40, recent_window=50)
+    summary = run_signals_only(tmp_path / "interactions.jsonl", config=config, recent_len=50, dataset="toy")
+    arms = summary["arms"]
+    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "signals-only"]
+    assert arms["signals-only"]["kind"] == "reference" and arms["signals-only"]["recall@10"] > 0
+    assert len({a["events"] for a in arms.values()}) == 1  # the same warm events for every arm
+    best = max(("pop", "recent-pop", "rules", "item-knn"), key=lambda a: arms[a]["recall@10"])
+    gap = summary["gap"][f"signals-only − {best}"]["recall@10"]
+    assert gap["mean"] == pytest.approx(arms["signals-only"]["recall@10"] - arms[best]["recall@10"])
+    assert "only the arms that need no model" in summary_markdown(summary)
 
 
 def test_plot_writes_a_png(tmp_path: Path):
