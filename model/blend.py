@@ -153,7 +153,8 @@ class Follows:
                 last = min(first + COUNT_BLOCK, len(code) - distance)
                 # positions p and p + distance in one user's items: a follow
                 same = first + np.flatnonzero(owner[first + distance : last + distance] == owner[first:last])
-                j.append(code[same]), i.append(code[same + distance]), weight.append(np.full(len(same), FOLLOW_UNITS // distance, dtype=np.float64))
+                j.append(code[same]), i.append(code[same + distance])
+                weight.append(np.full(len(same), FOLLOW_UNITS // distance, dtype=np.float64))
             out.matrix = out.matrix + sparse.csr_matrix(
                 (np.concatenate(weight), (np.concatenate(j), np.concatenate(i))), shape=(n, n))
         return out
