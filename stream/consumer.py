@@ -92,6 +92,8 @@ class InteractionsConsumer:
         log.info("resuming %r from the positions stored in LanceDB: %s", self.topic, offsets)
         for partition, offset in offsets.items():
             await self.seek(self.topic, partition, offset)
+        # Records fetched while the positions were read came from before these seeks: read again now.
+        self._generation += 1
         await self.commit(self.topic, offsets)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -121,9 +123,10 @@ class InteractionsConsumer:
     async def _run(self) -> None:
         try:
             while True:
-                batch = await self._take()
+                batch, generation = await self._take()
                 if batch:
-                    await self.ingestor.interactions(batch, self.send_dead, self)
+                    await self.ingestor.interactions(batch, self.send_dead, self,
+                                                     current=lambda: generation == self._generation)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — a dead loop must stop the worker, not leave it idle
@@ -131,9 +134,10 @@ class InteractionsConsumer:
             if self.on_crash is not None:
                 await self.on_crash(exc)
 
-    async def _take(self) -> list[RawEvent]:
-        """Up to ``batch_size`` events, waiting at most ``batch_within_s`` after the first one came;
-        [] after an idle poll. A rebalance meanwhile drops what was fetched before it."""
+    async def _take(self) -> tuple[list[RawEvent], int]:
+        """Up to ``batch_size`` events, waiting at most ``batch_within_s`` after the first one came
+        ([] after an idle poll), and the generation they were fetched under. A rebalance meanwhile drops
+        what was fetched before it."""
         size, within = self.settings.batch_size, self.settings.batch_within_s
         loop = asyncio.get_running_loop()
         batch: list[RawEvent] = []
@@ -151,7 +155,7 @@ class InteractionsConsumer:
                           for r in records]
             if batch and deadline - loop.time() > within:
                 deadline = loop.time() + within  # the first events of the batch: wait at most `within` for more
-        return batch
+        return batch, generation
 
 
 class _Listener(ConsumerRebalanceListener):

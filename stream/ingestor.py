@@ -190,17 +190,23 @@ class Ingestor:
             if not only_if_due or self.rows.staged_for_s() >= self.settings.ingest_flush_s:
                 await self._flush(send_dead, kafka)
 
-    async def interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> BatchResult:
-        return await _complete(self._interactions(batch, send_dead, kafka))
+    async def interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide,
+                           current: Callable[[], bool] | None = None) -> BatchResult:
+        """Apply a batch; ``current`` False (asked once the batch has the store) drops it unapplied: it
+        was fetched before a rebalance, and its partitions are read again from their stored positions."""
+        return await _complete(self._interactions(batch, send_dead, kafka, current))
 
     async def items(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> ItemsResult:
         return await _complete(self._items(batch, send_dead, kafka))
 
-    async def _interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide) -> BatchResult:
+    async def _interactions(self, batch: Sequence[RawEvent], send_dead: SendDead, kafka: KafkaSide,
+                            current: Callable[[], bool] | None) -> BatchResult:
         topic, m = self.settings.topic_interactions, self.metrics
         started = time.perf_counter()
         self.log_waiting_for_model()
         async with self._busy:
+            if current is not None and not current():
+                return BatchResult()
             result = await self._retrying(topic, "reading histories", self._prepare_interactions, batch)
             self.rows.stage(result)
             s = self.settings
