@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
+
 from hymirec.settings import Settings
 from store.schemas import HISTORIES, ITEMS, shard_table
 from store.tables import Store, table_names
@@ -245,10 +247,8 @@ class Ingestor:
         if self.on_written is not None:  # before any await: the refresher counts on it (serving_agents)
             self.on_written({shard: rows for shard, rows in pending.rows.items() if rows})
         self.positions.update(pending.positions)
-        now = time.time()
         self.metrics.applied.inc(pending.applied)
-        for ts in pending.applied_timestamps:
-            self.metrics.freshness_lag.observe(max(0.0, now - ts))
+        self.metrics.freshness_lag.observe_many(np.maximum(0.0, time.time() - np.asarray(pending.applied_timestamps)))
         await kafka.commit(topic, {p: position + 1 for p, position in pending.positions.items()})
 
     async def _seek_over_gaps(self, topic: str, result: BatchResult, kafka: KafkaSide) -> None:

@@ -24,8 +24,15 @@ apps or tests in one process do not collide. The worker serves ``render()`` at `
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 # Freshness target is p95 ≤ 2 s (DESIGN §7): resolve well below and above it.
@@ -53,9 +60,8 @@ class Metrics:
             "hymirec_batch_latency_seconds", "Time to apply one micro-batch.", ["topic"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.freshness_lag = Histogram(
-            "hymirec_freshness_lag_seconds", "Kafka message timestamp to history row written.",
-            buckets=LAG_BUCKETS, registry=r,
+        self.freshness_lag = BatchHistogram(
+            "hymirec_freshness_lag_seconds", "Kafka message timestamp to history row written.", LAG_BUCKETS, r,
         )
         self.offset_gaps = Counter(
             "hymirec_offset_gaps", "Batches whose partition skipped past its applied position.", registry=r
@@ -87,3 +93,34 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+class BatchHistogram(Collector):
+    """A histogram without labels that is filled a batch of values at a time.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and walks the buckets per value: 0.8–1 µs,
+    a few percent of the worker's whole ingest path when it is called once per applied event.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)  # upper bounds; +Inf is implied
+        self._counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # per bucket, not cumulative
+        self._sum = 0.0
+        self._lock = threading.Lock()  # /metrics is rendered on the event loop, the batches come from anywhere
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        # Prometheus buckets hold values <= their bound: the first bound >= the value.
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative, total = np.cumsum(self._counts).tolist(), self._sum
+        buckets = [(floatToGoString(bound), count) for bound, count in zip(self.bounds.tolist(), cumulative)]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=[*buckets, ("+Inf", cumulative[-1])],
+                                    sum_value=total)
