@@ -142,7 +142,8 @@ def to_arrow(rows: Rows, schema: pa.Schema, what: str) -> pa.Table:
             raise HymirecError(f"bad {what} table: {exc}") from None
     else:
         known = frozenset(schema.names)
-        rows = [_plain_row(row, schema, known, what, i) for i, row in enumerate(rows)]
+        nested = [f.name for f in schema if _holds_matrices(f.type)]
+        rows = [_plain_row(row, schema, known, nested, what, i) for i, row in enumerate(rows)]
         try:
             table = pa.Table.from_pylist(rows, schema=loose)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -180,15 +181,23 @@ def _reject_unknown(names: Iterable[str], schema: pa.Schema, what: str, row: int
         raise HymirecError(f"bad {where}: unknown column(s) {unknown}; expected {schema.names}")
 
 
-def _plain_row(row: Any, schema: pa.Schema, known: frozenset[str], what: str, index: int) -> Mapping[str, Any]:
+def _holds_matrices(kind: pa.DataType) -> bool:
+    """A list column of lists (the K x dim interests): the only kind a 2-d numpy array belongs in."""
+    listy = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    return any(is_list(kind) for is_list in listy) and any(is_list(kind.value_type) for is_list in listy)
+
+
+def _plain_row(row: Any, schema: pa.Schema, known: frozenset[str], nested: Sequence[str], what: str,
+               index: int) -> Mapping[str, Any]:
     if not isinstance(row, Mapping):
         raise HymirecError(f"bad {what} row {index}: expected a dict, got {type(row).__name__}")
     if not row.keys() <= known:
         _reject_unknown(row.keys(), schema, what, index)
-    # pyarrow converts 1-d numpy arrays itself but not 2-d ones (the K x dim interests).
-    if any(isinstance(v, np.ndarray) and v.ndim > 1 for v in row.values()):
-        return {k: list(v) if isinstance(v, np.ndarray) and v.ndim > 1 else v for k, v in row.items()}
-    return row
+    # pyarrow converts 1-d numpy arrays itself but not 2-d ones. Only the nested columns are looked
+    # at: this runs once per history row on the ingest path.
+    matrices = {name: list(value) for name in nested
+                if isinstance(value := row.get(name), np.ndarray) and value.ndim > 1}
+    return {**row, **matrices} if matrices else row
 
 
 def _first_bad_row(rows: list[dict], schema: pa.Schema, what: str) -> HymirecError:
