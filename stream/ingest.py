@@ -318,12 +318,17 @@ def apply_interactions(store: Store, settings: Settings, batch: Sequence[RawEven
 
 def _finish_rows(users: list[_Pending], settings: Settings, encoder: Encoder | None) -> None:
     """Append, bound the lists, and keep ``history_codes`` aligned with ``history_item_ids``."""
+    longest, recent, window = settings.history_max_len, settings.recent_len, settings.dedupe_window
     for user in users:
         row = user.row
         ids = row["history_item_ids"] + user.appended
-        row["history_item_ids"] = ids[-settings.history_max_len:]
-        row["recent_item_ids"] = ids[-settings.recent_len:]
-        row["recent_event_ids"] = row["recent_event_ids"][-settings.dedupe_window:] if settings.dedupe_window else []
+        # Trimmed in place (lists this batch made): a slice would copy even a list within its bound.
+        del ids[:-longest]
+        row["history_item_ids"], row["recent_item_ids"] = ids, ids[-recent:]
+        if window:
+            del row["recent_event_ids"][:-window]
+        else:
+            row["recent_event_ids"] = []
         row["updated_at"] = None  # write_interactions stamps the write time
 
     if encoder is None:  # no model yet: histories by id only

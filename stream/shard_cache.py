@@ -164,9 +164,10 @@ class ShardCache:
 
     def _hold(self, shard: int, row: dict) -> None:
         key = (shard, row["user_id"])
-        old = self._rows.pop(key, None)
+        old = self._rows.get(key)
         if old is not None:
             self._size -= _entries(old)
+        # A held user keeps its place: the batch's read has just moved it to the most recent end.
         self._rows[key] = row
         self._size += _entries(row)
 
