@@ -44,8 +44,10 @@ def _ts_from_json(value: Any) -> Any:
 # Constraints before the validator: pydantic then checks the string natively ("String should have
 # at most 256 characters") and rejects lone surrogates ("\ud800" from JSON), which could not be
 # written as UTF-8 later; after it, they run as a generic length check that lets those through.
-EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), BeforeValidator(_id_from_json)]
-EpochMillis = Annotated[int, BeforeValidator(_ts_from_json), Field(ge=0, le=MAX_TS_MS)]
+StrictId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]  # an id exactly as the wire should carry it
+EventId = Annotated[StrictId, BeforeValidator(_id_from_json)]
+StrictMillis = Annotated[int, Field(ge=0, le=MAX_TS_MS)]
+EpochMillis = Annotated[StrictMillis, BeforeValidator(_ts_from_json)]
 
 
 class Interaction(BaseModel):
@@ -161,11 +163,11 @@ class _WellFormed(TypedDict):
     pydantic-core: no Python call per field. A subset of what ``Interaction`` accepts, never more."""
 
     __pydantic_config__ = ConfigDict(strict=True, extra="ignore")  # type: ignore[misc]
-    user_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-    item_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-    ts: Annotated[int, Field(ge=0, le=MAX_TS_MS)]
+    user_id: StrictId
+    item_id: StrictId
+    ts: StrictMillis
     action: NotRequired[Literal[tuple(sorted(ACTIONS))]]  # type: ignore[valid-type]
-    event_id: NotRequired[Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None]
+    event_id: NotRequired[StrictId | None]
 
 
 _WELL_FORMED = TypeAdapter(_WellFormed)
