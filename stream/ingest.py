@@ -151,9 +151,6 @@ class ItemCache:
     def add(self, ids: Iterable[str]) -> None:
         self.ids.update(ids)
 
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self.ids
-
     def __len__(self) -> int:
         return len(self.ids)
 
