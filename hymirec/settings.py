@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     optimize_interval_s: float = Field(
         300.0, gt=0, description="How often the worker compacts the LanceDB tables it writes (its shards, items)."
     )
+    compact_share: float = Field(
+        0.25, ge=0, lt=1, description="Share of its time a writer may spend compacting the shards it writes between "
+        "timer runs: a shard written 8+ times is compacted again once (1 - share) / share times its last "
+        "compaction's duration has passed (0: the optimize timer alone)."
+    )
     worker_session_timeout_s: float = Field(
         10.0, ge=6, description="Kafka consumer-group session timeout of the worker (faster failover, quick joins)."
     )

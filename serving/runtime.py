@@ -363,6 +363,8 @@ class ServingRuntime:
         if touched is None or self._scanned_at is None or now - self._scanned_at >= self.settings.serving_scan_s:
             self._scanned_at = now
             users += self.refresh_interests(until=handed_until if touched is not None else None)
+        owned = self.store.shards(INTERESTS) if self.shards is None else sorted(self.shards)
+        self.store.compact_due([shard_table(INTERESTS, s) for s in owned])
         return items, users
 
     def refresh_touched(self, touched: dict[int, list[dict]]) -> int:

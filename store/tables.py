@@ -19,7 +19,8 @@ writes within ``settings.lancedb_read_consistency_s``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -33,6 +34,7 @@ from lancedb.table import Table
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+from store.compaction import CompactionBudget
 from store.objectstore import storage_options
 from store.schemas import (
     HISTORIES, INTERESTS, ITEMS, KEYS, POSITION_KEY, PRIMARY_KEY, TIMESTAMP, parse_table_name, schema_for, shard_table,
@@ -239,6 +241,7 @@ class Store:
         self.db = connect(settings)
         self._tables: dict[str, Table] = {}
         self._indexed: set[str] = set()
+        self.compaction = CompactionBudget(settings.compact_share)  # of the user-state shards this Store writes
 
     # --- items (one writer: the items agent) ---------------------------------------------------
     def upsert_items(self, rows: Rows) -> int:
@@ -348,13 +351,28 @@ class Store:
             parsed = parse_table_name(name)
             if parsed is not None:
                 self._ensure_key_index(name, table, KEYS[parsed[0]])
+            started = time.monotonic()
             table.optimize(cleanup_older_than=cleanup_older_than)
+            self.compaction.compacted(name, started, time.monotonic())
             stats = table.stats()
             lines.append(
                 f"{name}: {stats['num_rows']} rows, fragments {before} -> "
                 f"{stats['fragment_stats']['num_fragments']}, indices {stats['num_indices']}"
             )
         return lines
+
+    def compact_due(self, among: Collection[str]) -> str | None:
+        """Compact the one user-state shard of ``among`` (those the caller still writes) that
+        ``self.compaction`` says is due, if any; its ``optimize`` line. Call it between the caller's
+        own writes, never beside them."""
+        name = self.compaction.due(time.monotonic(), among)
+        if name is None:
+            return None
+        try:
+            return self.optimize([name])[0]
+        except Exception as exc:  # noqa: BLE001 — an optimisation: the next due one retries, the timer too
+            log.warning("compacting %s failed: %s: %s", name, type(exc).__name__, exc)
+            return None
 
     # --- internals ------------------------------------------------------------------------------
     def _schema(self, base: str) -> pa.Schema:
@@ -386,6 +404,8 @@ class Store:
         table = self._open(base, name, create=True)
         merge(table, key, batch, only_if=NEWER_HISTORY if base == HISTORIES else None)
         self._ensure_key_index(name, table, key)
+        if base in (HISTORIES, INTERESTS):
+            self.compaction.wrote(name)
         return len(batch)
 
     def _ensure_key_index(self, name: str, table: Table, key: str) -> None:

@@ -250,6 +250,15 @@ class Ingestor:
         self.metrics.applied.inc(pending.applied)
         self.metrics.freshness_lag.observe_many(np.maximum(0.0, time.time() - np.asarray(pending.applied_timestamps)))
         await kafka.commit(topic, {p: position + 1 for p, position in pending.positions.items()})
+        if not revoking:
+            await self._compact_due([shard_table(HISTORIES, p) for p in self.positions if kafka.owns(topic, p)])
+
+    async def _compact_due(self, shards: list[str]) -> None:
+        """Compact a shard if the store's compaction budget says so: after the commit and hand-over,
+        so only the next batch waits for it, and on the store thread, never beside a write."""
+        line = await self._in_store_thread(self.store.compact_due, shards)
+        if line is not None:
+            log.debug("compacted %s", line)
 
     async def _seek_over_gaps(self, topic: str, result: BatchResult, kafka: KafkaSide) -> None:
         """Read a gap's missing offsets before what came after them: seek back to the position once;
