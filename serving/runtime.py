@@ -363,9 +363,13 @@ class ServingRuntime:
         if touched is None or self._scanned_at is None or now - self._scanned_at >= self.settings.serving_scan_s:
             self._scanned_at = now
             users += self.refresh_interests(until=handed_until if touched is not None else None)
-        owned = self.store.shards(INTERESTS) if self.shards is None else sorted(self.shards)
-        self.store.compact_due([shard_table(INTERESTS, s) for s in owned])
+        self.store.compact_due([shard_table(INTERESTS, s) for s in self._owned(INTERESTS)])
         return items, users
+
+    def _owned(self, base: str) -> list[int]:
+        """The shards of ``base`` this runtime keeps: those of the worker's partitions, or (outside a
+        worker) every existing one."""
+        return self.store.shards(base) if self.shards is None else sorted(self.shards)
 
     def refresh_touched(self, touched: dict[int, list[dict]]) -> int:
         """Recompute the interests of the users of rows the ingest path has just written (those of
@@ -415,7 +419,7 @@ class ServingRuntime:
         ``until`` if given; returns how many."""
         if self.live is None:
             return 0
-        owned = self.store.shards(HISTORIES) if self.shards is None else sorted(self.shards)
+        owned = self._owned(HISTORIES)
         for lost in set(self._history_marks) - set(owned):
             del self._history_marks[lost]  # regained later: a first pass again
         total = 0
@@ -486,7 +490,7 @@ class ServingRuntime:
     def optimize(self) -> list[str]:
         """Compact what this runtime writes; give the live vectors an ANN index once they are many."""
         lines = []
-        names = [shard_table(INTERESTS, s) for s in (self.store.shards(INTERESTS) if self.shards is None else sorted(self.shards))]
+        names = [shard_table(INTERESTS, s) for s in self._owned(INTERESTS)]
         existing = set(table_names(self.store.db))
         for name in [n for n in names if n in existing]:
             lines += self.store.optimize([name])
