@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, FirstSeen, Follows, Signals, candidates, fit, neighbours, top
+from model.blend import Blend, Example, FirstSeen, Follows, Signals, candidates, fit, top
+from model.ease import Cooccurrence
 from model.retrieval import topk_items
 from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
@@ -77,7 +78,7 @@ def extend(histories: dict[str, list[str]], events: pd.DataFrame) -> None:
 
 class SignalsOnly:
     """The serving blend without the model (``model.blend``, the model's weight held at 0): the same
-    signals (follows counted along the stream, popularity and neighbours over each user's newest
+    signals (follows and co-occurrence counted along the stream, popularity over each user's newest
     ``recent_len`` items, fresh items numbered along the stream), the same candidates (rules', popular,
     nearest and fresh ones), the same fresh slots and the same prequential fit as the worker's
     ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend."""
@@ -88,16 +89,19 @@ class SignalsOnly:
         """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh)."""
         self.recent_len = recent_len
         self.running = Follows.count(histories.values())  # the worker counts along the bootstrap replay
+        self.pairs = Cooccurrence(window=recent_len - 1)
+        for history in histories.values():  # and the co-occurrence
+            self.pairs.add(history, len(history))
         self.first_seen = FirstSeen()
         self.first_seen.add(applied)
         self.signals = self._stored(histories)
-        self.blend = Blend(np.array([0.0, 1.0, 0.05, 0.0], dtype=np.float32))  # the rules, ties by popularity, until a fit
+        self.blend = Blend(np.array([0.0, 0.0, 0.05, 1.0], dtype=np.float32))  # the neighbours, ties by popularity, until a fit
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
 
     def _stored(self, histories: dict[str, list[str]]) -> Signals:
         recent = [h[-self.recent_len:] for h in histories.values()]
         popular = Counter(i for r in recent for i in r)
-        return Signals(self.running.top(FOLLOWS_KEEP), dict(popular), neighbours(recent, NEIGHBOURS_KEEP),
+        return Signals(self.running.top(FOLLOWS_KEEP), dict(popular), self.pairs.weights(NEIGHBOURS_KEEP),
                        self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
     def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -124,5 +128,6 @@ class SignalsOnly:
         self.blend = fit(list(self.examples), self.blend, use_model=False)
         for user, count in new.items():
             self.running.add(histories[user], count)
+            self.pairs.add(histories[user], count)
             self.first_seen.add(histories[user][-count:])
         self.signals = self._stored(histories)

@@ -8,10 +8,11 @@ A candidate item i of a user u gets features (``FEATURES``):
   of follows[j → i] / r), where follows[j → i] adds 1/d each time i came d ≤ ``BACK`` steps after j in
   somebody's recent items (the sequential rules of ``model.baselines``);
 - ``popular``: log(1 + how many users' recent items hold i);
-- ``neighbours``: Σ over u's last ``NEAR`` items j of cos(j, i), the cosine of the two items' columns
-  in the users × items matrix of who holds which in their recent items (item-to-item co-occurrence,
-  order-free: what the rules miss when a user's items come in no fixed order, as in ml-100k's rating
-  sessions, or when the item that predicts i is more than ``BACK`` steps before it).
+- ``neighbours``: Σ over u's last ``NEAR`` items j of w(j, i), item-to-item weights (order-free: what
+  the rules miss when a user's items come in no fixed order, as in ml-100k's rating sessions, or when
+  the item that predicts i is more than ``BACK`` steps before it). Since session 24 w is EASE's
+  (``model.ease``) over co-occurrence counted along the stream; until then the cosine of the two
+  items' columns in the users × items matrix of recent items (now the item-knn baseline's).
 
 **Fresh slots.** An item is *fresh* while its first applied event is among the stream's last
 ``FRESH_EVENTS``. The model has barely trained on it (or not at all) and the counts behind the other
@@ -49,8 +50,6 @@ FOLLOW_UNITS = math.lcm(*range(1, BACK + 1))
 LAST = 5  # a user's rules score reads this many of their newest items
 NEAR = 20  # a user's neighbours score reads this many of their newest items
 NEAR_CANDIDATES = 50  # the items the neighbours score highest: candidates beside the pool, rules and popular
-NEAR_ITEMS = 4096  # neighbours are counted among this many most popular items (bounds items² work)
-NEAR_BLOCK = 256  # rows of the items × items cosines held dense at once
 COUNT_BLOCK = 1 << 18  # users' recent items whose follows are counted at once (bounds the count's memory)
 TOP = 10  # the blend is fitted for Recall@TOP
 MIN_EXAMPLES = 500  # no fit on fewer: the prior (the model alone) serves until then
@@ -120,16 +119,43 @@ class Signals:
         return [i for i, _ in sorted(self.fresh.items(), key=lambda kv: (-kv[1], kv[0]))[:FRESH_CANDIDATES]]
 
 
-class Follows:
-    """The running count follows[j → i] along the stream (the module doc), as a sparse items × items
-    matrix. Over 100k users' recent items it has millions of pairs: as Python dicts (~100 B a pair)
-    they were the worker's largest allocation, and counting them through ``np.unique`` its memory peak."""
+class RunningPairs:
+    """A running count of item pairs along the stream, as a sparse items × items matrix whose rows and
+    columns are items in order of first sight; what each event adds is the subclass's. Over 100k users'
+    recent items it has millions of pairs: as Python dicts (~100 B a pair) they were the worker's
+    largest allocation."""
 
     def __init__(self) -> None:
         self.names: list[str] = []  # the item of each row and column
         self.code: dict[str, int] = {}
         self.matrix = sparse.csr_matrix((0, 0), dtype=np.float64)
-        self._added: tuple[list[int], list[int], list[int]] = ([], [], [])  # (j, i, units) since the last merge
+        self._added: tuple[list[int], list[int], list[float]] = ([], [], [])  # (row, column, weight) since the last merge
+
+    def code_of(self, item: str) -> int:
+        """The row and column of ``item``, a new one at its first sight."""
+        code = self.code.get(item)
+        if code is None:
+            code = self.code[item] = len(self.names)
+            self.names.append(item)
+        return code
+
+    def merge(self) -> None:
+        """Fold the pairs added since the last merge into the matrix (one sparse sum, not one per event)."""
+        n = len(self.names)
+        held = self.matrix
+        if held.shape[0] < n:  # items first seen since the last merge: empty rows and columns
+            grown = np.r_[held.indptr, np.full(n - held.shape[0], held.indptr[-1])]
+            held = sparse.csr_matrix((held.data, held.indices, grown), shape=(n, n))
+        rows, cols, weights = self._added
+        if rows:
+            held = held + sparse.csr_matrix((np.array(weights, dtype=np.float64), (np.array(rows), np.array(cols))),
+                                            shape=(n, n))
+        self.matrix, self._added = held, ([], [], [])
+
+
+class Follows(RunningPairs):
+    """The running count follows[j → i] along the stream (the module doc); counting it through
+    ``np.unique`` was once the worker's memory peak, hence the blocks."""
 
     @classmethod
     def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray) -> Follows:
@@ -165,21 +191,14 @@ class Follows:
         rows, cols, weights = self._added
         for pos in range(max(0, len(recent) - new), len(recent)):
             for distance in range(1, min(BACK, pos) + 1):
-                rows.append(self._code_of(recent[pos - distance]))
-                cols.append(self._code_of(recent[pos]))
+                rows.append(self.code_of(recent[pos - distance]))
+                cols.append(self.code_of(recent[pos]))
                 weights.append(FOLLOW_UNITS // distance)
-
-    def _code_of(self, item: str) -> int:
-        code = self.code.get(item)
-        if code is None:
-            code = self.code[item] = len(self.names)
-            self.names.append(item)
-        return code
 
     def top(self, keep: int | None = None) -> dict[str, dict[str, float]]:
         """{j: {i: follows[j → i]}}, the heaviest first, ties by id; with ``keep``, each j's ``keep`` first
         (cut before anything becomes Python)."""
-        self._merge()
+        self.merge()
         held, n = self.matrix, len(self.names)
         by_name = np.empty(n, dtype=np.int32)
         by_name[np.argsort(np.array(self.names, dtype=object), kind="stable")] = np.arange(n, dtype=np.int32)
@@ -189,18 +208,6 @@ class Follows:
         if keep is not None:
             order = order[np.arange(len(order)) - np.repeat(held.indptr[:-1], per_row) < keep]
         return rows_of(self.names, row[order], held.indices[order], held.data[order] / FOLLOW_UNITS, None)
-
-    def _merge(self) -> None:
-        n = len(self.names)
-        held = self.matrix
-        if held.shape[0] < n:  # items first seen since the last merge: empty rows and columns
-            grown = np.r_[held.indptr, np.full(n - held.shape[0], held.indptr[-1])]
-            held = sparse.csr_matrix((held.data, held.indices, grown), shape=(n, n))
-        rows, cols, weights = self._added
-        if rows:
-            held = held + sparse.csr_matrix((np.array(weights, dtype=np.float64), (np.array(rows), np.array(cols))),
-                                            shape=(n, n))
-        self.matrix, self._added = held, ([], [], [])
 
 
 class FirstSeen:
@@ -250,39 +257,6 @@ def rows_of(names: list[str], j: np.ndarray, i: np.ndarray, weight: np.ndarray, 
     for a, b, w in zip(j.tolist(), i.tolist(), weight.tolist()):
         out.setdefault(names[a], {})[names[b]] = w
     return out
-
-
-def neighbours(sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, keep: int) -> dict[str, dict[str, float]]:
-    """{j: its ``keep`` nearest items i: cos(j, i) > 0}, the cosine of j's and i's columns in the binary
-    users × items matrix of users' recent items (``sequences``), among the NEAR_ITEMS most popular items;
-    ties by id. A sparse product, then each row's nearest from a dense block: a worker recounts it
-    from 100k users' recent items on its popularity timer."""
-    lists = list_array(sequences)
-    counts = popularity(lists)
-    names = sorted(sorted(counts, key=lambda i: (-counts[i], i))[:NEAR_ITEMS])  # by id: a stable sort ties by id
-    if len(names) < 2:
-        return {}
-    code = pc.fill_null(pc.index_in(pc.list_flatten(lists), pa.array(names)), -1).to_numpy()
-    owner = pc.list_parent_indices(lists).to_numpy()
-    kept = code >= 0
-    held = sparse.csr_matrix((np.ones(int(kept.sum()), np.float32), (owner[kept], code[kept])),
-                             shape=(len(lists), len(names)))
-    held.sum_duplicates()
-    held.data[:] = 1.0  # a user holds an item or not, however often it recurs in their recent items
-    shared = (held.T @ held).tocsr()  # [items, items]: users holding both
-    norm = np.sqrt(shared.diagonal())
-    keep = min(keep, len(names) - 1)
-    j, i, cosine = [], [], []
-    for first in range(0, len(names), NEAR_BLOCK):
-        rows = np.arange(first, min(first + NEAR_BLOCK, len(names)))
-        block = shared[rows].toarray() / np.maximum(norm[rows, None] * norm[None, :], 1e-12)  # [R, items]
-        block[np.arange(len(rows)), rows] = 0.0  # never its own neighbour
-        nearest = np.argsort(-block, axis=1, kind="stable")[:, :keep]
-        values = np.take_along_axis(block, nearest, axis=1)
-        j.append(np.repeat(rows, keep)), i.append(nearest.ravel()), cosine.append(values.ravel())
-    j, i, cosine = np.concatenate(j), np.concatenate(i), np.concatenate(cosine)
-    some = cosine > 0
-    return rows_of(names, j[some], i[some], cosine[some].astype(np.float64), None)
 
 
 def popularity(lists: pa.Array | pa.ChunkedArray) -> dict[str, int]:

@@ -4,8 +4,8 @@ top-k reader.
 - ``popular_items``: the POPULAR_KEEP items most present in users' recent items (also the answer
   when there is no model);
 - ``item_follows``: per item, its FOLLOWS_KEEP heaviest followers in users' recent items;
-- ``item_neighbours``: per item, its NEIGHBOURS_KEEP nearest items by co-occurrence in users' recent
-  items (recounted whenever a history changed);
+- ``item_neighbours``: per item, its NEIGHBOURS_KEEP heaviest EASE weights (``model.ease``) over the
+  co-occurrence counted along the stream (solved again whenever a history changed);
 - ``fresh_items``: the fresh items, when each first came and its events since (read back at a start,
   so that a restart does not make every item old, or new);
 - ``serving_blend``: the weights, one row.
@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, neighbours, popularity
+from model.blend import LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, popularity
+from model.ease import Cooccurrence
 from serving.model import ServingModel
 from store.schemas import (BLEND, FOLLOWS, FRESH, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
                            fresh_schema, histories_schema, item_vectors_schema, neighbours_schema, popular_schema)
@@ -42,6 +43,7 @@ POOL = 100  # the model's candidates per user, beside the rules' and the popular
 POPULAR_CANDIDATES = 50  # the most popular items, candidates for every user
 EXAMPLES_KEEP = 2000  # the newest applied events the weights are fitted on
 EXAMPLES_PER_COUNT = 512  # newest events learnt from per count: bounds a count's model work
+FULL_READS = 2048  # users per count whose whole histories are read to pair their new events (below)
 FIT_USERS = 256  # users per interests call while building examples
 
 
@@ -94,10 +96,12 @@ def _rows_of(store: Store, names: list[str], table: str, schema: pa.Schema, item
 class BlendKeeper:
     """Counts the signals and fits the weights; the runtime's one writer of its tables."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, recent_len: int):
         self.store = store
+        self.recent_len = recent_len
         self.signals: Signals | None = None  # the previous count, as stored
         self.follows = Follows()  # the running count, whole (stored: each item's heaviest)
+        self.pairs = Cooccurrence(recent_len - 1)  # the running co-occurrence the neighbours are solved from
         self.events: dict[str, int] = {}  # user → event_count at the previous count
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
         self.blend = read_blend(store) or Blend()
@@ -110,10 +114,10 @@ class BlendKeeper:
     def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
         """Count, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept.
 
-        Follows are a running count: the first count (a start) takes every user's recent items, each
-        later one adds the events since (a user with more new events than ``recent_len``: the
-        newest ``recent_len``). Popularity is recounted from the recent items every time, the
-        neighbours whenever a history changed."""
+        Follows and co-occurrence are running counts: the first count (a start) takes every user's
+        recent items, each later one adds the events since (a user with more new events than
+        ``recent_len``: the newest ``recent_len``). Popularity is recounted from the recent items every
+        time, the neighbours solved whenever a history changed."""
         scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
@@ -124,24 +128,36 @@ class BlendKeeper:
             self._learn(model, vectors_table, dim, {u: counts[u] - self.events.get(u, 0) for u in changed})
         if self.signals is None:
             self.follows = Follows.count(recents)
+            self.pairs = Cooccurrence.count(recents, self.recent_len - 1)
             self.first_seen.old(popularity(recents))
         else:
             row_of = {u: r for r, u in enumerate(users)}
+            whole = self._bursts(changed, counts, recents, row_of)
             for user in changed:
                 recent = recents[row_of[user]].as_py() or []
                 new = counts[user] - self.events.get(user, 0)
                 self.follows.add(recent, new)
+                self.pairs.add(whole.get(user, recent), new)
                 self.first_seen.add(recent[-new:])
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
-        # The neighbours are the count's costly part (a sparse product over every user's recent items):
-        # unchanged histories keep the last ones.
-        near = neighbours(recents, NEIGHBOURS_KEEP) if self.signals is None or changed else self.signals.neighbours
+        # The neighbours are the count's costly part (a dense inverse): unchanged histories keep the last ones.
+        near = self.pairs.weights(NEIGHBOURS_KEEP) if self.signals is None or changed else self.signals.neighbours
         self.signals = Signals(self.follows.top(FOLLOWS_KEEP), popularity(recents), near, self.first_seen.fresh()).kept(
             FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
+
+    def _bursts(self, changed: list[str], counts: dict[str, int], recents: pa.ChunkedArray,
+                row_of: dict[str, int]) -> dict[str, list[str]]:
+        """{user: whole history} of the (first FULL_READS) changed users whose recent items do not hold
+        the items their new events came after. Each event pairs with the ``recent_len`` − 1 items before
+        it; with n new events the recent items hold that for the last one only, and a user who rated 200
+        films in one sitting (ml-100k) would otherwise have most of their pairs never counted."""
+        bursty = [u for u in changed if counts[u] > len(recents[row_of[u]].as_py() or []) and counts[u] - self.events.get(u, 0) > 1]
+        rows = self.store.get_histories(bursty[:FULL_READS]) if bursty else {}
+        return {u: list(r["history_item_ids"] or []) for u, r in rows.items()}
 
     def _learn(self, model: ServingModel, vectors_table: str, dim: int, new: dict[str, int]) -> None:
         """Every event applied since the previous count ({user: how many}; at most EXAMPLES_PER_COUNT),

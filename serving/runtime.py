@@ -151,7 +151,7 @@ class ServingRuntime:
         self._waiting: str | None = None  # a version asked for that the catalogue's writer has not made ready
         self._followed_at = 0.0
         self.owns_catalogue = owns_catalogue
-        self.blend = BlendKeeper(self.store)
+        self.blend = BlendKeeper(self.store, self.settings.recent_len)
 
     # --- versions ---------------------------------------------------------------------------------
     def start(self) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.baselines import ItemNeighbours, MostPopular, RecentPopular, SequentialRules, streaming_baselines
+from model.baselines import Ease, ItemNeighbours, MostPopular, RecentPopular, SequentialRules, neighbours, streaming_baselines
+from model.ease import EASE_L2, EASE_SCALE, Cooccurrence
 
 
 def pairs(text: str) -> list[tuple[str, str]]:
@@ -103,7 +104,7 @@ def test_chunks_applied_one_by_one_equal_one_apply():
     for model in parts:
         for start in range(0, len(log), 3):
             model.apply(log[start : start + 3])
-    assert [m.name for m in whole] == ["pop", "recent-pop", "rules", "item-knn"]
+    assert [m.name for m in whole] == ["pop", "recent-pop", "rules", "item-knn", "ease"]
     for a, b in zip(whole, parts):
         for user in ("u1", "u2", "u3", "cold"):
             assert a.top(user, 10) == b.top(user, 10)
@@ -139,3 +140,60 @@ def test_item_neighbours_count_fifty_items_a_user_and_read_twenty():
     assert named(knn, knn.scores(knn.histories["h"]))[("y")] == pytest.approx(2 ** -0.5)
     knn.apply(pairs("h:h20"))  # h0 is now 21 back: no longer read
     assert "y" not in named(knn, knn.scores(knn.histories["h"]))
+
+
+def test_neighbours_are_the_cosines_of_who_holds_what_nearest_first():
+    near = neighbours([["a", "b", "a"], ["a", "c"], ["b"], ["d"]], keep=1)
+    # a {0, 1}, b {0, 2}, c {1}, d {3}: cos(a, b) = 1/2 (a twice in one list counts once), cos(a, c) =
+    # 1/sqrt(2), cos(b, c) = 0; d shares no user. keep=1: each item's nearest, ties by id.
+    assert near == {"a": {"c": pytest.approx(2 ** -0.5)}, "b": {"a": pytest.approx(0.5)},
+                    "c": {"a": pytest.approx(2 ** -0.5)}}
+    assert neighbours([], keep=5) == {} and neighbours([["a"]], keep=5) == {}
+
+
+def test_cooccurrence_counted_along_the_stream_equals_the_gram_matrix():
+    lists = [["a", "b", "c"], ["a", "c"], ["b", "d"]]
+    whole = Cooccurrence.count(lists, window=2)
+    running = Cooccurrence(window=2)
+    for user in lists:  # one event at a time, each paired with the items before it
+        for end in range(1, len(user) + 1):
+            running.add(user[:end], 1)
+    running.merge()
+    # users × items X = [[1,1,1,0],[1,0,1,0],[0,1,0,1]] (a, b, c, d): XᵀX by hand.
+    expected = [[2, 1, 2, 0], [1, 2, 1, 1], [2, 1, 2, 0], [0, 1, 0, 1]]
+    assert (whole.names, whole.matrix.toarray().tolist()) == (["a", "b", "c", "d"], expected)
+    assert (running.names, running.matrix.toarray().tolist()) == (["a", "b", "c", "d"], expected)
+    # A repeat pairs with the other items once, never with itself: a user holds an item or not.
+    again = Cooccurrence(window=2)
+    again.add(["a", "b", "a"], 3)
+    again.merge()
+    assert again.matrix.toarray().tolist() == [[2, 2], [2, 1]]
+    # An event pairs with the ``window`` items before it only: with 1, c meets b, not a.
+    short = Cooccurrence(window=1)
+    short.add(["a", "b", "c"], 3)
+    short.merge()
+    assert short.matrix.toarray().tolist() == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+
+
+def test_ease_weights_solve_the_regularised_least_squares_by_hand():
+    # Two items always taken together by n users: G = [[n, n], [n, n]]. P = (G + λI)⁻¹ and
+    # B[a, b] = −P[a, b] / P[b, b] = n / (n + λ): holding a says b, shrunk by λ.
+    pairs = Cooccurrence.count([["a", "b"]] * 4, window=1)
+    assert pairs.weights(keep=5) == {"a": {"b": pytest.approx(EASE_SCALE * 4 / (4 + EASE_L2))},
+                                     "b": {"a": pytest.approx(EASE_SCALE * 4 / (4 + EASE_L2))}}
+    # c with a only, d alone: d gets nothing (B = 0 is not kept), and a's weight on c is below its weight
+    # on b (c co-occurs with a once, b four times).
+    pairs = Cooccurrence.count([["a", "b"]] * 4 + [["a", "c"], ["d"]], window=1)
+    weights = pairs.weights(keep=5)
+    assert "d" not in weights and list(weights["a"]) == ["b", "c"] and weights["a"]["b"] > weights["a"]["c"] > 0
+    assert Cooccurrence(window=1).weights(keep=5) == {} and Cooccurrence.count([["a"]], window=1).weights(keep=5) == {}
+
+
+def test_ease_baseline_scores_the_weights_of_the_users_last_items():
+    ease = Ease()
+    ease.apply(pairs(" ".join(f"u{n}:a u{n}:b" for n in range(4)) + " x:a y:c"))
+    # G over (a, b, c) = [[5, 4, 0], [4, 4, 0], [0, 0, 1]]: B[a, b] = 4 / (5 + λ) (the 2 × 2 block's
+    # inverse), a's one positive weight. x holds a: b, then the popular items (c, y's).
+    assert ease.scores(ease.histories["x"]) == {ease.index["b"]: pytest.approx(EASE_SCALE * 4 / (5 + EASE_L2))}
+    assert ease.top("x", 2) == ["b", "c"]
+    assert ease.top("y", 2) == ["a", "b"]  # c has no positive weight: the popular items

@@ -13,9 +13,9 @@ import pytest
 
 from bench.diagnostic import SignalsOnly
 import model.blend
-import serving.blend
+from model.baselines import neighbours
 from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
-                         neighbours, slot_hits_of, top)
+                         slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -90,13 +90,7 @@ def test_candidates_union_and_the_model_floor():
     assert candidates(s, [], {}, [], seen=set()) == ([], pytest.approx(np.zeros((len(FEATURES), 0))))
 
 
-def test_neighbours_are_the_cosines_of_who_holds_what_nearest_first():
-    near = neighbours([["a", "b", "a"], ["a", "c"], ["b"], ["d"]], keep=1)
-    # a {0, 1}, b {0, 2}, c {1}, d {3}: cos(a, b) = 1/2 (a twice in one list counts once), cos(a, c) =
-    # 1/sqrt(2), cos(b, c) = 0; d shares no user. keep=1: each item's nearest, ties by id.
-    assert near == {"a": {"c": pytest.approx(2 ** -0.5)}, "b": {"a": pytest.approx(0.5)},
-                    "c": {"a": pytest.approx(2 ** -0.5)}}
-    assert neighbours([], keep=5) == {} and neighbours([["a"]], keep=5) == {}
+def test_near_sums_the_weights_of_the_users_items():
     s = Signals(neighbours={"a": {"c": 0.5, "d": 0.25}, "b": {"c": 0.25}})
     assert s.near(["b", "a"]) == {"c": 0.75, "d": 0.25}
 
@@ -215,10 +209,10 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     signals = read_signals(store, [items])
     assert signals.popular and signals.follows and signals.neighbours
     # The fresh items are stored with when they first came: a restarted keeper takes them up again.
-    assert BlendKeeper(store).first_seen.counts == signals.fresh
+    assert BlendKeeper(store, world_settings.recent_len).first_seen.counts == signals.fresh
     # A count with no history changed since the last keeps the neighbours rather than recount them.
     recounts = []
-    monkeypatch.setattr(serving.blend, "neighbours", lambda *a: recounts.append(a) or {})
+    monkeypatch.setattr(runtime.blend.pairs, "weights", lambda *a: recounts.append(a) or {})
     runtime.refresh_popularity()
     assert recounts == [] and read_signals(store, [items]).neighbours == signals.neighbours
     answers = Recommender(store).many(users, 10)

@@ -145,9 +145,9 @@ def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(bench.simulate, "score_chunk", spy)
     records = baseline_arms(log, boot, config)
-    assert list(records) == ["pop", "recent-pop", "rules", "item-knn"]
+    assert list(records) == ["pop", "recent-pop", "rules", "item-knn", "ease"]
     chunks = [(list(range(s, min(s + 40, n))), s) for s in range(boot, n, 40)]
-    assert calls == [c for c in chunks for _ in range(4)]  # each chunk, each baseline, before it is applied
+    assert calls == [c for c in chunks for _ in range(5)]  # each chunk, each baseline, before it is applied
     users, items = log["user_id"].tolist(), log["item_id"].tolist()
     for name, recs in records.items():
         assert [r["position"] for r in recs] == list(range(boot, n))
@@ -172,10 +172,10 @@ def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_pa
     config = SimConfig(frozen_after=0.3, chunk=40, recent_window=50)
     summary = run_signals_only(tmp_path / "interactions.jsonl", config=config, recent_len=50, dataset="toy")
     arms = summary["arms"]
-    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "signals-only"]
+    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "signals-only"]
     assert arms["signals-only"]["kind"] == "reference" and arms["signals-only"]["recall@10"] > 0
     assert len({a["events"] for a in arms.values()}) == 1  # the same warm events for every arm
-    best = max(("pop", "recent-pop", "rules", "item-knn"), key=lambda a: arms[a]["recall@10"])
+    best = max(("pop", "recent-pop", "rules", "item-knn", "ease"), key=lambda a: arms[a]["recall@10"])
     gap = summary["gap"][f"signals-only − {best}"]["recall@10"]
     assert gap["mean"] == pytest.approx(arms["signals-only"]["recall@10"] - arms[best]["recall@10"])
     assert "only the arms that need no model" in summary_markdown(summary)
@@ -292,13 +292,13 @@ def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
     served = online["model_version"].dropna().tolist()
     assert set(served) <= set(summary["arms"]["online"]["versions"]) and served == sorted(served)
     # The baseline arms, in-process, scored the same events with the same warm users and seen items.
-    for name in ("pop", "recent-pop", "rules", "item-knn"):
+    for name in ("pop", "recent-pop", "rules", "item-knn", "ease"):
         base = pd.read_csv(out / f"{name}_events.csv", dtype={"user_id": str, "item_id": str})
         assert base["position"].tolist() == frozen["position"].tolist()
         for column in ("user_id", "cold", "history_len", "in_history", "new_item", "applied"):
             assert (base[column] == frozen[column]).all(), column
         assert summary["arms"][name]["kind"] == "baseline" and 0 <= summary["arms"][name]["recall@10"] <= 1
-    assert summary["best_baseline"]["baseline"] in ("pop", "recent-pop", "rules", "item-knn")
+    assert summary["best_baseline"]["baseline"] in ("pop", "recent-pop", "rules", "item-knn", "ease")
     # The diagnostic arm: the online arm's live version scored in-process on the exact histories, the
     # same events, warm users and seen items; never an item the user already has.
     diag = pd.read_csv(out / "diagnostic_events.csv", dtype={"user_id": str, "item_id": str})
