@@ -29,7 +29,9 @@ from scipy import sparse
 
 from model.blend import RunningPairs, list_array, rows_of
 
-EASE_ITEMS = 2048  # solved among this many most counted items: a dense items² inverse (2048: ~0.3 s, 32 MiB)
+EASE_ITEMS = 2048  # solved among this many most counted items: a dense items² inverse (2048: ~1 s, 32 MiB)
+# G keeps this many most counted items: at most PAIR_ITEMS² pairs (~200 MiB), whatever the catalogue.
+PAIR_ITEMS = 2 * EASE_ITEMS
 EASE_L2 = 500.0  # λ
 # B sums over NEAR items are ~0.1–1, the cosine sums the blend's grid was laid out for ~1–10; ×30 puts
 # them on that grid (×10, ×30, ×100 scored alike on validation).
@@ -74,6 +76,16 @@ class Cooccurrence(RunningPairs):
             rows += [item, *before, *[item] * len(before)]
             cols += [item, *[item] * len(before), *before]
             weights += [1.0] * (1 + 2 * len(before))
+
+    def merge(self) -> None:
+        """The pairs added so far folded in; then, past PAIR_ITEMS items, only the most counted kept (an
+        item left out is counted again from its next event: by then it is no longer among them)."""
+        super().merge()
+        if len(self.names) > PAIR_ITEMS:
+            kept = np.sort(np.argsort(-self.matrix.diagonal(), kind="stable")[:PAIR_ITEMS])
+            self.matrix = self.matrix[kept][:, kept].tocsr()
+            self.names = [self.names[k] for k in kept]
+            self.code = {name: c for c, name in enumerate(self.names)}
 
     def weights(self, keep: int) -> dict[str, dict[str, float]]:
         """{j: its ``keep`` heaviest items i: EASE_SCALE · B[j, i] > 0}, heaviest first, ties by id; B

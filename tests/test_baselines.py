@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from model.baselines import Ease, ItemNeighbours, MostPopular, RecentPopular, SequentialRules, neighbours, streaming_baselines
+import model.ease
 from model.ease import EASE_L2, EASE_SCALE, Cooccurrence
 
 
@@ -173,6 +174,19 @@ def test_cooccurrence_counted_along_the_stream_equals_the_gram_matrix():
     short.add(["a", "b", "c"], 3)
     short.merge()
     assert short.matrix.toarray().tolist() == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+
+
+def test_cooccurrence_keeps_the_most_counted_items_only(monkeypatch):
+    monkeypatch.setattr(model.ease, "PAIR_ITEMS", 2)
+    pairs = Cooccurrence(window=3)
+    pairs.add(["a", "b", "c", "b"], 4)
+    pairs.add(["c", "d"], 2)
+    pairs.merge()  # counts: a 1, b 2, c 2, d 1: b and c stay, in order of first sight, with their pairs
+    assert (pairs.names, pairs.matrix.toarray().tolist()) == (["b", "c"], [[2, 2], [2, 2]])
+    pairs.add(["b", "a"], 2)  # a comes back, counted afresh, and goes again (b 3, c 2, a 1)
+    pairs.merge()
+    assert (pairs.names, pairs.matrix.toarray().tolist()) == (["b", "c"], [[3, 2], [2, 2]])
+    assert pairs.code == {"b": 0, "c": 1}
 
 
 def test_ease_weights_solve_the_regularised_least_squares_by_hand():
