@@ -25,7 +25,7 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
 
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     colours = {"frozen": "tab:blue", "online": "tab:orange", "pop": "tab:brown", "recent-pop": "tab:green",
-               "rules": "tab:purple", "diagnostic": "tab:red",
+               "rules": "tab:purple", "item-knn": "tab:cyan", "ease": "black", "diagnostic": "tab:red",
                "signals-only": "tab:grey"}
     for name, recs in records.items():
         curve = rolling(recs, window)
@@ -43,7 +43,7 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
                        label="online: candidate rejected" if i == 0 else None)
         ax.set_ylabel(f"{label} (rolling {window} events)")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="best", fontsize=8)
+    axes[0].legend(loc="best", fontsize=8, ncol=2)
     axes[0].set_title(title, fontsize=10)
     axes[1].set_xlabel("event position in the log")
     fig.tight_layout()
