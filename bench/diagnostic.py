@@ -90,8 +90,7 @@ class SignalsOnly:
         self.recent_len = recent_len
         self.running = Follows.count(histories.values())  # the worker counts along the bootstrap replay
         self.pairs = Cooccurrence(window=recent_len - 1)
-        for history in histories.values():  # and the co-occurrence
-            self.pairs.add(history, len(history))
+        self.pairs.add(list(histories.values()), [len(h) for h in histories.values()])  # and the co-occurrence
         self.first_seen = FirstSeen()
         self.first_seen.add(applied)
         self.signals = self._stored(histories)
@@ -126,8 +125,8 @@ class SignalsOnly:
                 if history[end] in names:
                     self.examples.append(Example(features, names.index(history[end]), fresh))
         self.blend = fit(list(self.examples), self.blend, use_model=False)
+        self.pairs.add([histories[user] for user in new], list(new.values()))
         for user, count in new.items():
             self.running.add(histories[user], count)
-            self.pairs.add(histories[user], count)
             self.first_seen.add(histories[user][-count:])
         self.signals = self._stored(histories)

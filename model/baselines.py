@@ -218,7 +218,7 @@ class Ease(NearItems):
         self.pairs = Cooccurrence(window=recent - 1)
 
     def learn(self, history: list[int], item: int) -> None:
-        self.pairs.add([self.ids[i] for i in [*history[-self.pairs.window:], item]], 1)
+        self.pairs.add([[self.ids[i] for i in [*history[-self.pairs.window:], item]]], [1])
 
     def nearest(self) -> dict[str, dict[str, float]]:
         return self.pairs.weights(self.keep)

@@ -130,6 +130,7 @@ class RunningPairs:
         self.code: dict[str, int] = {}
         self.matrix = sparse.csr_matrix((0, 0), dtype=np.float64)
         self._added: tuple[list[int], list[int], list[float]] = ([], [], [])  # (row, column, weight) since the last merge
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, columns) of weight 1 since the last merge
 
     def code_of(self, item: str) -> int:
         """The row and column of ``item``, a new one at its first sight."""
@@ -150,7 +151,10 @@ class RunningPairs:
         if rows:
             held = held + sparse.csr_matrix((np.array(weights, dtype=np.float64), (np.array(rows), np.array(cols))),
                                             shape=(n, n))
-        self.matrix, self._added = held, ([], [], [])
+        if self._blocks:
+            block_rows, block_cols = (np.concatenate(part) for part in zip(*self._blocks))
+            held = held + sparse.csr_matrix((np.ones(len(block_rows)), (block_rows, block_cols)), shape=(n, n))
+        self.matrix, self._added, self._blocks = held, ([], [], []), []
 
 
 class Follows(RunningPairs):

@@ -133,12 +133,14 @@ class BlendKeeper:
         else:
             row_of = {u: r for r, u in enumerate(users)}
             whole = self._bursts(changed, counts, recents, row_of)
+            lists, news = [], []
             for user in changed:
                 recent = recents[row_of[user]].as_py() or []
                 new = counts[user] - self.events.get(user, 0)
                 self.follows.add(recent, new)
-                self.pairs.add(whole.get(user, recent), new)
                 self.first_seen.add(recent[-new:])
+                lists.append(whole.get(user, recent)), news.append(new)
+            self.pairs.add(lists, news)
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
         # The neighbours are the count's costly part (a dense inverse): unchanged histories keep the last ones.

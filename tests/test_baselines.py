@@ -158,32 +158,35 @@ def test_cooccurrence_counted_along_the_stream_equals_the_gram_matrix():
     running = Cooccurrence(window=2)
     for user in lists:  # one event at a time, each paired with the items before it
         for end in range(1, len(user) + 1):
-            running.add(user[:end], 1)
+            running.add([user[:end]], [1])
+    at_once = Cooccurrence(window=2)  # or every user's events in one call
+    at_once.add(lists, [len(user) for user in lists])
+    at_once.merge()
     running.merge()
     # users × items X = [[1,1,1,0],[1,0,1,0],[0,1,0,1]] (a, b, c, d): XᵀX by hand.
     expected = [[2, 1, 2, 0], [1, 2, 1, 1], [2, 1, 2, 0], [0, 1, 0, 1]]
     assert (whole.names, whole.matrix.toarray().tolist()) == (["a", "b", "c", "d"], expected)
     assert (running.names, running.matrix.toarray().tolist()) == (["a", "b", "c", "d"], expected)
+    assert (at_once.names, at_once.matrix.toarray().tolist()) == (["a", "b", "c", "d"], expected)
     # A repeat pairs with the other items once, never with itself: a user holds an item or not.
     again = Cooccurrence(window=2)
-    again.add(["a", "b", "a"], 3)
+    again.add([["a", "b", "a"]], [3])
     again.merge()
     assert again.matrix.toarray().tolist() == [[2, 2], [2, 1]]
     # An event pairs with the ``window`` items before it only: with 1, c meets b, not a.
     short = Cooccurrence(window=1)
-    short.add(["a", "b", "c"], 3)
+    short.add([["a", "b", "c"], ["x"]], [3, 0])
     short.merge()
-    assert short.matrix.toarray().tolist() == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    assert short.matrix.toarray().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
 
 
 def test_cooccurrence_keeps_the_most_counted_items_only(monkeypatch):
     monkeypatch.setattr(model.ease, "PAIR_ITEMS", 2)
     pairs = Cooccurrence(window=3)
-    pairs.add(["a", "b", "c", "b"], 4)
-    pairs.add(["c", "d"], 2)
+    pairs.add([["a", "b", "c", "b"], ["c", "d"]], [4, 2])
     pairs.merge()  # counts: a 1, b 2, c 2, d 1: b and c stay, in order of first sight, with their pairs
     assert (pairs.names, pairs.matrix.toarray().tolist()) == (["b", "c"], [[2, 2], [2, 2]])
-    pairs.add(["b", "a"], 2)  # a comes back, counted afresh, and goes again (b 3, c 2, a 1)
+    pairs.add([["b", "a"]], [2])  # a comes back, counted afresh, and goes again (b 3, c 2, a 1)
     pairs.merge()
     assert (pairs.names, pairs.matrix.toarray().tolist()) == (["b", "c"], [[3, 2], [2, 2]])
     assert pairs.code == {"b": 0, "c": 1}
