@@ -32,6 +32,7 @@ from model.blend import RunningPairs, list_array, rows_of
 EASE_ITEMS = 2048  # solved among this many most counted items: a dense items² inverse (2048: ~1 s, 32 MiB)
 # G keeps this many most counted items: at most PAIR_ITEMS² pairs (~200 MiB), whatever the catalogue.
 PAIR_ITEMS = 2 * EASE_ITEMS
+SOLVE_BLOCK = 256  # rows of B searched for their heaviest weights at once
 ADD_BLOCK = 8192  # events paired at once: an [events, window] array of positions (~3 MiB at window 49)
 EASE_L2 = 500.0  # λ
 # B sums over NEAR items are ~0.1–1, the cosine sums the blend's grid was laid out for ~1–10; ×30 puts
@@ -112,14 +113,21 @@ class Cooccurrence(RunningPairs):
         names = np.array(self.names, dtype=object)
         solved = np.lexsort((names, -counted))[:EASE_ITEMS]
         solved = solved[np.argsort(names[solved], kind="stable")]  # by id: a stable sort below ties by id
-        gram = self.matrix[solved][:, solved].toarray()
+        # float32 and in place, the nearest picked a block of rows at a time: the worker's memory peak
+        # (bench memory) has little room, and a float64 solve with a whole argsort took ~130 MiB more.
+        gram = self.matrix[solved][:, solved].astype(np.float32).toarray()
         gram[np.diag_indices_from(gram)] += EASE_L2
-        inverse = np.linalg.inv(gram)
-        b = -inverse / np.diag(inverse)[None, :]
+        b = np.linalg.inv(gram)
+        del gram
+        b /= -np.diag(b).copy()[None, :]
         np.fill_diagonal(b, 0.0)
         keep = min(keep, len(solved) - 1)
-        nearest = np.argsort(-b, axis=1, kind="stable")[:, :keep]
-        values = np.take_along_axis(b, nearest, axis=1).ravel() * EASE_SCALE
-        j, i = np.repeat(np.arange(len(solved)), keep), nearest.ravel()
+        j, i, values = [], [], []
+        for first in range(0, len(solved), SOLVE_BLOCK):
+            block = b[first : first + SOLVE_BLOCK]
+            nearest = np.argsort(-block, axis=1, kind="stable")[:, :keep]
+            values.append(np.take_along_axis(block, nearest, axis=1).ravel().astype(np.float64) * EASE_SCALE)
+            j.append(np.repeat(np.arange(first, first + len(block)), keep)), i.append(nearest.ravel())
+        j, i, values = np.concatenate(j), np.concatenate(i), np.concatenate(values)
         some = values > 0
         return rows_of(list(names[solved]), j[some], i[some], values[some], None)
