@@ -132,6 +132,14 @@ class RunningPairs:
         self._added: tuple[list[int], list[int], list[float]] = ([], [], [])  # (row, column, weight) since the last merge
         self._blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, columns) of weight 1 since the last merge
 
+    def encode(self, lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Number the items of ``lists`` (users' items) as the rows and columns of a count from nothing;
+        returns each listed item's code and the index of the list it is in."""
+        encoded = pc.list_flatten(lists).dictionary_encode()
+        self.names = encoded.dictionary.to_pylist()
+        self.code = {name: c for c, name in enumerate(self.names)}
+        return encoded.indices.to_numpy(), pc.list_parent_indices(lists).to_numpy()
+
     def code_of(self, item: str) -> int:
         """The row and column of ``item``, a new one at its first sight."""
         code = self.code.get(item)
@@ -165,16 +173,10 @@ class Follows(RunningPairs):
     def count(cls, sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray) -> Follows:
         """Every user's follows in ``sequences`` (users' recent items, each oldest first), COUNT_BLOCK items
         at a time: one block's pairs are all the transient memory it takes."""
-        lists = list_array(sequences)
         out = cls()
-        items = pc.list_flatten(lists)
-        if not len(items):
+        code, owner = out.encode(list_array(sequences))
+        if not len(code):
             return out
-        encoded = items.dictionary_encode()
-        out.names = encoded.dictionary.to_pylist()
-        out.code = {name: c for c, name in enumerate(out.names)}
-        code = encoded.indices.to_numpy()
-        owner = pc.list_parent_indices(lists).to_numpy()
         n = len(out.names)
         out.matrix = sparse.csr_matrix((n, n), dtype=np.float64)
         for first in range(0, len(code), COUNT_BLOCK):

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from scipy import sparse
 
 from model.blend import RunningPairs, list_array, rows_of
@@ -54,15 +53,10 @@ class Cooccurrence(RunningPairs):
         + 1 items and none repeats within a list."""
         lists = list_array(sequences)
         out = cls(window)
-        items = pc.list_flatten(lists)
-        if not len(items):
+        code, owner = out.encode(lists)
+        if not len(code):
             return out
-        encoded = items.dictionary_encode()
-        out.names = encoded.dictionary.to_pylist()
-        out.code = {name: c for c, name in enumerate(out.names)}
-        held = sparse.csr_matrix((np.ones(len(items)), (pc.list_parent_indices(lists).to_numpy(),
-                                                        encoded.indices.to_numpy())),
-                                 shape=(len(lists), len(out.names)))
+        held = sparse.csr_matrix((np.ones(len(code)), (owner, code)), shape=(len(lists), len(out.names)))
         held.sum_duplicates()
         held.data[:] = 1.0  # a user holds an item or not
         out.matrix = (held.T @ held).tocsr()
