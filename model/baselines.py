@@ -256,7 +256,6 @@ def neighbours(sequences: Iterable[Sequence[str]] | pa.Array | pa.ChunkedArray, 
     return rows_of(names, j[some], i[some], cosine[some].astype(np.float64), None)
 
 
-
 def _then_popular(first: list[int], popular: np.ndarray) -> Iterator[int]:
     """``first``, then the popular items not in it (the zero scores, tied, by popularity)."""
     yield from first

@@ -123,41 +123,38 @@ class BlendKeeper:
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
         users, recents = rows["user_id"].to_pylist(), rows["recent_item_ids"]
         counts = dict(zip(users, rows["event_count"].to_pylist()))
-        changed = [u for u, n in counts.items() if n > self.events.get(u, 0)]
-        if self.signals is not None and model is not None and vectors_table is not None and changed:
-            self._learn(model, vectors_table, dim, {u: counts[u] - self.events.get(u, 0) for u in changed})
+        new = {u: n - self.events.get(u, 0) for u, n in counts.items() if n > self.events.get(u, 0)}
+        if self.signals is not None and model is not None and vectors_table is not None and new:
+            self._learn(model, vectors_table, dim, new)
         if self.signals is None:
             self.follows = Follows.count(recents)
             self.pairs = Cooccurrence.count(recents, self.recent_len - 1)
             self.first_seen.old(popularity(recents))
         else:
             row_of = {u: r for r, u in enumerate(users)}
-            whole = self._bursts(changed, counts, recents, row_of)
-            lists, news = [], []
-            for user in changed:
-                recent = recents[row_of[user]].as_py() or []
-                new = counts[user] - self.events.get(user, 0)
-                self.follows.add(recent, new)
-                self.first_seen.add(recent[-new:])
-                lists.append(whole.get(user, recent)), news.append(new)
-            self.pairs.add(lists, news)
+            recent = {u: recents[row_of[u]].as_py() or [] for u in new}
+            for user, n in new.items():
+                self.follows.add(recent[user], n)
+                self.first_seen.add(recent[user][-n:])
+            whole = self._bursts(new, counts, recent)
+            self.pairs.add([whole.get(u, recent[u]) for u in new], list(new.values()))
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
         # The neighbours are the count's costly part (a dense inverse): unchanged histories keep the last ones.
-        near = self.pairs.weights(NEIGHBOURS_KEEP) if self.signals is None or changed else self.signals.neighbours
+        near = self.pairs.weights(NEIGHBOURS_KEEP) if self.signals is None or new else self.signals.neighbours
         self.signals = Signals(self.follows.top(FOLLOWS_KEEP), popularity(recents), near, self.first_seen.fresh()).kept(
             FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
 
-    def _bursts(self, changed: list[str], counts: dict[str, int], recents: pa.ChunkedArray,
-                row_of: dict[str, int]) -> dict[str, list[str]]:
-        """{user: whole history} of the (first FULL_READS) changed users whose recent items do not hold
-        the items their new events came after. Each event pairs with the ``recent_len`` − 1 items before
-        it; with n new events the recent items hold that for the last one only, and a user who rated 200
-        films in one sitting (ml-100k) would otherwise have most of their pairs never counted."""
-        bursty = [u for u in changed if counts[u] > len(recents[row_of[u]].as_py() or []) and counts[u] - self.events.get(u, 0) > 1]
+    def _bursts(self, new: dict[str, int], counts: dict[str, int], recent: dict[str, list[str]]) -> dict[str, list[str]]:
+        """{user: whole history} of the (first FULL_READS) users with ``new`` events whose ``recent``
+        items do not hold the items those events came after. Each event pairs with the ``recent_len`` − 1
+        items before it; with n new events the recent items hold that for the last one only, and a user
+        who rated 200 films in one sitting (ml-100k) would otherwise have most of their pairs never
+        counted."""
+        bursty = [u for u, n in new.items() if n > 1 and counts[u] > len(recent[u])]
         rows = self.store.get_histories(bursty[:FULL_READS]) if bursty else {}
         return {u: list(r["history_item_ids"] or []) for u, r in rows.items()}
 
