@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, FirstSeen, Follows, Signals, candidates, fit, top
+from model.blend import Blend, Example, FirstSeen, Follows, Signals, candidates, fit, pool_of, top
 from model.ease import Cooccurrence
 from model.retrieval import topk_items
-from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POPULAR_CANDIDATES, POPULAR_KEEP
+from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POOL, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
 
 BATCH = 256  # users per interests call
@@ -46,6 +46,14 @@ class Diagnostic:
     @property
     def version(self) -> str | None:
         return self.model.version
+
+    def cosines(self, histories: list[list[str]]) -> np.ndarray:
+        """[B, N]: each history's score of every item of ``item_ids`` (the max cosine over its interests)."""
+        out = np.zeros((len(histories), len(self.item_ids)), dtype=np.float32)
+        for start in range(0, len(histories), BATCH):
+            interests = torch.as_tensor(self.model.interests(histories[start : start + BATCH]), dtype=torch.float32)
+            out[start : start + BATCH] = torch.einsum("bkd,nd->bnk", interests, self.vectors).amax(dim=-1).numpy()
+        return out
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         """{user: the k best items by max cosine over the user's interests, none of the user's items}."""
@@ -81,20 +89,26 @@ class SignalsOnly:
     signals (follows and co-occurrence counted along the stream, popularity over each user's newest
     ``recent_len`` items, fresh items numbered along the stream), the same candidates (rules', popular,
     nearest and fresh ones), the same fresh slots and the same prequential fit as the worker's
-    ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend."""
+    ``serving.blend.BlendKeeper``. Its gap to the live arms is the model's own share of the blend.
+
+    With a ``model`` (a ``Diagnostic``) it is ``ExactBlend``: the worker's blend, model included, on
+    the users' exact histories."""
 
     name = "signals-only"
+    prior = Blend(np.array([0.0, 0.0, 0.05, 1.0], dtype=np.float32))  # the neighbours, ties by popularity, until a fit
 
-    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = ()):
+    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = (),
+                 model: Diagnostic | None = None):
         """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh)."""
         self.recent_len = recent_len
+        self.model = model
         self.running = Follows.count(histories.values())  # the worker counts along the bootstrap replay
         self.pairs = Cooccurrence(window=recent_len - 1)
         self.pairs.add(list(histories.values()), [len(h) for h in histories.values()])  # and the co-occurrence
         self.first_seen = FirstSeen()
         self.first_seen.add(applied)
         self.signals = self._stored(histories)
-        self.blend = Blend(np.array([0.0, 0.0, 0.05, 1.0], dtype=np.float32))  # the neighbours, ties by popularity, until a fit
+        self.blend = self.prior
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
 
     def _stored(self, histories: dict[str, list[str]]) -> Signals:
@@ -103,30 +117,51 @@ class SignalsOnly:
         return Signals(self.running.top(FOLLOWS_KEEP), dict(popular), self.pairs.weights(NEIGHBOURS_KEEP),
                        self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
-    def _candidates(self, history: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        names, features = candidates(self.signals, history, {}, self.signals.top_popular(POPULAR_CANDIDATES), set(history))
-        return names, features, self.signals.fresh_flags(names)
+    def candidates_of(self, histories: list[list[str]]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+        """(names, features, fresh flags) of each history's candidates."""
+        popular = self.signals.top_popular(POPULAR_CANDIDATES)
+        if self.model is None:
+            cosines = [None] * len(histories)
+        else:
+            cosines = self.model.cosines(histories)
+            fresh_rows = [j for j, i in enumerate(self.model.item_ids) if i in self.signals.fresh]
+        out = []
+        for history, scores in zip(histories, cosines):
+            seen = set(history)
+            pool = {} if scores is None else pool_of(scores, self.model.item_ids, seen, POOL)
+            known = None if scores is None else {self.model.item_ids[j]: float(scores[j]) for j in fresh_rows}
+            names, features = candidates(self.signals, history, pool, popular, seen, known)
+            out.append((names, features, self.signals.fresh_flags(names)))
+        return out
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
-        out = {}
-        for user, history in histories.items():
-            names, features, fresh = self._candidates(history)
-            out[user] = [item for item, _ in top(self.blend, names, features, k, fresh)]
-        return out
+        found = self.candidates_of(list(histories.values()))
+        return {user: [item for item, _ in top(self.blend, names, features, k, fresh)]
+                for user, (names, features, fresh) in zip(histories, found)}
 
     def learn(self, histories: dict[str, list[str]], new: Counter) -> None:
         """After a chunk is applied to ``histories`` (``new``: its events per user): each event an example
         (against the signals before the chunk and the user's history before it), a refit, then the
         count — the worker's order."""
-        for user, count in new.items():
-            history = histories[user]
-            for end in range(max(1, len(history) - count), len(history)):
-                names, features, fresh = self._candidates(history[:end])
-                if history[end] in names:
-                    self.examples.append(Example(features, names.index(history[end]), fresh))
-        self.blend = fit(list(self.examples), self.blend, use_model=False)
+        events = [(histories[user][:end], histories[user][end]) for user, count in new.items()
+                  for end in range(max(1, len(histories[user]) - count), len(histories[user]))]
+        for (_, target), (names, features, fresh) in zip(events, self.candidates_of([before for before, _ in events])):
+            if target in names:
+                self.examples.append(Example(features, names.index(target), fresh))
+        self.blend = fit(list(self.examples), self.blend, use_model=self.model is not None)
         self.pairs.add([histories[user] for user in new], list(new.values()))
         for user, count in new.items():
             self.running.add(histories[user], count)
             self.first_seen.add(histories[user][-count:])
         self.signals = self._stored(histories)
+
+
+class ExactBlend(SignalsOnly):
+    """The worker's blend, model included (``SignalsOnly`` with a ``model``), on exact histories: no
+    worker, stored codes, ANN or refresh lag. What the live arm would serve if its system lost nothing."""
+
+    name = "exact-blend"
+    prior = Blend()  # the worker's
+
+    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str], model: Diagnostic):
+        super().__init__(histories, recent_len, applied, model)

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from bench import harness
-from bench.diagnostic import Diagnostic, SignalsOnly, exact_histories, extend
+from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
 from bench.prequential import K, metrics_of, paired_gap, score_chunk, thirds, warm, windows
 from bench.simulate_plot import plot
 from hymirec.errors import HymirecError
@@ -67,12 +67,14 @@ from model.baselines import streaming_baselines
 from serving.reader import Recommender
 from serving.blend import counted_at
 from serving.hymirec import ServedHyMiRec
+from serving.model import ServingModel
 from store.logs import read_interactions, read_items, write_jsonl
 from store.registry import ModelRegistry
 from store.tables import Store
 from stream import datasets
 from stream.replay import replay
-from trainer.online import OnlineTrainer, announce
+from trainer.online import OnlineTrainer, announce, split_stream
+from trainer.serving_model import bootstrap
 
 ARMS = ("frozen", "online")
 # The workers' timers, shortened so a chunk is applied and its users' interests are fresh quickly.
@@ -123,44 +125,82 @@ def read_log(interactions: Path, limit: int | None, config: SimConfig) -> tuple[
     return log.assign(position=np.arange(len(log))), boot
 
 
-def signals_only_step(arm: SignalsOnly, exact: dict[str, list[str]], chunk: pd.DataFrame, start: int,
-                      bootstrap_items: set[str]) -> list[dict]:
-    """The signals-only arm on one chunk: its events scored against the answers from ``exact`` (the
-    users' histories before it), then the chunk applied to ``exact`` and learnt from."""
+def blend_step(arms: list[SignalsOnly], exact: dict[str, list[str]], chunk: pd.DataFrame, start: int,
+               bootstrap_items: set[str]) -> dict[str, list[dict]]:
+    """The in-process blend arms on one chunk: its events scored against each arm's answers from
+    ``exact`` (the users' histories before it), then the chunk applied to ``exact`` and learnt from."""
     users = list(dict.fromkeys(chunk["user_id"].tolist()))
     known = {u: exact[u] for u in users if u in exact}
-    tops = arm.top(known, K)
-    records = score_chunk(chunk, {u: (SignalsOnly.name, tops.get(u, [])) for u in users}, known, start, bootstrap_items)
+    records = {}
+    for arm in arms:
+        tops = arm.top(known, K)
+        records[arm.name] = score_chunk(chunk, {u: (arm.name, tops.get(u, [])) for u in users}, known, start,
+                                        bootstrap_items)
     extend(exact, chunk)
-    arm.learn(exact, Counter(chunk["user_id"].tolist()))
+    for arm in arms:
+        arm.learn(exact, Counter(chunk["user_id"].tolist()))
     return records
 
 
-def run_signals_only(interactions: Path, *, config: SimConfig, recent_len: int, dataset: str,
-                     limit: int | None = None) -> dict:
-    """The arms that need no model, in this process (no broker, workers or training): the baselines and
-    the signals-only blend, on the live arms' protocol. A minute or so on a validation slice, for
-    choosing the blend's settings; returns the summary, with the signals-only arm's gap to the best
-    baseline."""
+def bootstrap_version(settings: Settings, histories: dict[str, list[str]], catalogue: pd.DataFrame,
+                      config: SimConfig) -> ServingModel:
+    """v0001 as the online trainer's first cycle trains it from these histories (its newest events held
+    out), in this process."""
+    frame = pd.DataFrame({"user_id": list(histories), "history_item_ids": list(histories.values()),
+                          "event_count": [len(h) for h in histories.values()]})
+    data = split_stream(frame, catalogue, {}, settings.trainer_holdout)
+    return bootstrap(settings, data.items, data.sequences, config.bootstrap_epochs, config.backbone)
+
+
+def run_in_process(settings: Settings, interactions: Path, items: Path, *, config: SimConfig, dataset: str,
+                   limit: int | None = None, model: bool = False) -> dict:
+    """The arms that run in this process (no broker or workers), on the live arms' protocol: the
+    baselines and the signals-only blend; with ``model``, also v0001 trained here on the bootstrap part
+    and kept frozen, scored on exact histories alone (diagnostic) and in the blend (exact-blend). A
+    minute (a few with the model) on a validation slice, for choosing the blend's settings; returns the
+    summary, with the gaps of the blend arms to the best baseline (and exact-blend − signals-only, the
+    model's share)."""
     log, boot = read_log(interactions, limit, config)
     n = len(log)
     records = baseline_arms(log, boot, config)
     exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
-    arm, signalled = SignalsOnly(exact, recent_len, log["item_id"].iloc[:boot].tolist()), []
+    applied = log["item_id"].iloc[:boot].tolist()
+    arms, diagnostic = [SignalsOnly(exact, settings.recent_len, applied)], None
+    if model:
+        catalogue = read_items(items)
+        diagnostic = Diagnostic(bootstrap_version(settings, exact, catalogue, config), catalogue)
+        arms.append(ExactBlend(exact, settings.recent_len, applied, diagnostic))
+        records[Diagnostic.name] = []
+    for arm in arms:
+        records[arm.name] = []
     for start in range(boot, n, config.chunk):
-        signalled += signals_only_step(arm, exact, log.iloc[start : start + config.chunk], start, bootstrap_items)
-    records[SignalsOnly.name] = signalled
+        chunk = log.iloc[start : start + config.chunk]
+        if diagnostic is not None:
+            records[Diagnostic.name] += diagnostic_step(diagnostic, exact, chunk, start, bootstrap_items)
+        for name, scored in blend_step(arms, exact, chunk, start, bootstrap_items).items():
+            records[name] += scored
     summary = summarise(records, {}, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
     best = max((a for a in summary["arms"] if summary["arms"][a]["kind"] == "baseline"),
                key=lambda a: summary["arms"][a][f"recall@{K}"] or 0.0)
-    for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
-        mean, se = paired_gap(records[best], signalled, key)
-        summary["gap"].setdefault(f"{SignalsOnly.name} − {best}", {})[metric] = {"mean": mean, "standard_error": se}
-    return {**summary, "signals_only": True}
+    pairs = [(best, arm.name) for arm in arms] + [(SignalsOnly.name, ExactBlend.name)] * model
+    for a, b in pairs:
+        for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
+            mean, se = paired_gap(records[a], records[b], key)
+            summary["gap"].setdefault(f"{b} − {a}", {})[metric] = {"mean": mean, "standard_error": se}
+    return {**summary, "in_process": "with the model" if model else "signals-only"}
+
+
+def diagnostic_step(diagnostic: Diagnostic, exact: dict[str, list[str]], chunk: pd.DataFrame, start: int,
+                    bootstrap_items: set[str]) -> list[dict]:
+    """The diagnostic arm on one chunk, against ``exact`` as it stands before it."""
+    users = list(dict.fromkeys(chunk["user_id"].tolist()))
+    known = {u: exact[u] for u in users if u in exact}
+    tops = diagnostic.top(known, K)
+    return score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start, bootstrap_items)
 
 
 def kind_of(arm: str) -> str:
-    return "live" if arm in ARMS else "reference" if arm in (Diagnostic.name, SignalsOnly.name) else "baseline"
+    return "live" if arm in ARMS else "reference" if arm in (Diagnostic.name, SignalsOnly.name, ExactBlend.name) else "baseline"
 
 
 def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, dataset: str, log_events: int,
@@ -218,9 +258,13 @@ def summary_markdown(summary: dict) -> str:
     r, n = f"recall@{K}", f"ndcg@{K}"
     how = ("bootstrap v0001 ({bootstrap_epochs} epochs), the other {scored:,} scored before they are applied "
            "(chunks of {chunk}; online: a cycle every {every_events:,} events, {epochs} epoch(s) each, margin {margin})")
-    if summary.get("signals_only"):
+    if summary.get("in_process") == "signals-only":
         how = ("are applied first, the other {scored:,} scored before they are applied (chunks of {chunk}); only the "
                "arms that need no model (--signals-only)")
+    elif summary.get("in_process"):
+        how = ("bootstrap v0001 ({bootstrap_epochs} epochs, trained in this process and kept frozen), the other "
+               "{scored:,} scored before they are applied (chunks of {chunk}); only the arms that run in this "
+               "process (--in-process)")
     lines = [
         f"Prequential Recall@{K} / NDCG@{K} on {summary['dataset']}: {summary['log_events']:,} events, the first "
         f"{summary['bootstrap_events']:,} " + how.format(scored=summary["scored_events"], **summary["config"]) + ".",
@@ -440,12 +484,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             chunk = log.iloc[start : start + config.chunk]
             for arm in arms:
                 arm.score(chunk, start, bootstrap_items, config.timeout, phases)
-            users = list(dict.fromkeys(chunk["user_id"].tolist()))
-            known = {u: exact[u] for u in users if u in exact}
-            tops = diagnostic.top(known, K)
-            diagnosed += score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start,
-                                     bootstrap_items)
-            signalled += signals_only_step(signals_only, exact, chunk, start, bootstrap_items)
+            diagnosed += diagnostic_step(diagnostic, exact, chunk, start, bootstrap_items)
+            signalled += blend_step([signals_only], exact, chunk, start, bootstrap_items)[SignalsOnly.name]
             t0 = time.perf_counter()
             _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
             t1 = time.perf_counter()
@@ -517,8 +557,9 @@ def simulate_command(args, settings: Settings) -> int:
         bootstrap_epochs=args.bootstrap_epochs or settings.trainer_bootstrap_epochs,
         backbone=args.backbone, margin=settings.trainer_margin if args.margin is None else args.margin,
         window=args.window).items() if v is not None})
-    if args.signals_only:
-        summary = run_signals_only(interactions, config=config, recent_len=settings.recent_len, dataset=name, limit=limit)
+    if args.signals_only or args.in_process:
+        summary = run_in_process(settings, interactions, items, config=config, dataset=name, limit=limit,
+                                 model=args.in_process)
         print(summary_markdown(summary))
         return 0
     out = args.out or Path("results") / "simulate" / name

@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, popularity
+from model.blend import (LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, pool_of,
+                         popularity)
 from model.ease import Cooccurrence
 from serving.model import ServingModel
 from store.schemas import (BLEND, FOLLOWS, FRESH, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
@@ -55,10 +56,10 @@ def _blend_row(store: Store) -> dict | None:
 
 
 def read_blend(store: Store) -> Blend | None:
-    """The fitted weights, or None when none were fitted yet (then top-k ranks by the model alone)."""
+    """The weights (the prior until a first fit), or None before the worker's first count: with no
+    signals stored yet, top-k ranks by the model alone."""
     row = _blend_row(store)
-    blend = Blend.from_json(json.loads(row["blend"])) if row is not None else None
-    return blend if blend is not None and blend.fitted_on else None
+    return Blend.from_json(json.loads(row["blend"])) if row is not None else None
 
 
 def counted_at(store: Store) -> datetime | None:
@@ -177,10 +178,7 @@ class BlendKeeper:
             cosine = (model.interests([before for before, _ in group]) @ matrix.T).max(axis=1)  # [B, N]
             for (before, target), scores in zip(group, cosine):
                 seen = set(before)
-                pool = {}
-                for j in np.argsort(-scores)[: POOL + len(seen)]:
-                    if ids[j] not in seen and len(pool) < POOL:
-                        pool[ids[j]] = float(scores[j])
+                pool = pool_of(scores, ids, seen, POOL)
                 known = {ids[j]: float(scores[j]) for j in fresh_rows}
                 names, features = candidates(self.signals, before, pool, popular, seen, known)
                 if target in names:  # an item no candidate list holds cannot be learnt to rank

@@ -8,14 +8,15 @@ from collections import Counter
 from datetime import datetime, timezone
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
-from bench.diagnostic import SignalsOnly
+from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
 import model.blend
 from model.baselines import neighbours
-from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
-                         slot_hits_of, top)
+from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, PRIOR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
+                         pool_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -183,6 +184,42 @@ def test_signals_only_arm_learns_after_each_chunk():
     assert arm.signals.popular["a"] == 3
 
 
+def test_pool_of_takes_the_best_scored_unseen_items():
+    scores = np.array([0.9, 0.1, 0.8, 0.5, 0.7], dtype=np.float32)
+    assert pool_of(scores, list("abcde"), {"a", "e"}, 2) == pytest.approx({"c": 0.8, "d": 0.5})
+    assert pool_of(scores, list("abcde"), set(), 10) == pytest.approx(dict(zip("acedb", [0.9, 0.8, 0.7, 0.5, 0.1])))
+
+
+def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world, monkeypatch):
+    """ExactBlend (simulate --in-process) is the worker's blend on exact histories: the model feature of
+    its candidates is the diagnostic's max cosine, its pool the best unseen items, and its fit may weigh
+    the model (the signals-only arm's never does)."""
+    monkeypatch.setattr(model.blend, "MIN_EXAMPLES", 5)  # the world is small
+    items = world["items"][["item_id", "text", "category"]]
+    diagnostic = Diagnostic(world["m1"], items)
+    log = pd.DataFrame(world["interactions"])
+    histories = exact_histories(log, 300)
+    arm = ExactBlend(histories, 50, log["item_id"].iloc[:300].tolist(), diagnostic)
+    assert arm.blend.weights[0] > 0 and arm.blend.fitted_on == 0  # the worker's prior
+    users = sorted(histories)[:4]
+    cosines = diagnostic.cosines([histories[u] for u in users])
+    for user, (names, features, _), scores in zip(users, arm.candidates_of([histories[u] for u in users]), cosines):
+        best = [diagnostic.item_ids[j] for j in np.argsort(-scores) if diagnostic.item_ids[j] not in histories[user]][:20]
+        assert set(best) <= set(names) and not set(names) & set(histories[user])
+        for name in best:
+            assert features[0, names.index(name)] == pytest.approx(scores[diagnostic.index[name]], abs=1e-5)
+        # The model's weight alone ranks by the model: the answer's cosines are the 10 best unseen ones
+        # (up to tie-breaks).
+        arm.blend = Blend(np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32))
+        answer = arm.top({user: histories[user]}, 10)[user]
+        assert sorted(scores[[diagnostic.index[i] for i in answer]]) == pytest.approx(
+            sorted(scores[[diagnostic.index[i] for i in best[:10]]]), abs=1e-3)
+    extend(histories, log.iloc[300:360])
+    arm.learn(histories, Counter(log["user_id"].iloc[300:360]))
+    assert len(arm.examples) >= 5 and arm.blend.fitted_on == len(arm.examples)
+    assert len({float(e.features[0, e.chosen]) for e in arm.examples}) > 1  # the model's cosines, not a constant
+
+
 # --- serving.blend + reader: a real LanceDB directory ----------------------------------------------
 def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, world_settings, monkeypatch):
     monkeypatch.setattr(model.blend, "MIN_EXAMPLES", 5)  # the world is small
@@ -190,10 +227,14 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     publish(world_settings, world["m1"])
     runtime = ServingRuntime(world_settings)
     runtime.start()
-    runtime.refresh_popularity()  # the first count: nothing to learn from yet
-    assert read_blend(store) is None and counted_at(store) is not None
     users = users_of(store)
+    assert read_blend(store) is None  # no signals counted yet: the model alone
     assert all(r.ranked_by == "model" for r in Recommender(store).many(users[:3], 10))
+    runtime.refresh_popularity()  # the first count: nothing to learn from yet, so the prior serves
+    prior = read_blend(store)
+    assert prior is not None and prior.fitted_on == 0 and counted_at(store) is not None
+    assert prior.weights.tolist() == pytest.approx(PRIOR)
+    assert all(r.ranked_by == "blend" for r in Recommender(store).many(users[:3], 10))
     # New events for some users: the next count fits on exactly them.
     log = Log(store, world_settings)
     log.offsets = list(world["offsets"])

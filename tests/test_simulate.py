@@ -16,7 +16,7 @@ import torch
 import bench.simulate
 from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
-from bench.simulate import SimConfig, baseline_arms, run_signals_only, run_simulation, summarise, summary_markdown
+from bench.simulate import SimConfig, baseline_arms, run_in_process, run_simulation, summarise, summary_markdown
 from bench.simulate_plot import plot
 from hymirec.settings import Settings
 from model.baselines import MostPopular
@@ -26,7 +26,7 @@ from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
 from store.logs import read_interactions
 
-from helpers import publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
+from helpers import model_settings, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 
 
 # --- pure parts ------------------------------------------------------------------------------------
@@ -170,7 +170,8 @@ def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch
 def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_path: Path):
     export_synthetic(tmp_path, users=30, items=80, interests=4, events_per_user=12, drift=0.5, seed=3, fresh_items=0.3)
     config = SimConfig(frozen_after=0.3, chunk=40, recent_window=50)
-    summary = run_signals_only(tmp_path / "interactions.jsonl", config=config, recent_len=50, dataset="toy")
+    summary = run_in_process(Settings(), tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
+                             dataset="toy")
     arms = summary["arms"]
     assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "signals-only"]
     assert arms["signals-only"]["kind"] == "reference" and arms["signals-only"]["recall@10"] > 0
@@ -179,6 +180,21 @@ def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_pa
     gap = summary["gap"][f"signals-only − {best}"]["recall@10"]
     assert gap["mean"] == pytest.approx(arms["signals-only"]["recall@10"] - arms[best]["recall@10"])
     assert "only the arms that need no model" in summary_markdown(summary)
+
+
+def test_in_process_adds_the_frozen_bootstrap_alone_and_blended(tmp_path: Path):
+    export_synthetic(tmp_path, users=30, items=80, interests=4, events_per_user=12, drift=0.5, seed=3, fresh_items=0.3)
+    config = SimConfig(frozen_after=0.3, chunk=40, recent_window=50, bootstrap_epochs=1)
+    settings = model_settings(str(tmp_path / "lancedb"))
+    summary = run_in_process(settings, tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
+                             dataset="toy", model=True)
+    arms = summary["arms"]
+    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "diagnostic", "signals-only", "exact-blend"]
+    assert {arms[a]["kind"] for a in ("diagnostic", "signals-only", "exact-blend")} == {"reference"}
+    assert len({a["events"] for a in arms.values()}) == 1 and arms["diagnostic"]["recall@10"] > 0
+    share = summary["gap"]["exact-blend − signals-only"]["recall@10"]
+    assert share["mean"] == pytest.approx(arms["exact-blend"]["recall@10"] - arms["signals-only"]["recall@10"])
+    assert "--in-process" in summary_markdown(summary)
 
 
 def test_plot_writes_a_png(tmp_path: Path):
