@@ -1,6 +1,5 @@
 """`hymirec simulate`: prequential evaluation (test-then-train, DESIGN §3) of a frozen model against
-the online loop, through the live system.
-(One file, longer than most: the experiment's protocol, its arms and its report are read together.)
+the online loop, through the live system (its report: ``bench.simulate_report``).
 
 One time-ordered log is replayed through two copies of the system side by side — each its own
 topics, LanceDB directory and faust worker, on one broker — in lock-step:
@@ -33,23 +32,27 @@ applied event cold) by the same ``score_chunk``, and then applied.
 
 **Diagnostic arm.** The online arm's live version, loaded in this process after each switch, scores every
 chunk straight from the users' exact histories (``bench.diagnostic``: no worker, no stored codes, no ANN,
-no refresh lag), with the same warm users and seen items. online − diagnostic is what the live system
-loses; diagnostic against offline leave-one-out is what the model lacks in this setting.
+no refresh lag), with the same warm users and seen items. Diagnostic against offline leave-one-out is
+what the model lacks in this setting.
+
+**Blend arms.** The serving blend computed in this process on the exact histories: without the model
+(*signals-only*: online − signals-only is the model's own share) and with the diagnostic arm's version
+(*exact-blend*: online − exact-blend is what the live system loses — stored codes, ANN pool, refresh
+lag, the worker's counts — against the blend it would serve if it lost nothing).
 
 Reported per arm: Recall@10 / NDCG@10 of the warm events overall, per third of the scored part and
 split by item (*new*: no event in the bootstrap part), the cold events, the cycles and their
-decisions, and the paired gaps online − frozen, online − diagnostic and online − the best baseline, with their
-standard errors (over events: they do not include the run-to-run spread of training).
+decisions, and the paired gaps of online to frozen, diagnostic, signals-only, exact-blend and the best
+baseline, with their standard errors (over events: they do not include the run-to-run spread of training).
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 import tempfile
 import time
 from contextlib import ExitStack
 from datetime import datetime, timezone
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,8 +61,9 @@ import pandas as pd
 
 from bench import harness
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
-from bench.prequential import K, metrics_of, paired_gap, score_chunk, thirds, warm, windows
-from bench.simulate_plot import plot
+from bench.prequential import K, metrics_of, paired_gap, score_chunk, warm
+from bench.simulate_plot import LIVE
+from bench.simulate_report import fmt, summarise, summary_markdown, write_outputs
 from hymirec.errors import HymirecError
 from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
@@ -76,7 +80,6 @@ from stream.replay import replay
 from trainer.online import OnlineTrainer, announce, split_stream
 from trainer.serving_model import bootstrap
 
-ARMS = ("frozen", "online")
 # The workers' timers, shortened so a chunk is applied and its users' interests are fresh quickly.
 WORKER_OVERRIDES = {"batch_within_s": 0.2, "serving_refresh_s": 0.2, "popularity_refresh_s": 0.5}
 
@@ -179,7 +182,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
             records[Diagnostic.name] += diagnostic_step(diagnostic, exact, chunk, start, bootstrap_items)
         for name, scored in blend_step(arms, exact, chunk, start, bootstrap_items).items():
             records[name] += scored
-    summary = summarise(records, {}, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
+    summary = summarise(records, {}, dataset=dataset, log_events=n, bootstrap_events=boot, config=asdict(config))
     best = max((a for a in summary["arms"] if summary["arms"][a]["kind"] == "baseline"),
                key=lambda a: summary["arms"][a][f"recall@{K}"] or 0.0)
     pairs = [(best, arm.name) for arm in arms] + [(SignalsOnly.name, ExactBlend.name)] * model
@@ -197,129 +200,6 @@ def diagnostic_step(diagnostic: Diagnostic, exact: dict[str, list[str]], chunk: 
     known = {u: exact[u] for u in users if u in exact}
     tops = diagnostic.top(known, K)
     return score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start, bootstrap_items)
-
-
-def kind_of(arm: str) -> str:
-    return "live" if arm in ARMS else "reference" if arm in (Diagnostic.name, SignalsOnly.name, ExactBlend.name) else "baseline"
-
-
-def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, dataset: str, log_events: int,
-              bootstrap_events: int, config: SimConfig) -> dict:
-    """Overall and per-third prequential metrics of each arm, cold events apart, versions and cycles."""
-    arms = {}
-    for name, recs in records.items():
-        done = cycles.get(name, [])
-        cold = [r for r in recs if r["cold"]]
-        published = [c for c in done if c["published"]]
-        arms[name] = {
-            "kind": kind_of(name),
-            **metrics_of(warm(recs)),
-            "thirds": thirds(recs, bootstrap_events, log_events),
-            "cold": metrics_of(cold),
-            "new_items": metrics_of([r for r in warm(recs) if r["new_item"]]),
-            "old_items": metrics_of([r for r in warm(recs) if not r["new_item"]]),
-            "versions": sorted({c["published"] for c in published}),
-            "cycles": len(done), "rejected": len(done) - len(published),
-            "switch_positions": [c["position"] for c in published],
-            "train_s": round(sum(c["train_s"] for c in done), 1),
-        }
-    baselines = {name: arm for name, arm in arms.items() if arm["kind"] == "baseline" and arm[f"recall@{K}"] is not None}
-    best = {}
-    if baselines and arms.get("online", {}).get(f"recall@{K}") is not None:
-        name = max(baselines, key=lambda b: baselines[b][f"recall@{K}"])
-        top, online = baselines[name][f"recall@{K}"], arms["online"][f"recall@{K}"]
-        best = {"baseline": name, f"recall@{K}": top, "online_over_best": online / top if top else None}
-    # Paired gaps (b − a over the same warm events): what online learning adds, what the live system
-    # loses against the model scored on exact histories, and how far the best baseline is.
-    pairs = [("frozen", "online"), (Diagnostic.name, "online"), (SignalsOnly.name, "online"), (best.get("baseline"), "online")]
-    gap = {}
-    for a, b in pairs:
-        if a in records and b in records:
-            for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
-                mean, se = paired_gap(records[a], records[b], key)
-                gap.setdefault(f"{b} − {a}", {})[metric] = {"mean": mean, "standard_error": se}
-    return {"dataset": dataset, "log_events": log_events, "bootstrap_events": bootstrap_events,
-            "scored_events": len(next(iter(records.values()), [])), "config": asdict(config), "arms": arms,
-            "gap": gap, "best_baseline": best}
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _cold(arm: dict) -> str:
-    """Cold events and their Recall@K; "-" for a reference arm, which answers warm users only."""
-    if arm.get("kind") == "reference":
-        return "-"
-    return f"{arm['cold']['events']:,} ({_fmt(arm['cold'][f'recall@{K}'])})"
-
-
-def summary_markdown(summary: dict) -> str:
-    r, n = f"recall@{K}", f"ndcg@{K}"
-    how = ("bootstrap v0001 ({bootstrap_epochs} epochs), the other {scored:,} scored before they are applied "
-           "(chunks of {chunk}; online: a cycle every {every_events:,} events, {epochs} epoch(s) each, margin {margin})")
-    if summary.get("in_process") == "signals-only":
-        how = ("are applied first, the other {scored:,} scored before they are applied (chunks of {chunk}); only the "
-               "arms that need no model (--signals-only)")
-    elif summary.get("in_process"):
-        how = ("bootstrap v0001 ({bootstrap_epochs} epochs, trained in this process and kept frozen), the other "
-               "{scored:,} scored before they are applied (chunks of {chunk}); only the arms that run in this "
-               "process (--in-process)")
-    lines = [
-        f"Prequential Recall@{K} / NDCG@{K} on {summary['dataset']}: {summary['log_events']:,} events, the first "
-        f"{summary['bootstrap_events']:,} " + how.format(scored=summary["scored_events"], **summary["config"]) + ".",
-        "",
-        f"| arm | warm events | Recall@{K} | NDCG@{K} | R@{K} 1st third | 2nd third | 3rd third | cold events (R@{K}) "
-        "| versions | cycles (rejected) | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, arm in summary["arms"].items():
-        t = arm["thirds"]
-        lines.append(
-            f"| {name} | {arm['events']:,} | {_fmt(arm[r])} | {_fmt(arm[n])} | {_fmt(t[0][r])} | {_fmt(t[1][r])} | "
-            f"{_fmt(t[2][r])} | {_cold(arm)} | "
-            + ("- | - | - |" if arm.get("kind") != "live" else
-               f"{len(arm['versions']) or 1} | {arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |"))
-    lines += ["", "Warm events by item: *new* = no event in the bootstrap part (v0001 never saw it used).", "",
-              f"| arm | new-item events | R@{K} | N@{K} | old-item events | R@{K} | N@{K} |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, arm in summary["arms"].items():
-        new, old = arm["new_items"], arm["old_items"]
-        lines.append(f"| {name} | {new['events']:,} | {_fmt(new[r])} | {_fmt(new[n])} | {old['events']:,} | "
-                     f"{_fmt(old[r])} | {_fmt(old[n])} |")
-    if summary.get("gap"):
-        lines += ["", "Paired gaps over the same warm events (mean ± one standard error):", "",
-                  f"| gap | R@{K} | N@{K} |", "|---|---:|---:|"]
-        for pair, g in summary["gap"].items():
-            lines.append(f"| {pair} | {g[r]['mean']:+.4f} ± {g[r]['standard_error']:.4f} | "
-                         f"{g[n]['mean']:+.4f} ± {g[n]['standard_error']:.4f} |")
-    best = summary.get("best_baseline")
-    if best:
-        ratio = "-" if best["online_over_best"] is None else f"{best['online_over_best']:.2f}"
-        lines += ["", f"Best simple streaming baseline (DESIGN §7a): {best['baseline']} R@{K} {_fmt(best[r])}; "
-                      f"online / best = {ratio} (the target: ≥ 1.2)."]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path, summary: dict, records: dict[str, list[dict]], cycles: dict[str, list[dict]],
-                  window: int) -> dict[str, Path]:
-    """Per arm: events (CSV), windows (JSONL + CSV) and cycles (JSONL); summary.json / summary.md; plot.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, recs in records.items():
-        pd.DataFrame(recs).to_csv(out / f"{name}_events.csv", index=False)
-        wins = windows(recs, window)
-        pd.DataFrame(wins).assign(versions=lambda f: f["versions"].str.join(" ")).to_csv(out / f"{name}_windows.csv", index=False)
-        (out / f"{name}_windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in wins))
-        (out / f"{name}_cycles.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cycles.get(name, [])))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    paths["table"] = out / "summary.md"
-    paths["table"].write_text(summary_markdown(summary))
-    after = cycles.get("online", [])[1:]  # the first cycle is the bootstrap, drawn as its own line
-    paths["plot"] = plot(records, [c["position"] for c in after if c["published"]],
-                         [c["position"] for c in after if not c["published"]], out / "plot.png", window=window,
-                         bootstrap_events=summary["bootstrap_events"], title=f"prequential, {summary['dataset']}: "
-                         "frozen after the bootstrap vs online fine-tuning vs the simple baselines")
-    return paths
 
 
 # --- the live system ------------------------------------------------------------------------------
@@ -442,14 +322,14 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
     started = time.monotonic()
     baselines = baseline_arms(log, boot, config)
     say("baselines (in this process, same chunks): " + ", ".join(
-        f"{name} R@{K} {_fmt(metrics_of(warm(recs))[f'recall@{K}'])}" for name, recs in baselines.items())
+        f"{name} R@{K} {fmt(metrics_of(warm(recs))[f'recall@{K}'])}" for name, recs in baselines.items())
         + f" ({time.monotonic() - started:.0f} s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="hymirec-simulate-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         base, how = stack.enter_context(harness.broker(settings, work))
         say(how, flush=True)
         started_workers = []
-        for name in ARMS:
+        for name in LIVE:
             s = harness.fresh(base, work, f"sim-{name}", **WORKER_OVERRIDES)
             (logs / f"worker-{name}.log").unlink(missing_ok=True)
             started_workers.append((name, s, stack.enter_context(faust_worker(s, logs / f"worker-{name}.log"))))
@@ -472,8 +352,10 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         trainer.margin, trainer.epochs = config.margin, config.epochs
         catalogue = read_items(items)
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
-        exact, diagnosed, signalled = exact_histories(log, boot), [], []
-        signals_only = SignalsOnly(exact, online.settings.recent_len, log["item_id"].iloc[:boot].tolist())
+        exact, diagnosed, applied = exact_histories(log, boot), [], log["item_id"].iloc[:boot].tolist()
+        blends = [SignalsOnly(exact, online.settings.recent_len, applied),
+                  ExactBlend(exact, online.settings.recent_len, applied, diagnostic)]
+        blended = {arm.name: [] for arm in blends}
         say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
             f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)
 
@@ -485,7 +367,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
             for arm in arms:
                 arm.score(chunk, start, bootstrap_items, config.timeout, phases)
             diagnosed += diagnostic_step(diagnostic, exact, chunk, start, bootstrap_items)
-            signalled += blend_step([signals_only], exact, chunk, start, bootstrap_items)[SignalsOnly.name]
+            for name, scored in blend_step(blends, exact, chunk, start, bootstrap_items).items():
+                blended[name] += scored
             t0 = time.perf_counter()
             _produce(arms, _write_chunk(work / "chunk.jsonl", chunk), None)
             t1 = time.perf_counter()
@@ -499,23 +382,23 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
                 c = _cycle(online, trainer, end, config.timeout)
                 since = 0
                 if c["published"]:
-                    diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, c["published"]), catalogue)
+                    diagnostic = blends[1].model = Diagnostic(ServedHyMiRec.load(online.settings, c["published"]), catalogue)
                 say(f"  online cycle at event {end:,}: {c['published'] or 'rejected'} ({c['train_s']:.0f} s train, "
                     f"{c['switch_s']:.0f} s switch) — {c['decision']}", flush=True)
             if end >= next_report or end == n:
                 next_report = end + max(config.chunk, (n - boot) // 10)
                 now = {a.name: metrics_of(warm(a.records))[f"recall@{K}"] for a in arms}
                 now[Diagnostic.name] = metrics_of(warm(diagnosed))[f"recall@{K}"]
-                now[SignalsOnly.name] = metrics_of(warm(signalled))[f"recall@{K}"]
+                now |= {name: metrics_of(warm(recs))[f"recall@{K}"] for name, recs in blended.items()}
                 now |= {name: metrics_of(warm([r for r in recs if r["position"] < end]))[f"recall@{K}"]
                         for name, recs in baselines.items()}
                 say(f"  {end:,}/{n:,} events ({time.monotonic() - started:.0f} s): running Recall@{K} "
-                    + ", ".join(f"{k} {_fmt(v)}" for k, v in now.items()) + "; seconds waiting for "
+                    + ", ".join(f"{k} {fmt(v)}" for k, v in now.items()) + "; seconds waiting for "
                     + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), flush=True)
 
-    records = {**{a.name: a.records for a in arms}, Diagnostic.name: diagnosed, SignalsOnly.name: signalled, **baselines}
+    records = {**{a.name: a.records for a in arms}, Diagnostic.name: diagnosed, **blended, **baselines}
     cycles = {a.name: a.cycles for a in arms}
-    summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=config)
+    summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=asdict(config))
     summary["wall_s"] = round(time.monotonic() - started, 1)
     summary["chunk_phases_s"] = {k: round(v, 1) for k, v in phases.items()}
     summary["outputs"] = {k: str(v) for k, v in write_outputs(out, summary, records, cycles, config.window).items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 import bench.simulate
 from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
-from bench.simulate import SimConfig, baseline_arms, run_in_process, run_simulation, summarise, summary_markdown
+from bench.simulate import SimConfig, baseline_arms, run_in_process, run_simulation
+from bench.simulate_report import summarise, summary_markdown
 from bench.simulate_plot import plot
 from hymirec.settings import Settings
 from model.baselines import MostPopular
@@ -85,7 +87,7 @@ def test_summary_and_paired_gap():
                          {"position": 120, "published": "v0002", "train_s": 2.0},
                          {"position": 130, "published": None, "train_s": 2.0}]}
     summary = summarise({"frozen": frozen, "online": online}, cycles, dataset="toy", log_events=140,
-                        bootstrap_events=100, config=SimConfig())
+                        bootstrap_events=100, config=asdict(SimConfig()))
     arms = summary["arms"]
     assert arms["frozen"]["recall@10"] == pytest.approx(0.25) and arms["online"]["recall@10"] == pytest.approx(0.5)
     assert arms["online"]["versions"] == ["v0001", "v0002"] and arms["online"]["rejected"] == 1
@@ -104,7 +106,7 @@ def test_summary_sets_the_baseline_arms_apart_and_names_the_best():
                "pop": records_of([1, 0, 0, 0, 0] * 8), "rules": records_of([1, 0] * 20)}
     cycles = {"frozen": [{"position": 100, "published": "v0001", "train_s": 3.0}],
               "online": [{"position": 100, "published": "v0001", "train_s": 3.0}]}
-    summary = summarise(records, cycles, dataset="toy", log_events=140, bootstrap_events=100, config=SimConfig())
+    summary = summarise(records, cycles, dataset="toy", log_events=140, bootstrap_events=100, config=asdict(SimConfig()))
     arms = summary["arms"]
     assert [arms[a]["kind"] for a in arms] == ["live", "live", "baseline", "baseline"]
     assert arms["pop"]["recall@10"] == pytest.approx(0.2) and arms["rules"]["cycles"] == 0
@@ -122,7 +124,7 @@ def test_summary_sets_the_baseline_arms_apart_and_names_the_best():
 def test_a_reference_arm_shows_no_cold_figure():
     """The diagnostic and signals-only arms answer warm users only: their cold cell is "-", not 0."""
     records = {"online": records_of([1, 0] * 10, cold_every=4), "signals-only": records_of([0, 1] * 10, cold_every=4)}
-    summary = summarise(records, {}, dataset="toy", log_events=120, bootstrap_events=100, config=SimConfig())
+    summary = summarise(records, {}, dataset="toy", log_events=120, bootstrap_events=100, config=asdict(SimConfig()))
     assert summary["arms"]["signals-only"]["kind"] == "reference"
     lines = summary_markdown(summary).splitlines()
     online, reference = (next(line for line in lines if line.startswith(f"| {arm} |")) for arm in ("online", "signals-only"))
@@ -324,6 +326,12 @@ def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
     assert not (diag["in_history"] & (diag["hit"] == 1)).any()
     assert summary["arms"]["diagnostic"]["kind"] == "reference" and summary["arms"]["diagnostic"]["recall@10"] > 0
     assert set(diag["model_version"].dropna()) <= set(summary["arms"]["online"]["versions"])
-    assert {"online − frozen", "online − diagnostic"} <= set(summary["gap"])
+    # The blend arms: the same events; exact-blend follows the online arm's versions like the diagnostic.
+    for name in ("signals-only", "exact-blend"):
+        blended = pd.read_csv(out / f"{name}_events.csv", dtype={"user_id": str, "item_id": str})
+        assert blended["position"].tolist() == frozen["position"].tolist()
+        assert not (blended["in_history"] & (blended["hit"] == 1)).any()
+        assert summary["arms"][name]["kind"] == "reference"
+    assert {"online − frozen", "online − diagnostic", "online − signals-only", "online − exact-blend"} <= set(summary["gap"])
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "| frozen |" in (out / "summary.md").read_text() and json.loads((out / "summary.json").read_text())["arms"]
