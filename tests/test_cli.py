@@ -47,8 +47,9 @@ def test_bad_input_is_one_line(args, env, fragment):
 
 def test_sigterm_runs_the_commands_clean_up():
     # `hymirec simulate` stops its broker and workers in `finally`/`with` blocks: SIGTERM must reach them.
-    script = ("import time\nfrom hymirec.cli import exit_on_sigterm\nexit_on_sigterm()\nprint('ready', flush=True)\n"
-              "try:\n    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)\n")
+    # 'ready' is printed inside the try: a SIGTERM right after it still finds the finally block.
+    script = ("import time\nfrom hymirec.cli import exit_on_sigterm\nexit_on_sigterm()\n"
+              "try:\n    print('ready', flush=True)\n    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.terminate()
