@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import Blend, Example, FirstSeen, Follows, Signals, candidates, fit, pool_of, top
+from model.blend import PRIOR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, model_candidates, top
 from model.ease import Cooccurrence
 from model.retrieval import topk_items
 from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POOL, POPULAR_CANDIDATES, POPULAR_KEEP
@@ -95,7 +95,7 @@ class SignalsOnly:
     the users' exact histories."""
 
     name = "signals-only"
-    prior = Blend(np.array([0.0, 0.0, 0.05, 1.0], dtype=np.float32))  # the neighbours, ties by popularity, until a fit
+    prior = Blend(np.array((0.0, *PRIOR[1:]), dtype=np.float32))  # the worker's prior, the model left out
 
     def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = (),
                  model: Diagnostic | None = None):
@@ -121,18 +121,13 @@ class SignalsOnly:
         """(names, features, fresh flags) of each history's candidates."""
         popular = self.signals.top_popular(POPULAR_CANDIDATES)
         if self.model is None:
-            cosines = [None] * len(histories)
+            found = [candidates(self.signals, history, {}, popular, set(history)) for history in histories]
         else:
-            cosines = self.model.cosines(histories)
-            fresh_rows = [j for j, i in enumerate(self.model.item_ids) if i in self.signals.fresh]
-        out = []
-        for history, scores in zip(histories, cosines):
-            seen = set(history)
-            pool = {} if scores is None else pool_of(scores, self.model.item_ids, seen, POOL)
-            known = None if scores is None else {self.model.item_ids[j]: float(scores[j]) for j in fresh_rows}
-            names, features = candidates(self.signals, history, pool, popular, seen, known)
-            out.append((names, features, self.signals.fresh_flags(names)))
-        return out
+            ids = self.model.item_ids
+            fresh_rows = [j for j, i in enumerate(ids) if i in self.signals.fresh]
+            found = [model_candidates(self.signals, history, scores, ids, fresh_rows, popular, POOL)
+                     for history, scores in zip(histories, self.model.cosines(histories))]
+        return [(names, features, self.signals.fresh_flags(names)) for names, features in found]
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         found = self.candidates_of(list(histories.values()))

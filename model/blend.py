@@ -298,6 +298,15 @@ def pool_of(scores: np.ndarray, ids: Sequence[str], seen: set[str], size: int) -
     return pool
 
 
+def model_candidates(signals: Signals, recent: Sequence[str], scores: np.ndarray, ids: Sequence[str],
+                     fresh_rows: Sequence[int], popular: Sequence[str], size: int) -> tuple[list[str], np.ndarray]:
+    """``candidates`` with the model's scores [N] of ``ids``: its pool of the ``size`` best items the
+    user has not had, and the exact scores of the fresh items (``fresh_rows``: their indices in ``ids``)."""
+    seen = set(recent)
+    return candidates(signals, recent, pool_of(scores, ids, seen, size), popular, seen,
+                      {ids[j]: float(scores[j]) for j in fresh_rows})
+
+
 def candidates(signals: Signals, recent: Sequence[str], pool: dict[str, float], popular: Sequence[str],
                seen: set[str], known: dict[str, float] | None = None) -> tuple[list[str], np.ndarray]:
     """A user's candidates and their features [len(FEATURES), C]: the model's ``pool`` ({item: cosine},

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import (LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, pool_of,
+from model.blend import (LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, fit, model_candidates,
                          popularity)
 from model.ease import Cooccurrence
 from serving.model import ServingModel
@@ -177,10 +177,7 @@ class BlendKeeper:
             group = events[start : start + FIT_USERS]
             cosine = (model.interests([before for before, _ in group]) @ matrix.T).max(axis=1)  # [B, N]
             for (before, target), scores in zip(group, cosine):
-                seen = set(before)
-                pool = pool_of(scores, ids, seen, POOL)
-                known = {ids[j]: float(scores[j]) for j in fresh_rows}
-                names, features = candidates(self.signals, before, pool, popular, seen, known)
+                names, features = model_candidates(self.signals, before, scores, ids, fresh_rows, popular, POOL)
                 if target in names:  # an item no candidate list holds cannot be learnt to rank
                     self.examples.append(Example(features, names.index(target),
                                                  self.signals.fresh_flags(names)))
