@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from contextlib import ExitStack
 from datetime import datetime, timezone
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,9 +61,9 @@ import pandas as pd
 
 from bench import harness
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
-from bench.prequential import K, metrics_of, paired_gap, score_chunk, warm
+from bench.prequential import K, metrics_of, score_chunk, warm
 from bench.simulate_plot import LIVE
-from bench.simulate_report import fmt, summarise, summary_markdown, write_outputs
+from bench.simulate_report import fmt, gaps, summarise, summary_markdown, write_outputs
 from hymirec.errors import HymirecError
 from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
@@ -185,11 +185,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     summary = summarise(records, {}, dataset=dataset, log_events=n, bootstrap_events=boot, config=asdict(config))
     best = max((a for a in summary["arms"] if summary["arms"][a]["kind"] == "baseline"),
                key=lambda a: summary["arms"][a][f"recall@{K}"] or 0.0)
-    pairs = [(best, arm.name) for arm in arms] + [(SignalsOnly.name, ExactBlend.name)] * model
-    for a, b in pairs:
-        for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
-            mean, se = paired_gap(records[a], records[b], key)
-            summary["gap"].setdefault(f"{b} − {a}", {})[metric] = {"mean": mean, "standard_error": se}
+    summary["gap"] |= gaps(records, [(best, arm.name) for arm in arms] + [(SignalsOnly.name, ExactBlend.name)] * model)
     return {**summary, "in_process": "with the model" if model else "signals-only"}
 
 

@@ -48,15 +48,19 @@ def summarise(records: dict[str, list[dict]], cycles: dict[str, list[dict]], *, 
     # histories, and how far the best baseline is.
     pairs = [("frozen", "online"), (Diagnostic.name, "online"), (SignalsOnly.name, "online"), (ExactBlend.name, "online"),
              (best.get("baseline"), "online")]
-    gap = {}
-    for a, b in pairs:
-        if a in records and b in records:
-            for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
-                mean, se = paired_gap(records[a], records[b], key)
-                gap.setdefault(f"{b} − {a}", {})[metric] = {"mean": mean, "standard_error": se}
     return {"dataset": dataset, "log_events": log_events, "bootstrap_events": bootstrap_events,
             "scored_events": len(next(iter(records.values()), [])), "config": config, "arms": arms,
-            "gap": gap, "best_baseline": best}
+            "gap": gaps(records, [(a, b) for a, b in pairs if a in records and b in records]), "best_baseline": best}
+
+
+def gaps(records: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> dict:
+    """{"b − a": {metric: {mean, standard_error}}}: the paired gap of each (a, b) of ``pairs``."""
+    out = {}
+    for a, b in pairs:
+        for key, metric in (("hit", f"recall@{K}"), ("ndcg", f"ndcg@{K}")):
+            mean, se = paired_gap(records[a], records[b], key)
+            out.setdefault(f"{b} − {a}", {})[metric] = {"mean": mean, "standard_error": se}
+    return out
 
 
 def fmt(value: float | None) -> str:
