@@ -29,6 +29,8 @@ from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POOL, PO
 from serving.model import ServingModel
 
 BATCH = 256  # users per interests call
+# simulate --in-process: v0001 kept frozen beside the versions fine-tuned in the process (bench.in_process)
+FROZEN_DIAGNOSTIC, FROZEN_BLEND = "frozen-diagnostic", "frozen-blend"
 
 
 class Diagnostic:
@@ -158,5 +160,7 @@ class ExactBlend(SignalsOnly):
     name = "exact-blend"
     prior = Blend()  # the worker's
 
-    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str], model: Diagnostic):
+    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str], model: Diagnostic,
+                 name: str = name):
         super().__init__(histories, recent_len, applied, model)
+        self.name = name

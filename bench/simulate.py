@@ -50,152 +50,35 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections import Counter
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench import harness
-from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
+from bench.arms import SimConfig, baseline_arms, blend_step, diagnostic_step, read_log
+from bench.in_process import run_in_process
+from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories
 from bench.prequential import K, metrics_of, score_chunk, warm
 from bench.simulate_plot import LIVE
-from bench.simulate_report import fmt, gaps, summarise, summary_markdown, write_outputs
+from bench.simulate_report import fmt, summarise, summary_markdown, write_outputs
 from hymirec.errors import HymirecError
 from hymirec.procs import ManagedProcess, faust_worker, wait_for, wait_serving
 from hymirec.settings import Settings
-from model.baselines import streaming_baselines
 from serving.reader import Recommender
 from serving.blend import counted_at
 from serving.hymirec import ServedHyMiRec
-from serving.model import ServingModel
-from store.logs import read_interactions, read_items, write_jsonl
+from store.logs import read_items, write_jsonl
 from store.registry import ModelRegistry
 from store.tables import Store
 from stream import datasets
 from stream.replay import replay
-from trainer.online import OnlineTrainer, announce, split_stream
-from trainer.serving_model import bootstrap
+from trainer.online import OnlineTrainer, announce
 
 # The workers' timers, shortened so a chunk is applied and its users' interests are fresh quickly.
 WORKER_OVERRIDES = {"batch_within_s": 0.2, "serving_refresh_s": 0.2, "popularity_refresh_s": 0.5}
-
-
-@dataclass
-class SimConfig:
-    frozen_after: float = 0.3
-    every_events: int = 5000
-    chunk: int = 500
-    epochs: int = 1  # per online cycle (a fine-tune)
-    bootstrap_epochs: int = 30  # v0001, which the frozen arm keeps (the service's trainer_bootstrap_epochs)
-    backbone: str = "tiny"
-    margin: float = 0.01
-    window: int = 1000
-    timeout: float = 300.0  # longest wait for one worker step (apply a chunk, switch a version)
-    recent_window: int = 2000  # recent-pop: counts over this many events before the chunk
-
-
-def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig) -> dict[str, list[dict]]:
-    """{baseline name: records}: the baselines through ``log`` (position, user_id, item_id) with the live
-    arms' protocol — the first ``boot`` events learnt, then chunk by chunk each event scored by
-    ``score_chunk`` against the state before its chunk, then the chunk applied."""
-    models = streaming_baselines(config.recent_window)
-    bootstrap_items = set(log["item_id"].iloc[:boot])
-    events = list(zip(log["user_id"].tolist(), log["item_id"].tolist()))
-    for m in models:
-        m.apply(events[:boot])
-    records = {m.name: [] for m in models}
-    for start in range(boot, len(log), config.chunk):
-        chunk = log.iloc[start : start + config.chunk]
-        users = list(dict.fromkeys(chunk["user_id"].tolist()))
-        for m in models:
-            histories = {u: h for u in users if (h := m.history(u)) is not None}
-            records[m.name] += score_chunk(chunk, {u: (m.name, m.top(u, K)) for u in users}, histories, start,
-                                           bootstrap_items)
-            m.apply(events[start : start + config.chunk])
-    return records
-
-
-def read_log(interactions: Path, limit: int | None, config: SimConfig) -> tuple[pd.DataFrame, int]:
-    """The log (with its ``position`` column) and how many of its first events bootstrap."""
-    log = read_interactions(interactions, limit=limit)
-    boot = int(round(config.frozen_after * len(log)))
-    if not 0 < boot < len(log):
-        raise HymirecError(f"--frozen-after {config.frozen_after} leaves no bootstrap or no events to score ({len(log)} events)")
-    return log.assign(position=np.arange(len(log))), boot
-
-
-def blend_step(arms: list[SignalsOnly], exact: dict[str, list[str]], chunk: pd.DataFrame, start: int,
-               bootstrap_items: set[str]) -> dict[str, list[dict]]:
-    """The in-process blend arms on one chunk: its events scored against each arm's answers from
-    ``exact`` (the users' histories before it), then the chunk applied to ``exact`` and learnt from."""
-    users = list(dict.fromkeys(chunk["user_id"].tolist()))
-    known = {u: exact[u] for u in users if u in exact}
-    records = {}
-    for arm in arms:
-        tops = arm.top(known, K)
-        records[arm.name] = score_chunk(chunk, {u: (arm.name, tops.get(u, [])) for u in users}, known, start,
-                                        bootstrap_items)
-    extend(exact, chunk)
-    for arm in arms:
-        arm.learn(exact, Counter(chunk["user_id"].tolist()))
-    return records
-
-
-def bootstrap_version(settings: Settings, histories: dict[str, list[str]], catalogue: pd.DataFrame,
-                      config: SimConfig) -> ServingModel:
-    """v0001 as the online trainer's first cycle trains it from these histories (its newest events held
-    out), in this process."""
-    frame = pd.DataFrame({"user_id": list(histories), "history_item_ids": list(histories.values()),
-                          "event_count": [len(h) for h in histories.values()]})
-    data = split_stream(frame, catalogue, {}, settings.trainer_holdout)
-    return bootstrap(settings, data.items, data.sequences, config.bootstrap_epochs, config.backbone)
-
-
-def run_in_process(settings: Settings, interactions: Path, items: Path, *, config: SimConfig, dataset: str,
-                   limit: int | None = None, model: bool = False) -> dict:
-    """The arms that run in this process (no broker or workers), on the live arms' protocol: the
-    baselines and the signals-only blend; with ``model``, also v0001 trained here on the bootstrap part
-    and kept frozen, scored on exact histories alone (diagnostic) and in the blend (exact-blend). A
-    minute (a few with the model) on a validation slice, for choosing the blend's settings; returns the
-    summary, with the gaps of the blend arms to the best baseline (and exact-blend − signals-only, the
-    model's share)."""
-    log, boot = read_log(interactions, limit, config)
-    n = len(log)
-    records = baseline_arms(log, boot, config)
-    exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
-    applied = log["item_id"].iloc[:boot].tolist()
-    arms, diagnostic = [SignalsOnly(exact, settings.recent_len, applied)], None
-    if model:
-        catalogue = read_items(items)
-        diagnostic = Diagnostic(bootstrap_version(settings, exact, catalogue, config), catalogue)
-        arms.append(ExactBlend(exact, settings.recent_len, applied, diagnostic))
-        records[Diagnostic.name] = []
-    for arm in arms:
-        records[arm.name] = []
-    for start in range(boot, n, config.chunk):
-        chunk = log.iloc[start : start + config.chunk]
-        if diagnostic is not None:
-            records[Diagnostic.name] += diagnostic_step(diagnostic, exact, chunk, start, bootstrap_items)
-        for name, scored in blend_step(arms, exact, chunk, start, bootstrap_items).items():
-            records[name] += scored
-    summary = summarise(records, {}, dataset=dataset, log_events=n, bootstrap_events=boot, config=asdict(config))
-    best = max((a for a in summary["arms"] if summary["arms"][a]["kind"] == "baseline"),
-               key=lambda a: summary["arms"][a][f"recall@{K}"] or 0.0)
-    summary["gap"] |= gaps(records, [(best, arm.name) for arm in arms] + [(SignalsOnly.name, ExactBlend.name)] * model)
-    return {**summary, "in_process": "with the model" if model else "signals-only"}
-
-
-def diagnostic_step(diagnostic: Diagnostic, exact: dict[str, list[str]], chunk: pd.DataFrame, start: int,
-                    bootstrap_items: set[str]) -> list[dict]:
-    """The diagnostic arm on one chunk, against ``exact`` as it stands before it."""
-    users = list(dict.fromkeys(chunk["user_id"].tolist()))
-    known = {u: exact[u] for u in users if u in exact}
-    tops = diagnostic.top(known, K)
-    return score_chunk(chunk, {u: (diagnostic.version, tops.get(u, [])) for u in users}, known, start, bootstrap_items)
 
 
 # --- the live system ------------------------------------------------------------------------------

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly
+from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly
 from bench.prequential import K, rolling
 
 LIVE = ("frozen", "online")  # the arms served by a live system
-REFERENCE = (Diagnostic.name, SignalsOnly.name, ExactBlend.name)  # computed in the simulation's process
+# computed in the simulation's process
+REFERENCE = (Diagnostic.name, SignalsOnly.name, ExactBlend.name, FROZEN_DIAGNOSTIC, FROZEN_BLEND)
 
 
 def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int], path: Path, *, window: int,
@@ -26,7 +27,8 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     colours = {"frozen": "tab:blue", "online": "tab:orange", "pop": "tab:brown", "recent-pop": "tab:green",
                "rules": "tab:purple", "item-knn": "tab:cyan", "ease": "black", "diagnostic": "tab:red",
-               "signals-only": "tab:grey", "exact-blend": "tab:olive"}
+               "signals-only": "tab:grey", "exact-blend": "tab:olive",
+               FROZEN_DIAGNOSTIC: "tab:pink", FROZEN_BLEND: "darkkhaki"}
     for name, recs in records.items():
         curve = rolling(recs, window)
         style = ({"linewidth": 1.2} if name in LIVE else {"linewidth": 0.9, "linestyle": ":"} if name in REFERENCE

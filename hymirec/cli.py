@@ -405,11 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="output directory (default results/simulate/<dataset>)")
     in_process = sim.add_mutually_exclusive_group()
     in_process.add_argument("--signals-only", action="store_true",
-                     help="only the arms that need no model, in this process: the baselines and the serving blend "
-                          "without the model (a minute on a validation slice: choose blend settings with it)")
+                            help="only the arms that need no model, in this process: the baselines and the serving "
+                                 "blend without the model (a minute on a validation slice: choose blend settings with it)")
     in_process.add_argument("--in-process", action="store_true",
-                     help="only the arms that run in this process: those of --signals-only, plus v0001 trained here "
-                          "and kept frozen, alone on exact histories (diagnostic) and in the blend (exact-blend)")
+                            help="only the arms that run in this process: those of --signals-only, plus the trainer's "
+                                 "cycles run here (v0001, then a fine-tune every --every-events, no guardrail), alone "
+                                 "on exact histories (diagnostic) and in the blend (exact-blend), each beside v0001 "
+                                 "kept frozen (frozen-diagnostic, frozen-blend)")
     sim.set_defaults(func=_cmd_simulate)
 
     return parser

@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-import bench.simulate
+import bench.arms
 from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
-from bench.simulate import SimConfig, baseline_arms, run_in_process, run_simulation
+from bench.arms import SimConfig, baseline_arms
+from bench.in_process import run_in_process
+from bench.simulate import run_simulation
 from bench.simulate_report import summarise, summary_markdown
 from bench.simulate_plot import plot
 from hymirec.settings import Settings
@@ -27,6 +29,7 @@ from stream.datasets import export_synthetic
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
 from store.logs import read_interactions
+from trainer.serving_model import HyMiRecServing
 
 from helpers import model_settings, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 
@@ -145,7 +148,7 @@ def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch
         calls.append((events["position"].tolist(), applied))
         return score_chunk(events, answers, histories, applied, bootstrap_items, k)
 
-    monkeypatch.setattr(bench.simulate, "score_chunk", spy)
+    monkeypatch.setattr(bench.arms, "score_chunk", spy)
     records = baseline_arms(log, boot, config)
     assert list(records) == ["pop", "recent-pop", "rules", "item-knn", "ease"]
     chunks = [(list(range(s, min(s + 40, n))), s) for s in range(boot, n, 40)]
@@ -184,18 +187,30 @@ def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_pa
     assert "only the arms that need no model" in summary_markdown(summary)
 
 
-def test_in_process_adds_the_frozen_bootstrap_alone_and_blended(tmp_path: Path):
+def test_in_process_runs_the_trainers_cycles_beside_the_frozen_bootstrap(tmp_path: Path, monkeypatch):
     export_synthetic(tmp_path, users=30, items=80, interests=4, events_per_user=12, drift=0.5, seed=3, fresh_items=0.3)
-    config = SimConfig(frozen_after=0.3, chunk=40, recent_window=50, bootstrap_epochs=1)
+    config = SimConfig(frozen_after=0.3, every_events=100, chunk=40, recent_window=50, bootstrap_epochs=1)
     settings = model_settings(str(tmp_path / "lancedb"))
+    tuned = []  # (the version fine-tuned, the histories' events then)
+    fine_tune = HyMiRecServing.fine_tune
+    monkeypatch.setattr(HyMiRecServing, "fine_tune", lambda self, items, sequences, epochs: tuned.append(
+        (self, sum(map(len, sequences.values())))) or fine_tune(self, items, sequences, epochs))
     summary = run_in_process(settings, tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
                              dataset="toy", model=True)
-    arms = summary["arms"]
-    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "diagnostic", "signals-only", "exact-blend"]
-    assert {arms[a]["kind"] for a in ("diagnostic", "signals-only", "exact-blend")} == {"reference"}
+    arms, boot, n = summary["arms"], summary["bootstrap_events"], summary["log_events"]
+    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "diagnostic", "frozen-diagnostic",
+                          "signals-only", "exact-blend", "frozen-blend"]
+    assert {arms[a]["kind"] for a in ("diagnostic", "frozen-diagnostic", "signals-only", "exact-blend", "frozen-blend")} == {"reference"}
     assert len({a["events"] for a in arms.values()}) == 1 and arms["diagnostic"]["recall@10"] > 0
-    share = summary["gap"]["exact-blend − signals-only"]["recall@10"]
-    assert share["mean"] == pytest.approx(arms["exact-blend"]["recall@10"] - arms["signals-only"]["recall@10"])
+    # A fine-tune after every 3 chunks (120 ≥ 100 events), never after the last; each from the one before.
+    positions = list(range(boot + 120, n, 120))
+    assert arms["diagnostic"]["switch_positions"] == arms["exact-blend"]["switch_positions"] == positions
+    assert arms["frozen-diagnostic"]["cycles"] == arms["frozen-blend"]["cycles"] == 0
+    assert len(tuned) == len(positions) and len({id(version) for version, _ in tuned}) == len(tuned)
+    assert [events for _, events in tuned] == sorted(events for _, events in tuned)  # the histories grow
+    for a, b in (("frozen-blend", "exact-blend"), ("signals-only", "exact-blend"), ("frozen-diagnostic", "diagnostic")):
+        gap = summary["gap"][f"{b} − {a}"]["recall@10"]
+        assert gap["mean"] == pytest.approx(arms[b]["recall@10"] - arms[a]["recall@10"])
     assert "--in-process" in summary_markdown(summary)
 
 
