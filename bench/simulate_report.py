@@ -82,9 +82,10 @@ def summary_markdown(summary: dict) -> str:
         how = ("are applied first, the other {scored:,} scored before they are applied (chunks of {chunk}); only the "
                "arms that need no model (--signals-only)")
     elif summary.get("in_process"):
-        how = ("bootstrap v0001 ({bootstrap_epochs} epochs, trained in this process and kept frozen), the other "
-               "{scored:,} scored before they are applied (chunks of {chunk}); only the arms that run in this "
-               "process (--in-process)")
+        how = ("bootstrap v0001 ({bootstrap_epochs} epochs, trained in this process), the other {scored:,} scored "
+               "before they are applied (chunks of {chunk}); only the arms that run in this process (--in-process): "
+               "the trainer's cycles too, a fine-tune every {every_events:,} events, {epochs} epoch(s) each, no "
+               "guardrail (diagnostic, exact-blend), beside v0001 kept frozen (frozen-diagnostic, frozen-blend)")
     lines = [
         f"Prequential Recall@{K} / NDCG@{K} on {summary['dataset']}: {summary['log_events']:,} events, the first "
         f"{summary['bootstrap_events']:,} " + how.format(scored=summary["scored_events"], **summary["config"]) + ".",
@@ -98,7 +99,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append(
             f"| {name} | {arm['events']:,} | {fmt(arm[r])} | {fmt(arm[n])} | {fmt(t[0][r])} | {fmt(t[1][r])} | "
             f"{fmt(t[2][r])} | {_cold(arm)} | "
-            + ("- | - | - |" if arm.get("kind") != "live" else
+            + ("- | - | - |" if arm.get("kind") != "live" and not arm.get("cycles") else
                f"{len(arm['versions']) or 1} | {arm['cycles']} ({arm['rejected']}) | {arm['train_s']:.0f} |"))
     lines += ["", "Warm events by item: *new* = no event in the bootstrap part (v0001 never saw it used).", "",
               f"| arm | new-item events | R@{K} | N@{K} | old-item events | R@{K} | N@{K} |", "|---|---:|---:|---:|---:|---:|---:|"]
