@@ -23,7 +23,7 @@ class SimConfig:
     frozen_after: float = 0.3
     every_events: int = 5000
     chunk: int = 500
-    epochs: int = 1  # per online cycle (a fine-tune)
+    epochs: int = 5  # per online cycle, a fine-tune (the service's trainer_epochs)
     bootstrap_epochs: int = 30  # v0001, which the frozen arm keeps (the service's trainer_bootstrap_epochs)
     backbone: str = "tiny"
     margin: float = 0.01

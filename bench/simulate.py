@@ -315,8 +315,8 @@ def simulate_command(args, settings: Settings) -> int:
     else:
         interactions, items, name, limit = args.interactions, args.items, args.interactions.parent.name, args.limit
     config = SimConfig(**{k: v for k, v in dict(
-        frozen_after=args.frozen_after, every_events=args.every_events, chunk=args.chunk, epochs=args.epochs,
-        bootstrap_epochs=args.bootstrap_epochs or settings.trainer_bootstrap_epochs,
+        frozen_after=args.frozen_after, every_events=args.every_events, chunk=args.chunk,
+        epochs=args.epochs or settings.trainer_epochs, bootstrap_epochs=args.bootstrap_epochs or settings.trainer_bootstrap_epochs,
         backbone=args.backbone, margin=settings.trainer_margin if args.margin is None else args.margin,
         window=args.window).items() if v is not None})
     if args.signals_only or args.in_process:

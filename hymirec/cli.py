@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--every-events", type=_positive_int, help="online arm: a trainer cycle every N events (default 5000)")
     sim.add_argument("--chunk", type=_positive_int, help="events scored, then applied, per step (default 500)")
     sim.add_argument("--limit", type=_positive_int, help="first N events of the log (--dataset ml-100k: 30000 unless given)")
-    sim.add_argument("--epochs", type=_positive_int, help="epochs per online trainer cycle (default 1)")
+    sim.add_argument("--epochs", type=_positive_int, help="epochs per online trainer cycle (default HYMIREC_TRAINER_EPOCHS)")
     sim.add_argument("--bootstrap-epochs", type=_positive_int, help="epochs of v0001, the frozen model (default HYMIREC_TRAINER_BOOTSTRAP_EPOCHS)")
     sim.add_argument("--backbone", help="backbone of v0001 (default tiny)")
     sim.add_argument("--margin", type=float, help="online guardrail margin (default HYMIREC_TRAINER_MARGIN)")
