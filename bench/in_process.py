@@ -23,7 +23,7 @@ from bench.prequential import K
 from bench.simulate_report import gaps, summarise
 from hymirec.settings import Settings
 from store.logs import read_items
-from trainer.online import split_stream
+from trainer.online import CycleData, split_stream
 from trainer.serving_model import HyMiRecServing, bootstrap
 
 
@@ -51,7 +51,7 @@ class Versions:
                             "train_s": trained.get("train_s", 0.0)})
         return self.newest
 
-    def _split(self, histories: dict[str, list[str]]):
+    def _split(self, histories: dict[str, list[str]]) -> CycleData:
         frame = pd.DataFrame({"user_id": list(histories), "history_item_ids": list(histories.values()),
                               "event_count": [len(h) for h in histories.values()]})
         data = split_stream(frame, self.catalogue, self.trained, self.settings.trainer_holdout)
@@ -75,8 +75,8 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
         versions = Versions(settings, catalogue, config)
         first = Diagnostic(versions.first(exact), catalogue)
         diagnostics = {Diagnostic.name: first, FROZEN_DIAGNOSTIC: first}
-        arms += [ExactBlend(exact, settings.recent_len, applied, first),
-                 ExactBlend(exact, settings.recent_len, applied, first, name=FROZEN_BLEND)]
+        online = ExactBlend(exact, settings.recent_len, applied, first)
+        arms += [online, ExactBlend(exact, settings.recent_len, applied, first, name=FROZEN_BLEND)]
     records |= {name: [] for name in [*diagnostics, *(arm.name for arm in arms)]}
     since = 0
     for start in range(boot, n, config.chunk):
@@ -87,7 +87,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
             records[name] += scored
         since += len(chunk)
         if model and since >= config.every_events and start + config.chunk < n:
-            diagnostics[Diagnostic.name] = arms[1].model = Diagnostic(versions.fine_tune(exact, start + len(chunk)), catalogue)
+            diagnostics[Diagnostic.name] = online.model = Diagnostic(versions.fine_tune(exact, start + len(chunk)), catalogue)
             since = 0
     cycles = {Diagnostic.name: versions.cycles, ExactBlend.name: versions.cycles} if model else {}
     summary = summarise(records, cycles, dataset=dataset, log_events=n, bootstrap_events=boot, config=asdict(config))
