@@ -46,9 +46,9 @@ class Versions:
     def fine_tune(self, histories: dict[str, list[str]], position: int) -> HyMiRecServing:
         data = self._split(histories)
         self.newest = self.newest.fine_tune(data.items, data.sequences, self.config.epochs)
-        trained = self.newest.manifest["trained_on"]
-        self.cycles.append({"position": position, "published": f"cycle {len(self.cycles) + 1}", "decision": "no guardrail",
-                            "train_s": trained.get("train_s", 0.0)})
+        # What the report reads of a cycle: where it switched, what it published, how long it trained.
+        self.cycles.append({"position": position, "published": f"cycle {len(self.cycles) + 1}",
+                            "train_s": self.newest.manifest["trained_on"].get("train_s", 0.0)})
         return self.newest
 
     def _split(self, histories: dict[str, list[str]]) -> CycleData:
