@@ -197,16 +197,23 @@ def _user_mix(rng: np.random.Generator, topics: int, drift: float) -> tuple[np.n
     return start, w_start, end, _weights(rng, len(end))
 
 
-def _topic_sequence(rng: np.random.Generator, n: int, start: np.ndarray, w_start: np.ndarray,
-                    end: np.ndarray, w_end: np.ndarray, drift: float) -> np.ndarray:
-    """Topic of each of a user's n events: drawn from the (drifting) mix, with short sticky runs."""
+def topic_mix(start: np.ndarray, w_start: np.ndarray, end: np.ndarray, w_end: np.ndarray, drift: float,
+              events: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(topics, mix [len(events), len(topics)]): a user's topic weights at their ``events`` (indices
+    among their n events), moving from the start mix to the end one over the timeline."""
     union = np.union1d(start, end)
     ws = np.zeros(len(union))
     ws[np.searchsorted(union, start)] = w_start
     we = np.zeros(len(union))
     we[np.searchsorted(union, end)] = w_end
-    t = ((np.arange(n) + 0.5) / n)[:, None]  # position in the timeline, 0..1
-    mix = (1 - drift * t) * ws + drift * t * we  # (n, |union|), rows sum to 1
+    t = ((np.asarray(events) + 0.5) / n)[:, None]  # position in the timeline, 0..1
+    return union, (1 - drift * t) * ws + drift * t * we  # rows sum to 1
+
+
+def _topic_sequence(rng: np.random.Generator, n: int, start: np.ndarray, w_start: np.ndarray,
+                    end: np.ndarray, w_end: np.ndarray, drift: float) -> np.ndarray:
+    """Topic of each of a user's n events: drawn from the (drifting) mix, with short sticky runs."""
+    union, mix = topic_mix(start, w_start, end, w_end, drift, np.arange(n), n)
     cdf = np.cumsum(mix, axis=1)
     drawn = np.minimum((rng.random((n, 1)) > cdf).sum(axis=1), len(union) - 1)
     # A run continues the previous event's topic: forward-fill from the last non-staying event.
@@ -227,6 +234,13 @@ def _release_times(rng: np.random.Generator, members: list[np.ndarray], items: i
     return release
 
 
+def item_logits(log_popularity: np.ndarray, release: np.ndarray, now: int) -> np.ndarray:
+    """Log-popularity of items (within their topic) at time ``now``, with the boost of a recent release
+    (``release``: ms, -1 for items there from the start)."""
+    age = np.maximum(now - release, 0)
+    return log_popularity + np.where(release >= 0, FRESH_BOOST * np.exp(-age / FRESH_DECAY_MS), 0.0)
+
+
 def _choose_released(rng: np.random.Generator, seq: np.ndarray, ts: np.ndarray, members: list[np.ndarray],
                      log_popularity: list[np.ndarray], release: np.ndarray) -> np.ndarray:
     """Item of each of a user's events, in time order: among its topic's items released by then and
@@ -237,14 +251,30 @@ def _choose_released(rng: np.random.Generator, seq: np.ndarray, ts: np.ndarray, 
     for i, (t, now) in enumerate(zip(seq, ts)):
         pool = members[t]
         out = release[pool] > now
-        age = np.maximum(now - release[pool], 0)
-        logits = log_popularity[t] + np.where(release[pool] >= 0, FRESH_BOOST * np.exp(-age / FRESH_DECAY_MS), 0.0)
+        logits = item_logits(log_popularity[t], release[pool], now)
         unseen = ~out & ~np.isin(pool, list(seen))
         allowed = unseen if unseen.any() else ~out
         j = pool[np.argmax(np.where(allowed, logits + rng.gumbel(size=len(pool)), -np.inf))]
         chosen[i] = j
         seen.add(int(j))
     return chosen
+
+
+def _plant(rng: np.random.Generator, items: int, interests: int) -> tuple[list[list[str]], np.ndarray, list[np.ndarray]]:
+    """(vocabulary, each item's topic, each topic's items' log-popularity): the catalogue's hidden side.
+    Topics own items round-robin after a shuffle; Zipf popularity in random rank order."""
+    vocab = _vocabulary(rng, interests)
+    item_topic = rng.permutation(np.arange(items) % interests)
+    log_popularity = [rng.permutation(-ZIPF_EXPONENT * np.log(np.arange(1, (item_topic == t).sum() + 1)))
+                      for t in range(interests)]
+    return vocab, item_topic, log_popularity
+
+
+def planted_catalogue(seed: int, items: int, interests: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(each item's topic, each topic's items' log-popularity, in item order): what ``export_synthetic``
+    with this seed drew first, for a reader that knows the generator (``bench.oracle``)."""
+    _, item_topic, log_popularity = _plant(np.random.default_rng(seed), items, interests)
+    return item_topic, log_popularity
 
 
 def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, interests: int,
@@ -280,11 +310,8 @@ def export_synthetic(out_dir: str | os.PathLike, *, users: int, items: int, inte
     item_ids = [f"i{j:0{len(str(items - 1))}d}" for j in range(items)]
     user_ids = [f"u{u:0{len(str(users - 1))}d}" for u in range(users)]
 
-    # Catalogue: topics own items round-robin after a shuffle; Zipf popularity in random rank order.
-    vocab = _vocabulary(rng, interests)
-    item_topic = rng.permutation(np.arange(items) % interests)
+    vocab, item_topic, log_popularity = _plant(rng, items, interests)
     members = [np.flatnonzero(item_topic == t) for t in range(interests)]
-    log_popularity = [rng.permutation(-ZIPF_EXPONENT * np.log(np.arange(1, len(m) + 1))) for m in members]
     # Item text: TOPIC_WORDS_PER_ITEM distinct words of its topic and one filler, in random order.
     picks = np.argsort(rng.random((items, WORDS_PER_TOPIC)), axis=1)[:, :TOPIC_WORDS_PER_ITEM]
     filler = rng.integers(len(FILLER), size=items)
