@@ -5,6 +5,7 @@ and the blend arms), each scored by ``bench.prequential.score_chunk`` against it
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from bench.diagnostic import Diagnostic, SignalsOnly, extend
 from bench.prequential import K, score_chunk
 from hymirec.errors import HymirecError
 from model.baselines import streaming_baselines
-from store.logs import read_interactions
+from store.logs import read_interactions, read_items
 
 
 @dataclass
@@ -41,11 +42,18 @@ def read_log(interactions: Path, limit: int | None, config: SimConfig) -> tuple[
     return log.assign(position=np.arange(len(log))), boot
 
 
-def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig) -> dict[str, list[dict]]:
+def categories_of(items: Path) -> dict[str, str | None]:
+    """{item_id: category} of a catalogue file."""
+    catalogue = read_items(items)
+    return dict(zip(catalogue["item_id"].tolist(), catalogue["category"].tolist()))
+
+
+def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig, categories: Mapping[str, str | None]) -> dict[str, list[dict]]:
     """{baseline name: records}: the baselines through ``log`` (position, user_id, item_id) with the live
     arms' protocol — the first ``boot`` events learnt, then chunk by chunk each event scored by
-    ``score_chunk`` against the state before its chunk, then the chunk applied."""
-    models = streaming_baselines(config.recent_window)
+    ``score_chunk`` against the state before its chunk, then the chunk applied. ``categories``: the
+    items' (cat-trend's)."""
+    models = streaming_baselines(categories, config.recent_window)
     bootstrap_items = set(log["item_id"].iloc[:boot])
     events = list(zip(log["user_id"].tolist(), log["item_id"].tolist()))
     for m in models:

@@ -16,7 +16,7 @@ The *signals-only* arm (``SignalsOnly``): the serving blend with the model left 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ import torch
 
 from model.blend import PRIOR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, model_candidates, top
 from model.ease import Cooccurrence
+from model.trend import Trend
 from model.retrieval import topk_items
 from serving.blend import EXAMPLES_KEEP, FOLLOWS_KEEP, NEIGHBOURS_KEEP, POOL, POPULAR_CANDIDATES, POPULAR_KEEP
 from serving.model import ServingModel
@@ -100,8 +101,9 @@ class SignalsOnly:
     prior = Blend(np.array((0.0, *PRIOR[1:]), dtype=np.float32))  # the worker's prior, the model left out
 
     def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = (),
-                 model: Diagnostic | None = None):
-        """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh)."""
+                 model: Diagnostic | None = None, *, categories: Mapping[str, str | None]):
+        """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh,
+        and the trend's decay); ``categories``: the items' (the trend's)."""
         self.recent_len = recent_len
         self.model = model
         self.running = Follows.count(histories.values())  # the worker counts along the bootstrap replay
@@ -109,6 +111,9 @@ class SignalsOnly:
         self.pairs.add(list(histories.values()), [len(h) for h in histories.values()])  # and the co-occurrence
         self.first_seen = FirstSeen()
         self.first_seen.add(applied)
+        self.trend = Trend(categories)
+        for item in applied:
+            self.trend.add([item])
         self.signals = self._stored(histories)
         self.blend = self.prior
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
@@ -117,7 +122,7 @@ class SignalsOnly:
         recent = [h[-self.recent_len:] for h in histories.values()]
         popular = Counter(i for r in recent for i in r)
         return Signals(self.running.top(FOLLOWS_KEEP), dict(popular), self.pairs.weights(NEIGHBOURS_KEEP),
-                       self.first_seen.fresh()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
+                       self.first_seen.fresh(), self.trend.shares()).kept(FOLLOWS_KEEP, POPULAR_KEEP)
 
     def candidates_of(self, histories: list[list[str]]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
         """(names, features, fresh flags) of each history's candidates."""
@@ -150,6 +155,7 @@ class SignalsOnly:
         for user, count in new.items():
             self.running.add(histories[user], count)
             self.first_seen.add(histories[user][-count:])
+        self.trend.add([item for user, count in new.items() for item in histories[user][-count:]])
         self.signals = self._stored(histories)
 
 
@@ -161,6 +167,6 @@ class ExactBlend(SignalsOnly):
     prior = Blend()  # the worker's
 
     def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str], model: Diagnostic,
-                 name: str = name):
-        super().__init__(histories, recent_len, applied, model)
+                 name: str = name, *, categories: Mapping[str, str | None]):
+        super().__init__(histories, recent_len, applied, model, categories=categories)
         self.name = name

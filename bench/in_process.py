@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.arms import SimConfig, baseline_arms, blend_step, diagnostic_step, read_log
+from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly, exact_histories
+from bench.oracle import ORACLE, oracle_arm
 from bench.prequential import K
 from bench.simulate_report import gaps, summarise
 from hymirec.settings import Settings
@@ -66,17 +67,20 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     signals-only (the model's share) and the online − frozen gaps."""
     log, boot = read_log(interactions, limit, config)
     n = len(log)
-    records = baseline_arms(log, boot, config)
+    categories = categories_of(items)
+    records = baseline_arms(log, boot, config, categories)
+    if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
+        records[ORACLE] = ceiling
     exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
     applied = log["item_id"].iloc[:boot].tolist()
-    arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied)], {}
+    arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied, categories=categories)], {}
     if model:
         catalogue = read_items(items)
         versions = Versions(settings, catalogue, config)
         first = Diagnostic(versions.first(exact), catalogue)
         diagnostics = {Diagnostic.name: first, FROZEN_DIAGNOSTIC: first}
-        online = ExactBlend(exact, settings.recent_len, applied, first)
-        arms += [online, ExactBlend(exact, settings.recent_len, applied, first, name=FROZEN_BLEND)]
+        online = ExactBlend(exact, settings.recent_len, applied, first, categories=categories)
+        arms += [online, ExactBlend(exact, settings.recent_len, applied, first, name=FROZEN_BLEND, categories=categories)]
     records |= {name: [] for name in [*diagnostics, *(arm.name for arm in arms)]}
     since = 0
     for start in range(boot, n, config.chunk):

@@ -30,6 +30,9 @@ rules) run in this process on the same log, with no worker: each learns the boot
 chunk is scored against its state before the chunk (the user's applied items left out, a user with no
 applied event cold) by the same ``score_chunk``, and then applied.
 
+**Oracle arm** (synthetic datasets only, ``bench.oracle``): every item ranked by the generator's own
+probability of the user's next item, from its hidden parameters: the ceiling under this protocol.
+
 **Diagnostic arm.** The online arm's live version, loaded in this process after each switch, scores every
 chunk straight from the users' exact histories (``bench.diagnostic``: no worker, no stored codes, no ANN,
 no refresh lag), with the same warm users and seen items. Diagnostic against offline leave-one-out is
@@ -58,9 +61,10 @@ from pathlib import Path
 import pandas as pd
 
 from bench import harness
-from bench.arms import SimConfig, baseline_arms, blend_step, diagnostic_step, read_log
+from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.in_process import run_in_process
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories
+from bench.oracle import ORACLE, oracle_arm
 from bench.prequential import K, metrics_of, score_chunk, warm
 from bench.simulate_plot import LIVE
 from bench.simulate_report import fmt, summarise, summary_markdown, write_outputs
@@ -199,7 +203,10 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         flush=True)
     logs = out / "logs"
     started = time.monotonic()
-    baselines = baseline_arms(log, boot, config)
+    categories = categories_of(items)
+    baselines = baseline_arms(log, boot, config, categories)
+    if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
+        baselines[ORACLE] = ceiling
     say("baselines (in this process, same chunks): " + ", ".join(
         f"{name} R@{K} {fmt(metrics_of(warm(recs))[f'recall@{K}'])}" for name, recs in baselines.items())
         + f" ({time.monotonic() - started:.0f} s)", flush=True)
@@ -232,8 +239,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         catalogue = read_items(items)
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
         exact, diagnosed, applied = exact_histories(log, boot), [], log["item_id"].iloc[:boot].tolist()
-        blends = [SignalsOnly(exact, online.settings.recent_len, applied),
-                  ExactBlend(exact, online.settings.recent_len, applied, diagnostic)]
+        blends = [SignalsOnly(exact, online.settings.recent_len, applied, categories=categories),
+                  ExactBlend(exact, online.settings.recent_len, applied, diagnostic, categories=categories)]
         blended = {arm.name: [] for arm in blends}
         say(f"bootstrap: {boot:,} events applied, {first['published']} trained in {first['train_s']:.0f} s and served "
             f"by both arms ({time.monotonic() - started:.0f} s)", flush=True)

@@ -8,6 +8,9 @@ top-k reader.
   co-occurrence counted along the stream (solved again whenever a history changed);
 - ``fresh_items``: the fresh items, when each first came and its events since (read back at a start,
   so that a restart does not make every item old, or new);
+- ``item_trend``: the TREND_KEEP items with the heaviest decayed event counts (``model.trend``), with
+  their category and share of it (read back at a start too: a recount from users' recent items would
+  weigh an event of last month like one of the last minute);
 - ``serving_blend``: the weights, one row.
 
 ``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
@@ -30,9 +33,12 @@ from lancedb.expr import col
 from model.blend import (LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, fit, model_candidates,
                          popularity)
 from model.ease import Cooccurrence
+from model.trend import KEEP as TREND_KEEP
+from model.trend import Trend
 from serving.model import ServingModel
-from store.schemas import (BLEND, FOLLOWS, FRESH, HISTORIES, NEIGHBOURS, POPULAR, blend_schema, follows_schema,
-                           fresh_schema, histories_schema, item_vectors_schema, neighbours_schema, popular_schema)
+from store.schemas import (BLEND, FOLLOWS, FRESH, HISTORIES, NEIGHBOURS, POPULAR, TREND, blend_schema, follows_schema,
+                           fresh_schema, histories_schema, item_vectors_schema, neighbours_schema, popular_schema,
+                           trend_schema)
 from store.tables import Store, open_table, table_names, to_arrow
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,9 @@ def read_signals(store: Store, recents: list[list[str]]) -> Signals:
     if FRESH in names:
         fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
         signals.fresh = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
+    if TREND in names:
+        trend = open_table(store.db, TREND, trend_schema(), create=False).to_arrow()
+        signals.trend = dict(zip(trend["item_id"].to_pylist(), zip(trend["category"].to_pylist(), trend["share"].to_pylist())))
     signals.follows = _rows_of(store, names, FOLLOWS, follows_schema(), {i for r in recents for i in r[-LAST:]})
     signals.neighbours = _rows_of(store, names, NEIGHBOURS, neighbours_schema(), {i for r in recents for i in r[-NEAR:]})
     return signals
@@ -111,14 +120,20 @@ class BlendKeeper:
             fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
             self.first_seen.first = dict(zip(fresh["item_id"].to_pylist(), fresh["first_event"].to_pylist()))
             self.first_seen.counts = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
+        self.trend = Trend({})
+        self.trend_counted = TREND in table_names(store.db)  # the last run's weights go on decaying
+        if self.trend_counted:
+            trend = open_table(store.db, TREND, trend_schema(), create=False).to_arrow()
+            self.trend.raw = dict(zip(trend["item_id"].to_pylist(), trend["weight"].to_pylist()))
 
     def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
         """Count, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept.
 
         Follows and co-occurrence are running counts: the first count (a start) takes every user's
         recent items, each later one adds the events since (a user with more new events than
-        ``recent_len``: the newest ``recent_len``). Popularity is recounted from the recent items every
-        time, the neighbours solved whenever a history changed."""
+        ``recent_len``: the newest ``recent_len``). So is the trend, but a start takes the recent items
+        only when no trend was stored (all at once: their order across users is not stored). Popularity
+        is recounted from the recent items every time, the neighbours solved whenever a history changed."""
         scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
@@ -127,24 +142,29 @@ class BlendKeeper:
         new = {u: n - self.events.get(u, 0) for u, n in counts.items() if n > self.events.get(u, 0)}
         if self.signals is not None and model is not None and vectors_table is not None and new:
             self._learn(model, vectors_table, dim, new)
+        catalogue = self.store.all_items(["item_id", "category"])
+        self.trend.categories = dict(zip(catalogue["item_id"].to_pylist(), catalogue["category"].to_pylist()))
         if self.signals is None:
             self.follows = Follows.count(recents)
             self.pairs = Cooccurrence.count(recents, self.recent_len - 1)
             self.first_seen.old(popularity(recents))
+            if not self.trend_counted:
+                self.trend.add([i for r in recents.to_pylist() for i in r or []])
         else:
             row_of = {u: r for r, u in enumerate(users)}
             recent = {u: recents[row_of[u]].as_py() or [] for u in new}
             for user, n in new.items():
                 self.follows.add(recent[user], n)
                 self.first_seen.add(recent[user][-n:])
+            self.trend.add([i for user, n in new.items() for i in recent[user][-n:]])
             whole = self._bursts(new, counts, recent)
             self.pairs.add([whole.get(u, recent[u]) for u in new], list(new.values()))
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
         # The neighbours are the count's costly part (a dense inverse): unchanged histories keep the last ones.
         near = self.pairs.weights(NEIGHBOURS_KEEP) if self.signals is None or new else self.signals.neighbours
-        self.signals = Signals(self.follows.top(FOLLOWS_KEEP), popularity(recents), near, self.first_seen.fresh()).kept(
-            FOLLOWS_KEEP, POPULAR_KEEP)
+        self.signals = Signals(self.follows.top(FOLLOWS_KEEP), popularity(recents), near, self.first_seen.fresh(),
+                               self.trend.shares(TREND_KEEP)).kept(FOLLOWS_KEEP, POPULAR_KEEP)
         self.events = counts
         self._write(model.version if model is not None else None)
         return len(self.signals.popular)
@@ -201,6 +221,11 @@ class BlendKeeper:
         self._overwrite(FRESH, fresh_schema(), {
             "item_id": [i for i, _ in fresh], "first_event": [self.first_seen.first[i] for i, _ in fresh],
             "count": [c for _, c in fresh], "updated_at": [now] * len(fresh)})
+        trend = sorted(self.signals.trend.items())
+        self._overwrite(TREND, trend_schema(), {
+            "item_id": [i for i, _ in trend], "category": [c for _, (c, _) in trend],
+            "weight": [self.trend.weight(i) for i, _ in trend], "share": [share for _, (_, share) in trend],
+            "updated_at": [now] * len(trend)})
         # Written last, always: its time says a whole count (and fit) is in place.
         self._overwrite(BLEND, blend_schema(), {"blend": [json.dumps(self.blend.to_json())], "model_version": [version],
                                                 "updated_at": [now]})

@@ -34,6 +34,7 @@ POPULAR = "popular_items"
 FOLLOWS = "item_follows"  # the serving blend's sequential rules (model.blend)
 NEIGHBOURS = "item_neighbours"  # the serving blend's item-to-item co-occurrence (model.blend)
 FRESH = "fresh_items"  # the serving blend's fresh items (model.blend.FirstSeen)
+TREND = "item_trend"  # the serving blend's decayed item counts and category shares (model.trend)
 BLEND = "serving_blend"  # the serving blend's weights, one row
 # The partition count the user shards are laid out for (one row; written by the worker at start-up).
 LAYOUT = "store_layout"
@@ -173,6 +174,18 @@ def fresh_schema() -> pa.Schema:
         key_field("item_id"),
         pa.field("first_event", pa.int64(), nullable=False),
         pa.field("count", pa.int64(), nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ])
+
+
+def trend_schema() -> pa.Schema:
+    """The items with the heaviest decayed event counts (model.trend): each one's category, weight and
+    share of its category's weight."""
+    return pa.schema([
+        key_field("item_id"),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("weight", pa.float64(), nullable=False),
+        pa.field("share", pa.float64(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])
 

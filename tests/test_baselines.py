@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.baselines import Ease, ItemNeighbours, MostPopular, RecentPopular, SequentialRules, neighbours, streaming_baselines
+from model.baselines import CategoryTrend, Ease, ItemNeighbours, MostPopular, RecentPopular, SequentialRules, neighbours, streaming_baselines
 import model.ease
 from model.ease import EASE_L2, EASE_SCALE, Cooccurrence
 
@@ -99,13 +99,14 @@ def test_sequential_rules_ties_go_to_popularity():
 
 def test_chunks_applied_one_by_one_equal_one_apply():
     log = pairs("u1:a u2:b u1:c u3:a u2:c u1:b u3:d u2:a u1:d u3:b")
-    whole, parts = streaming_baselines(window=4), streaming_baselines(window=4)
+    categories = {"a": "x", "b": "x", "c": "y", "d": None}
+    whole, parts = streaming_baselines(categories, window=4), streaming_baselines(categories, window=4)
     for model in whole:
         model.apply(log)
     for model in parts:
         for start in range(0, len(log), 3):
             model.apply(log[start : start + 3])
-    assert [m.name for m in whole] == ["pop", "recent-pop", "rules", "item-knn", "ease"]
+    assert [m.name for m in whole] == ["pop", "recent-pop", "rules", "item-knn", "ease", "cat-trend"]
     for a, b in zip(whole, parts):
         for user in ("u1", "u2", "u3", "cold"):
             assert a.top(user, 10) == b.top(user, 10)
@@ -214,3 +215,22 @@ def test_ease_baseline_scores_the_weights_of_the_users_last_items():
     assert ease.scores(ease.histories["x"]) == {ease.index["b"]: pytest.approx(EASE_SCALE * 4 / (5 + EASE_L2))}
     assert ease.top("x", 2) == ["b", "c"]
     assert ease.top("y", 2) == ["a", "b"]  # c has no positive weight: the popular items
+
+
+def test_category_trend_ranks_the_users_categories_by_their_decayed_events():
+    trend = CategoryTrend({"a": "x", "b": "x", "c": "x", "d": "y", "e": "y", "f": None})
+    trend.trend.decay = 2.0  # half-life one event, to count by hand
+    trend.apply(pairs("u:a v:b v:b w:d u:c w:e v:f"))
+    # Weights after the last event (each event halves every earlier one): a 1/64, b 1/16 + 1/32 = 3/32,
+    # d 1/8, c 1/4, e 1/2, f (no category) not counted. Shares: x = a + b + c = 23/64 → c 16/23,
+    # b 6/23, a 1/23; y = d + e = 5/8 → e 4/5, d 1/5.
+    shares = trend.trend.shares()
+    assert shares == {"a": ("x", pytest.approx(1 / 23)), "b": ("x", pytest.approx(6 / 23)),
+                      "c": ("x", pytest.approx(16 / 23)), "d": ("y", pytest.approx(1 / 5)),
+                      "e": ("y", pytest.approx(4 / 5))}
+    # v holds b (x) and f (none): mix x 1 → c 16/23, a 1/23; then the popular items (b's left out).
+    assert trend.top("v", 3) == ["c", "a", "d"]
+    # w holds d and e, both y: y's items all seen → popularity: b 2, then a, c (first seen order).
+    assert trend.top("w", 2) == ["b", "a"]
+    # u holds a and c (x): b 6/23; y is not u's.
+    assert trend.top("u", 1) == ["b"]

@@ -15,13 +15,14 @@ import pytest
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
 import model.blend
 from model.baselines import neighbours
-from model.blend import (FEATURES, FRESH_EVENTS, MIN_EXAMPLES, PRIOR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
-                         pool_of, slot_hits_of, top)
+from model.trend import HALF_LIFE
+from model.blend import (FEATURES, FRESH_EVENTS, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
+                         pool_of, rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
 from store import Store
-from store.schemas import BLEND, FRESH, blend_schema, fresh_schema
+from store.schemas import BLEND, FRESH, HISTORIES, blend_schema, fresh_schema
 from store.tables import to_arrow
 
 from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
@@ -91,9 +92,39 @@ def test_candidates_union_and_the_model_floor():
     assert candidates(s, [], {}, [], seen=set()) == ([], pytest.approx(np.zeros((len(FEATURES), 0))))
 
 
+def test_the_trend_feature_is_the_users_category_mix_times_the_items_share():
+    s = Signals(trend={"a": ("x", 0.5), "b": ("x", 0.3), "c": ("x", 0.2), "d": ("y", 1.0), "e": ("z", 1.0)})
+    # The user holds a (x) and d (y): mix x 1/2, y 1/2; z is not theirs. Trending candidates, best first:
+    # b 0.15, c 0.1 (a and d are seen); then the pool's.
+    names, x = candidates(s, ["a", "d"], {"q": 0.5}, [], seen={"a", "d"})
+    assert names == ["q", "b", "c"]
+    assert x[FEATURES.index("trend")].tolist() == pytest.approx([0.0, TREND_SCALE * 0.15, TREND_SCALE * 0.1])
+    assert Signals().trending(["a"]) == {}  # nothing counted yet
+
+
 def test_near_sums_the_weights_of_the_users_items():
     s = Signals(neighbours={"a": {"c": 0.5, "d": 0.25}, "b": {"c": 0.25}})
     assert s.near(["b", "a"]) == {"c": 0.75, "d": 0.25}
+
+
+def test_fit_counts_only_the_rivals_and_the_counts_stay_exact():
+    """``rivals_of`` drops the candidates no weights can rank above the chosen one: for every weights of
+    the grid the number of candidates above the chosen one is what scoring every candidate gives."""
+    rng = np.random.default_rng(1)
+    x = rng.random((50, len(FEATURES), 40)).astype(np.float32) * (rng.random((50, len(FEATURES), 40)) < 0.3)
+    x[:, 0] = rng.normal(size=(50, 40)) * 0.3  # the model's cosine: negative too
+    x[:, 1] = np.round(x[:, 1] * 2) / 2  # ties
+    pad = np.zeros((50, 40), dtype=bool)
+    pad[::3, 30:] = True  # shorter candidate lists
+    chosen = rng.integers(30, size=50)
+    rivals = rivals_of(x, pad, chosen)
+    assert rivals.shape[2] < 41  # something was dropped
+    weights = GRID + TIES
+    every = np.einsum("gf,bfc->gbc", weights, x)
+    every[:, pad] = -np.inf
+    above = (every > every[:, np.arange(50), chosen][..., None]).sum(axis=2)
+    kept = np.einsum("gf,bfc->gbc", weights, rivals)
+    assert np.array_equal((kept[..., 1:] > kept[..., :1]).sum(axis=2), above)
 
 
 def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
@@ -174,7 +205,7 @@ def test_fit_gives_fresh_items_slots_when_the_stream_takes_them():
 
 def test_signals_only_arm_learns_after_each_chunk():
     histories = {"u1": ["a", "b"], "u2": ["a", "b"], "u3": ["c"]}
-    arm = SignalsOnly(histories, recent_len=50)
+    arm = SignalsOnly(histories, recent_len=50, categories={})
     assert arm.top({"u3": ["c"]}, 2) == {"u3": ["a", "b"]}  # no rule from c: the popular ones
     assert arm.top({"u9": ["a"]}, 1) == {"u9": ["b"]}  # a → b
     histories["u3"].append("a")
@@ -199,7 +230,8 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
     diagnostic = Diagnostic(world["m1"], items)
     log = pd.DataFrame(world["interactions"])
     histories = exact_histories(log, 300)
-    arm = ExactBlend(histories, 50, log["item_id"].iloc[:300].tolist(), diagnostic)
+    arm = ExactBlend(histories, 50, log["item_id"].iloc[:300].tolist(), diagnostic,
+                     categories=dict(zip(items["item_id"], items["category"])))
     assert arm.blend.weights[0] > 0 and arm.blend.fitted_on == 0  # the worker's prior
     users = sorted(histories)[:4]
     cosines = diagnostic.cosines([histories[u] for u in users])
@@ -210,7 +242,7 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
             assert features[0, names.index(name)] == pytest.approx(scores[diagnostic.index[name]], abs=1e-5)
         # The model's weight alone ranks by the model: the answer's cosines are the 10 best unseen ones
         # (up to tie-breaks).
-        arm.blend = Blend(np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32))
+        arm.blend = Blend(np.array([1.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32))
         answer = arm.top({user: histories[user]}, 10)[user]
         assert sorted(scores[[diagnostic.index[i] for i in answer]]) == pytest.approx(
             sorted(scores[[diagnostic.index[i] for i in best[:10]]]), abs=1e-3)
@@ -279,3 +311,39 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     for answer in Recommender(store).many(unseen, 10):
         assert fresh in [s.item_id for s in answer.items] and len(answer.items) == 10
         assert next(s for s in answer.items if s.item_id == fresh).interest is not None  # an exact cosine
+
+
+def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, world_settings):
+    store = Store(world_settings)
+    publish(world_settings, world["m1"])
+    runtime = ServingRuntime(world_settings)
+    runtime.start()
+    runtime.refresh_popularity()  # the first count, nothing stored: every user's recent items at once
+    category = dict(zip(world["items"]["item_id"], world["items"]["category"]))
+    rows = pa.concat_tables([store.scan_histories(s, ["recent_item_ids"]) for s in store.shards(HISTORIES)])
+    recent = [i for r in rows["recent_item_ids"].to_pylist() for i in r or []]
+    per_item, per_category = Counter(recent), Counter(category[i] for i in recent)
+    first = read_signals(store, []).trend
+    assert {i: c for i, (c, _) in first.items()} == {i: category[i] for i in per_item}
+    assert {i: s for i, (_, s) in first.items()} == pytest.approx({i: n / per_category[category[i]] for i, n in per_item.items()})
+    weights = {i: runtime.blend.trend.weight(i) for i in runtime.blend.trend.raw}
+    # Twelve new events: every weight before decays by 12 events, each new event adds one.
+    log = Log(store, world_settings)
+    log.offsets = list(world["offsets"])
+    items = world["items"]["item_id"].tolist()
+    users = users_of(store)
+    new = [items[(7 * n) % len(items)] for n in range(12)]
+    log.interactions([{"user_id": u, "item_id": i, "ts": 2_000_000_000_000 + n}
+                      for n, (u, i) in enumerate(zip(users[:12], new))])
+    runtime.refresh()
+    runtime.refresh_popularity()
+    expected = {i: w * 2 ** (-12 / HALF_LIFE) + new.count(i) for i, w in weights.items()} | {
+        i: float(new.count(i)) for i in new if i not in weights}
+    assert {i: runtime.blend.trend.weight(i) for i in expected} == pytest.approx(expected)
+    # A restart reads the weights back and goes on from them (no recount of the recent items).
+    restarted = BlendKeeper(store, world_settings.recent_len)
+    restarted.refresh(None, None, 0)
+    assert {i: restarted.trend.weight(i) for i in expected} == pytest.approx(expected)
+    stored, counted = read_signals(store, []).trend, runtime.blend.signals.trend
+    assert stored.keys() == counted.keys()
+    assert {i: s for i, (_, s) in stored.items()} == pytest.approx({i: s for i, (_, s) in counted.items()})

@@ -17,7 +17,7 @@ import torch
 import bench.arms
 from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
-from bench.arms import SimConfig, baseline_arms
+from bench.arms import SimConfig, baseline_arms, categories_of
 from bench.in_process import run_in_process
 from bench.simulate import run_simulation
 from bench.simulate_report import summarise, summary_markdown
@@ -32,6 +32,8 @@ from store.logs import read_interactions
 from trainer.serving_model import HyMiRecServing
 
 from helpers import model_settings, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
+
+BASELINES = ("pop", "recent-pop", "rules", "item-knn", "ease", "cat-trend")
 
 
 # --- pure parts ------------------------------------------------------------------------------------
@@ -149,10 +151,10 @@ def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch
         return score_chunk(events, answers, histories, applied, bootstrap_items, k)
 
     monkeypatch.setattr(bench.arms, "score_chunk", spy)
-    records = baseline_arms(log, boot, config)
-    assert list(records) == ["pop", "recent-pop", "rules", "item-knn", "ease"]
+    records = baseline_arms(log, boot, config, categories_of(tmp_path / "items.jsonl"))
+    assert list(records) == list(BASELINES)
     chunks = [(list(range(s, min(s + 40, n))), s) for s in range(boot, n, 40)]
-    assert calls == [c for c in chunks for _ in range(5)]  # each chunk, each baseline, before it is applied
+    assert calls == [c for c in chunks for _ in range(6)]  # each chunk, each baseline, before it is applied
     users, items = log["user_id"].tolist(), log["item_id"].tolist()
     for name, recs in records.items():
         assert [r["position"] for r in recs] == list(range(boot, n))
@@ -178,10 +180,10 @@ def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_pa
     summary = run_in_process(Settings(), tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
                              dataset="toy")
     arms = summary["arms"]
-    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "signals-only"]
-    assert arms["signals-only"]["kind"] == "reference" and arms["signals-only"]["recall@10"] > 0
+    assert list(arms) == [*BASELINES, "oracle", "signals-only"]  # a synthetic log: its oracle too
+    assert arms["signals-only"]["kind"] == arms["oracle"]["kind"] == "reference" and arms["signals-only"]["recall@10"] > 0
     assert len({a["events"] for a in arms.values()}) == 1  # the same warm events for every arm
-    best = max(("pop", "recent-pop", "rules", "item-knn", "ease"), key=lambda a: arms[a]["recall@10"])
+    best = max(BASELINES, key=lambda a: arms[a]["recall@10"])
     gap = summary["gap"][f"signals-only − {best}"]["recall@10"]
     assert gap["mean"] == pytest.approx(arms["signals-only"]["recall@10"] - arms[best]["recall@10"])
     assert "only the arms that need no model" in summary_markdown(summary)
@@ -198,7 +200,7 @@ def test_in_process_runs_the_trainers_cycles_beside_the_frozen_bootstrap(tmp_pat
     summary = run_in_process(settings, tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
                              dataset="toy", model=True)
     arms, boot, n = summary["arms"], summary["bootstrap_events"], summary["log_events"]
-    assert list(arms) == ["pop", "recent-pop", "rules", "item-knn", "ease", "diagnostic", "frozen-diagnostic",
+    assert list(arms) == [*BASELINES, "oracle", "diagnostic", "frozen-diagnostic",
                           "signals-only", "exact-blend", "frozen-blend"]
     assert {arms[a]["kind"] for a in ("diagnostic", "frozen-diagnostic", "signals-only", "exact-blend", "frozen-blend")} == {"reference"}
     assert len({a["events"] for a in arms.values()}) == 1 and arms["diagnostic"]["recall@10"] > 0
@@ -325,13 +327,13 @@ def test_simulate_end_to_end(broker_settings: Settings, tmp_path: Path):
     served = online["model_version"].dropna().tolist()
     assert set(served) <= set(summary["arms"]["online"]["versions"]) and served == sorted(served)
     # The baseline arms, in-process, scored the same events with the same warm users and seen items.
-    for name in ("pop", "recent-pop", "rules", "item-knn", "ease"):
+    for name in BASELINES:
         base = pd.read_csv(out / f"{name}_events.csv", dtype={"user_id": str, "item_id": str})
         assert base["position"].tolist() == frozen["position"].tolist()
         for column in ("user_id", "cold", "history_len", "in_history", "new_item", "applied"):
             assert (base[column] == frozen[column]).all(), column
         assert summary["arms"][name]["kind"] == "baseline" and 0 <= summary["arms"][name]["recall@10"] <= 1
-    assert summary["best_baseline"]["baseline"] in ("pop", "recent-pop", "rules", "item-knn", "ease")
+    assert summary["best_baseline"]["baseline"] in BASELINES
     # The diagnostic arm: the online arm's live version scored in-process on the exact histories, the
     # same events, warm users and seen items; never an item the user already has.
     diag = pd.read_csv(out / "diagnostic_events.csv", dtype={"user_id": str, "item_id": str})

@@ -1,0 +1,103 @@
+"""The synthetic log's ceiling: an arm that knows how the generator drew every event (issue 20, session 27).
+
+``stream.datasets.export_synthetic`` draws a user's next item in two steps: a topic from the user's
+mix at that point of their timeline (``truth.json``: the planted start and end mixes; ``topic_mix``),
+then an unseen item of the topic by its log-popularity plus the boost of a recent release
+(``item_logits``; the Zipf ranks come from the seed, ``planted_catalogue``). The ``oracle`` arm ranks
+every item by that probability, computed from the hidden parameters, for the user's next event:
+
+    P(i) = mix[topic of i] × softmax over the topic's released items the user has not had (logits)[i]
+
+It is scored like every arm (``score_chunk``: one answer per user per chunk, against the state before
+it), so its recall is what knowing the generator buys under this protocol: a ceiling no arm that
+learns from the stream can be expected to reach. It leaves out the generator's short runs (the next
+topic repeats the last one with probability ``STAY_PROB``): one answer serves a user's several events
+of a chunk, and on validation (seed 1, first 20,000 events) the mix alone scored higher (0.285
+against 0.274).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.arms import SimConfig
+from bench.prequential import K, score_chunk
+from stream.datasets import item_logits, planted_catalogue, topic_mix
+from store.logs import read_interactions, read_items
+
+ORACLE = "oracle"
+
+
+def _topics(names: list[str]) -> np.ndarray:
+    return np.array([int(name.split("-")[1]) for name in names])  # "topic-07" → 7
+
+
+class Generator:
+    """What the generator of a synthetic dataset directory knew: topics, popularity, releases, mixes."""
+
+    def __init__(self, directory: Path):
+        truth = json.loads((directory / "truth.json").read_text())
+        params = truth["params"]
+        catalogue = read_items(directory / "items.jsonl")
+        self.item_ids = catalogue["item_id"].tolist()
+        self.index = {item: j for j, item in enumerate(self.item_ids)}
+        self.item_topic, log_popularity = planted_catalogue(params["seed"], params["items"], params["interests"])
+        self.members = [np.flatnonzero(self.item_topic == t) for t in range(params["interests"])]
+        self.log_popularity = log_popularity
+        self.release = catalogue["ts"].fillna(-1).to_numpy(dtype=np.int64)
+        self.drift = params["drift"]
+        self.mixes = {user: (_topics(u["topics"]), np.array(u["weights"]), _topics(u["end_topics"]),
+                             np.array(u["end_weights"])) for user, u in truth["users"].items()}
+        self.events = read_interactions(directory / "interactions.jsonl")["user_id"].value_counts().to_dict()
+
+    def probabilities(self, user: str, history: list[str], now: int) -> np.ndarray:
+        """P(next item = i) [items] for ``user`` after ``history``, at time ``now`` (ms)."""
+        start, w_start, end, w_end = self.mixes[user]
+        topics, mix = topic_mix(start, w_start / w_start.sum(), end, w_end / w_end.sum(), self.drift,
+                                np.array([len(history)]), self.events[user])
+        seen = np.zeros(len(self.item_ids), dtype=bool)
+        seen[[self.index[i] for i in history]] = True
+        p = np.zeros(len(self.item_ids))
+        for topic, weight in zip(topics, mix[0]):
+            pool = self.members[topic]
+            released = self.release[pool] <= now
+            unseen = released & ~seen[pool]
+            allowed = unseen if unseen.any() else released  # the generator's rule when a topic runs out
+            logits = np.where(allowed, item_logits(self.log_popularity[topic], self.release[pool], now), -np.inf)
+            if allowed.any():
+                w = np.exp(logits - logits.max())
+                p[pool] += weight * w / w.sum()
+        return p
+
+
+def oracle_arm(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path) -> list[dict] | None:
+    """The oracle's records on ``log`` (position, user_id, item_id, ts), chunk by chunk like every arm;
+    None when ``directory`` holds no generator's truth (not a synthetic dataset)."""
+    if not (directory / "truth.json").exists():
+        return None
+    generator = Generator(directory)
+    histories: dict[str, list[str]] = {}
+    for user, item in zip(log["user_id"].iloc[:boot], log["item_id"].iloc[:boot]):
+        histories.setdefault(user, []).append(item)
+    bootstrap_items = set(log["item_id"].iloc[:boot])
+    records = []
+    for start in range(boot, len(log), config.chunk):
+        chunk = log.iloc[start : start + config.chunk]
+        answers = {}
+        for user, now in zip(chunk["user_id"].tolist(), chunk["ts"].tolist()):
+            if user not in answers:  # one answer per user per chunk, at the time of their first event in it
+                history = histories.get(user)
+                if history is None:
+                    answers[user] = (None, [])
+                    continue
+                p = generator.probabilities(user, history, now)
+                p[[generator.index[i] for i in history]] = -1.0
+                answers[user] = (ORACLE, [generator.item_ids[j] for j in np.argsort(-p, kind="stable")[:K]])
+        records += score_chunk(chunk, answers, histories, start, bootstrap_items)
+        for user, item in zip(chunk["user_id"].tolist(), chunk["item_id"].tolist()):
+            histories.setdefault(user, []).append(item)
+    return records

@@ -1,0 +1,47 @@
+"""model.trend: decayed counts per item, shares within categories and a user's scores, by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.trend import Trend, by_category, user_scores
+
+
+def test_every_add_halves_the_earlier_weights_after_half_life_events():
+    trend = Trend({"a": "x", "b": "x", "c": "y"}, half_life=1)
+    trend.add(["a"])
+    trend.add(["b"])
+    trend.add(["c", "a"])  # two events at once: everything before decays by two
+    # a: 1 halved three times, + 1; b: 1 halved twice; c: 1
+    assert [trend.weight(i) for i in "abc"] == [pytest.approx(1 / 8 + 1), pytest.approx(1 / 4), pytest.approx(1)]
+    shares = trend.shares()
+    assert shares == {"a": ("x", pytest.approx(1.125 / 1.375)), "b": ("x", pytest.approx(0.25 / 1.375)),
+                      "c": ("y", pytest.approx(1.0))}
+    assert trend.shares(keep=2) == {"a": shares["a"], "c": shares["c"]}  # the shares stay over the whole category
+
+
+def test_weights_survive_the_rescale():
+    trend = Trend({"a": "x", "b": "x"}, half_life=1)
+    trend.add(["a"])
+    for _ in range(400):  # 2^400 > RESCALE: the stored weights are renormalised on the way
+        trend.add(["b"])
+    assert trend.scale < 2.0 ** 400
+    assert trend.weight("a") == pytest.approx(2.0 ** -400, rel=1e-9)
+    assert trend.weight("b") == pytest.approx(2.0, rel=1e-9)  # 1 + 1/2 + 1/4 + …
+
+
+def test_a_users_score_is_their_category_mix_times_the_items_share():
+    shares = {"a": ("x", 0.75), "b": ("x", 0.25), "c": ("y", 1.0)}
+    categories = by_category(shares)
+    assert categories == {"x": {"a": 0.75, "b": 0.25}, "y": {"c": 1.0}}
+    # two of x, one of y; "z" has no share (no category, or nobody took it lately): not in the mix
+    assert user_scores(["a", "b", "c", "z"], shares, categories) == {
+        "a": pytest.approx(2 / 3 * 0.75), "b": pytest.approx(2 / 3 * 0.25), "c": pytest.approx(1 / 3)}
+    assert user_scores(["z"], shares, categories) == {}
+    assert user_scores([], shares, categories) == {}
+
+
+def test_items_without_a_category_are_counted_nowhere():
+    trend = Trend({"a": "x", "b": None}, half_life=10)
+    trend.add(["a", "b", "c"])  # c: not in the catalogue
+    assert trend.shares() == {"a": ("x", 1.0)}
