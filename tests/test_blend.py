@@ -107,7 +107,7 @@ def test_near_sums_the_weights_of_the_users_items():
     assert s.near(["b", "a"]) == {"c": 0.75, "d": 0.25}
 
 
-def test_fit_counts_only_the_rivals_and_the_counts_stay_exact():
+def test_fit_counts_only_the_rivals_and_the_counts_stay_exact(monkeypatch):
     """``rivals_of`` drops the candidates no weights can rank above the chosen one: for every weights of
     the grid the number of candidates above the chosen one is what scoring every candidate gives."""
     rng = np.random.default_rng(1)
@@ -117,14 +117,19 @@ def test_fit_counts_only_the_rivals_and_the_counts_stay_exact():
     pad = np.zeros((50, 40), dtype=bool)
     pad[::3, 30:] = True  # shorter candidate lists
     chosen = rng.integers(30, size=50)
-    rivals = rivals_of(x, pad, chosen)
-    assert rivals.shape[2] < 41  # something was dropped
+    monkeypatch.setattr(model.blend, "FIT_EXAMPLE_BLOCK", 16)
+    blocks = rivals_of(x, pad, chosen)
+    assert [len(b) for b in blocks] == [13, 13, 12, 12] and sum(b.shape[2] - 1 for b in blocks) < 4 * 40
     weights = GRID + TIES
     every = np.einsum("gf,bfc->gbc", weights, x)
     every[:, pad] = -np.inf
-    above = (every > every[:, np.arange(50), chosen][..., None]).sum(axis=2)
-    kept = np.einsum("gf,bfc->gbc", weights, rivals)
-    assert np.array_equal((kept[..., 1:] > kept[..., :1]).sum(axis=2), above)
+    above = (every > every[:, np.arange(50), chosen][..., None]).sum(axis=2)  # [G, B]
+    counted = np.concatenate([(k[..., 1:] > k[..., :1]).sum(axis=2) for k in
+                              (np.einsum("gf,bfc->gbc", weights, b) for b in blocks)], axis=1)
+    # the blocks hold the examples in the order of their rival counts
+    target = x[np.arange(50), :, chosen]
+    order = np.argsort(((x > target[..., None]).any(axis=1) & ~pad).sum(axis=1), kind="stable")
+    assert np.array_equal(counted, above[:, order])
 
 
 def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
