@@ -270,7 +270,8 @@ class CategoryTrend(StreamingBaseline):
         super().__init__()
         self.recent = recent
         self.trend = Trend(categories)
-        self.shares: dict[str, tuple[str, float]] | None = None
+        self.shares: dict[str, tuple[str, float]] | None = None  # the trend's, as of the last apply
+        self.categories: dict[str, dict[str, float]] = {}  # by_category(shares)
 
     def learn(self, history: list[int], item: int) -> None:
         self.trend.add([self.ids[item]])
