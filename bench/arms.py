@@ -16,7 +16,7 @@ from bench.diagnostic import Diagnostic, SignalsOnly, extend
 from bench.prequential import K, score_chunk
 from hymirec.errors import HymirecError
 from model.baselines import streaming_baselines
-from store.logs import read_interactions, read_items
+from store.logs import read_interactions
 
 
 @dataclass
@@ -42,9 +42,8 @@ def read_log(interactions: Path, limit: int | None, config: SimConfig) -> tuple[
     return log.assign(position=np.arange(len(log))), boot
 
 
-def categories_of(items: Path) -> dict[str, str | None]:
-    """{item_id: category} of a catalogue file."""
-    catalogue = read_items(items)
+def categories_of(catalogue: pd.DataFrame) -> dict[str, str | None]:
+    """{item_id: category} of a catalogue (``store.logs.read_items``)."""
     return dict(zip(catalogue["item_id"].tolist(), catalogue["category"].tolist()))
 
 

@@ -67,7 +67,8 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     signals-only (the model's share) and the online − frozen gaps."""
     log, boot = read_log(interactions, limit, config)
     n = len(log)
-    categories = categories_of(items)
+    catalogue = read_items(items)
+    categories = categories_of(catalogue)
     records = baseline_arms(log, boot, config, categories)
     if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
         records[ORACLE] = ceiling
@@ -75,7 +76,6 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     applied = log["item_id"].iloc[:boot].tolist()
     arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied, categories=categories)], {}
     if model:
-        catalogue = read_items(items)
         versions = Versions(settings, catalogue, config)
         first = Diagnostic(versions.first(exact), catalogue)
         diagnostics = {Diagnostic.name: first, FROZEN_DIAGNOSTIC: first}

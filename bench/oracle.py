@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bench.arms import SimConfig
+from bench.diagnostic import exact_histories, extend
 from bench.prequential import K, score_chunk
 from stream.datasets import item_logits, planted_catalogue, topic_mix
 from store.logs import read_interactions, read_items
@@ -80,9 +81,7 @@ def oracle_arm(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path)
     if not (directory / "truth.json").exists():
         return None
     generator = Generator(directory)
-    histories: dict[str, list[str]] = {}
-    for user, item in zip(log["user_id"].iloc[:boot], log["item_id"].iloc[:boot]):
-        histories.setdefault(user, []).append(item)
+    histories = exact_histories(log, boot)
     bootstrap_items = set(log["item_id"].iloc[:boot])
     records = []
     for start in range(boot, len(log), config.chunk):
@@ -98,6 +97,5 @@ def oracle_arm(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path)
                 p[[generator.index[i] for i in history]] = -1.0
                 answers[user] = (ORACLE, [generator.item_ids[j] for j in np.argsort(-p, kind="stable")[:K]])
         records += score_chunk(chunk, answers, histories, start, bootstrap_items)
-        for user, item in zip(chunk["user_id"].tolist(), chunk["item_id"].tolist()):
-            histories.setdefault(user, []).append(item)
+        extend(histories, chunk)
     return records

@@ -203,7 +203,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         flush=True)
     logs = out / "logs"
     started = time.monotonic()
-    categories = categories_of(items)
+    catalogue = read_items(items)
+    categories = categories_of(catalogue)
     baselines = baseline_arms(log, boot, config, categories)
     if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
         baselines[ORACLE] = ceiling
@@ -236,7 +237,6 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         frozen.wait_serving(_copy_version(online.settings, frozen.settings, first["published"]), config.timeout)
         frozen.cycles.append({**first, "switch_s": None})
         trainer.margin, trainer.epochs = config.margin, config.epochs
-        catalogue = read_items(items)
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
         exact, diagnosed, applied = exact_histories(log, boot), [], log["item_id"].iloc[:boot].tolist()
         blends = [SignalsOnly(exact, online.settings.recent_len, applied, categories=categories),

@@ -28,7 +28,7 @@ from store import Store
 from stream.datasets import export_synthetic
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
-from store.logs import read_interactions
+from store.logs import read_interactions, read_items
 from trainer.serving_model import HyMiRecServing
 
 from helpers import model_settings, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
@@ -151,7 +151,7 @@ def test_baseline_arms_are_scored_like_the_live_arms(tmp_path: Path, monkeypatch
         return score_chunk(events, answers, histories, applied, bootstrap_items, k)
 
     monkeypatch.setattr(bench.arms, "score_chunk", spy)
-    records = baseline_arms(log, boot, config, categories_of(tmp_path / "items.jsonl"))
+    records = baseline_arms(log, boot, config, categories_of(read_items(tmp_path / "items.jsonl")))
     assert list(records) == list(BASELINES)
     chunks = [(list(range(s, min(s + 40, n))), s) for s in range(boot, n, 40)]
     assert calls == [c for c in chunks for _ in range(6)]  # each chunk, each baseline, before it is applied
