@@ -111,7 +111,7 @@ class SignalsOnly:
         self.pairs.add(list(histories.values()), [len(h) for h in histories.values()])  # and the co-occurrence
         self.first_seen = FirstSeen()
         self.first_seen.add(applied)
-        self.trend = Trend(categories)
+        self.trend = Trend(categories, steady=True)  # the keeper's
         for item in applied:
             self.trend.add([item])
         self.signals = self._stored(histories)

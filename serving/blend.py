@@ -8,9 +8,10 @@ top-k reader.
   co-occurrence counted along the stream (solved again whenever a history changed);
 - ``fresh_items``: the fresh items, when each first came and its events since (read back at a start,
   so that a restart does not make every item old, or new);
-- ``item_trend``: the TREND_KEEP items with the heaviest decayed event counts (``model.trend``), with
+- ``item_trend``: the TREND_KEEP hottest items (``model.trend``, steady shares), with their counts and
   their category and share of it (read back at a start too: a recount from users' recent items would
-  weigh an event of last month like one of the last minute);
+  weigh an event of last month like one of the last minute; a table an older version wrote, without
+  the counts, is recounted);
 - ``serving_blend``: the weights, one row.
 
 ``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
@@ -85,12 +86,20 @@ def read_signals(store: Store, recents: list[list[str]]) -> Signals:
     if FRESH in names:
         fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
         signals.fresh = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
-    if TREND in names:
-        trend = open_table(store.db, TREND, trend_schema(), create=False).to_arrow()
+    if (trend := _stored_trend(store, names)) is not None:
         signals.trend = dict(zip(trend["item_id"].to_pylist(), zip(trend["category"].to_pylist(), trend["share"].to_pylist())))
     signals.follows = _rows_of(store, names, FOLLOWS, follows_schema(), {i for r in recents for i in r[-LAST:]})
     signals.neighbours = _rows_of(store, names, NEIGHBOURS, neighbours_schema(), {i for r in recents for i in r[-NEAR:]})
     return signals
+
+
+def _stored_trend(store: Store, names: list[str]) -> pa.Table | None:
+    """The ``item_trend`` rows; None when there are none, or an older version wrote them (the keeper
+    recounts and overwrites them at its first count)."""
+    if TREND not in names:
+        return None
+    table = store.db.open_table(TREND)
+    return table.to_arrow() if table.schema.equals(trend_schema()) else None
 
 
 def _rows_of(store: Store, names: list[str], table: str, schema: pa.Schema, items: set[str]) -> dict[str, dict[str, float]]:
@@ -120,11 +129,12 @@ class BlendKeeper:
             fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
             self.first_seen.first = dict(zip(fresh["item_id"].to_pylist(), fresh["first_event"].to_pylist()))
             self.first_seen.counts = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
-        self.trend = Trend({})
-        self.trend_counted = TREND in table_names(store.db)  # the last run's weights go on decaying
-        if self.trend_counted:
-            trend = open_table(store.db, TREND, trend_schema(), create=False).to_arrow()
-            self.trend.raw = dict(zip(trend["item_id"].to_pylist(), trend["weight"].to_pylist()))
+        self.trend = Trend({}, steady=True)
+        trend = _stored_trend(store, table_names(store.db))
+        self.trend_counted = trend is not None  # the last run's weights go on decaying
+        if trend is not None:
+            items = trend["item_id"].to_pylist()
+            self.trend.restore(*(dict(zip(items, trend[c].to_pylist())) for c in ("weight", "events", "since_first")))
 
     def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
         """Count, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept.
@@ -224,7 +234,8 @@ class BlendKeeper:
         trend = sorted(self.signals.trend.items())
         self._overwrite(TREND, trend_schema(), {
             "item_id": [i for i, _ in trend], "category": [c for _, (c, _) in trend],
-            "weight": [self.trend.weight(i) for i, _ in trend], "share": [share for _, (_, share) in trend],
+            "weight": [self.trend.weight(i) for i, _ in trend], "events": [self.trend.events[i] for i, _ in trend],
+            "since_first": [self.trend.since_first(i) for i, _ in trend], "share": [share for _, (_, share) in trend],
             "updated_at": [now] * len(trend)})
         # Written last, always: its time says a whole count (and fit) is in place.
         self._overwrite(BLEND, blend_schema(), {"blend": [json.dumps(self.blend.to_json())], "model_version": [version],

@@ -179,12 +179,14 @@ def fresh_schema() -> pa.Schema:
 
 
 def trend_schema() -> pa.Schema:
-    """The items with the heaviest decayed event counts (model.trend): each one's category, weight and
-    share of its category's weight."""
+    """The hottest items of the stream (model.trend): each one's category, decayed weight, events, the
+    events counted since its first and its share of its category's heat."""
     return pa.schema([
         key_field("item_id"),
         pa.field("category", pa.string(), nullable=False),
         pa.field("weight", pa.float64(), nullable=False),
+        pa.field("events", pa.int64(), nullable=False),
+        pa.field("since_first", pa.int64(), nullable=False),
         pa.field("share", pa.float64(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])

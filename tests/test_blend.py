@@ -22,7 +22,7 @@ from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
 from store import Store
-from store.schemas import BLEND, FRESH, HISTORIES, blend_schema, fresh_schema
+from store.schemas import BLEND, FRESH, HISTORIES, TREND, blend_schema, fresh_schema, trend_schema
 from store.tables import to_arrow
 
 from helpers import Log, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
@@ -345,10 +345,30 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
     expected = {i: w * 2 ** (-12 / HALF_LIFE) + new.count(i) for i, w in weights.items()} | {
         i: float(new.count(i)) for i in new if i not in weights}
     assert {i: runtime.blend.trend.weight(i) for i in expected} == pytest.approx(expected)
-    # A restart reads the weights back and goes on from them (no recount of the recent items).
+    counted_events = {i: per_item[i] + new.count(i) for i in expected}
+    since_first = {i: 12 if i in per_item else 0 for i in expected}  # the new ones came in the last add
+    assert {i: runtime.blend.trend.events[i] for i in expected} == counted_events
+    assert {i: runtime.blend.trend.since_first(i) for i in expected} == since_first
+    # A restart reads the counts back and goes on from them (no recount of the recent items).
     restarted = BlendKeeper(store, world_settings.recent_len)
     restarted.refresh(None, None, 0)
     assert {i: restarted.trend.weight(i) for i in expected} == pytest.approx(expected)
+    assert {i: restarted.trend.events[i] for i in expected} == counted_events
+    assert {i: restarted.trend.since_first(i) for i in expected} == since_first
     stored, counted = read_signals(store, []).trend, runtime.blend.signals.trend
     assert stored.keys() == counted.keys()
     assert {i: s for i, (_, s) in stored.items()} == pytest.approx({i: s for i, (_, s) in counted.items()})
+
+
+def test_a_trend_table_of_an_older_version_is_recounted_not_read(world, world_settings):
+    store = Store(world_settings)
+    publish(world_settings, world["m1"])
+    old = pa.schema([f for f in trend_schema() if f.name not in ("events", "since_first")])
+    store.db.create_table(TREND, pa.table({"item_id": ["x"], "category": ["c"], "weight": [9.0], "share": [1.0],
+                                           "updated_at": [datetime.now(timezone.utc)]}, schema=old))
+    assert read_signals(store, []).trend == {}  # not the stale row: nothing until the keeper writes
+    keeper = BlendKeeper(store, world_settings.recent_len)
+    assert not keeper.trend_counted
+    keeper.refresh(None, None, 0)
+    stored = read_signals(store, []).trend
+    assert stored and "x" not in stored  # recounted from the users' recent items, in the new schema

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.trend import Trend, by_category, user_scores
+from model.trend import STEADY_PRIOR, Trend, by_category, user_scores
 
 
 def test_every_add_halves_the_earlier_weights_after_half_life_events():
@@ -45,3 +45,41 @@ def test_items_without_a_category_are_counted_nowhere():
     trend = Trend({"a": "x", "b": None}, half_life=10)
     trend.add(["a", "b", "c"])  # c: not in the catalogue
     assert trend.shares() == {"a": ("x", 1.0)}
+
+
+def test_steady_heat_adds_the_items_share_of_the_rates_by_hand():
+    trend = Trend({"a": "x", "b": "x", "c": "y"}, half_life=1, steady=True)
+    trend.add(["a"])
+    for _ in range(STEADY_PRIOR):
+        trend.add(["c"])
+    trend.add(["b"])
+    # weights: a 2^-(P+1), c 1/2 + 1/4 + … (P terms: its last event halved once), b 1. Rates: events over the events
+    # since the first + 1 + P: a 1/(P+2+P), c P/(P+1+P), b 1/(1+P).
+    p = STEADY_PRIOR
+    weight = {"a": 2.0 ** -(p + 1), "b": 1.0, "c": 1.0 - 2.0 ** -p}
+    rate = {"a": 1 / (2 * p + 2), "b": 1 / (p + 1), "c": p / (2 * p + 1)}
+    assert [trend.since_first(i) for i in "abc"] == [p + 1, 0, p]
+    heat = {i: weight[i] / sum(weight.values()) + rate[i] / sum(rate.values()) for i in "abc"}
+    assert trend.heat(list("abc")) == pytest.approx(heat)
+    assert trend.shares() == {"a": ("x", pytest.approx(heat["a"] / (heat["a"] + heat["b"]))),
+                              "b": ("x", pytest.approx(heat["b"] / (heat["a"] + heat["b"]))),
+                              "c": ("y", pytest.approx(1.0))}
+    # An item nobody took lately keeps a share by its rate; the plain decayed share all but forgets it.
+    plain = Trend(trend.categories, half_life=1)
+    plain.raw, plain.scale = trend.raw, trend.scale
+    assert plain.shares()["a"][1] < 1e-100 < 1e-3 < trend.shares()["a"][1]
+
+
+def test_restore_takes_back_the_stored_counts():
+    trend = Trend({"a": "x", "b": "x"}, steady=True)
+    trend.add(["a", "a"])
+    trend.add(["b"])
+    back = Trend(trend.categories, steady=True)
+    back.restore({i: trend.weight(i) for i in "ab"}, trend.events, {i: trend.since_first(i) for i in "ab"})
+    def share(t: Trend) -> dict[str, float]:
+        return {i: s for i, (_, s) in t.shares().items()}
+
+    assert share(back) == pytest.approx(share(trend))
+    back.add(["b"]), trend.add(["b"])
+    assert share(back) == pytest.approx(share(trend))
+    assert [back.since_first(i) for i in "ab"] == [2, 1]
