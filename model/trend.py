@@ -72,6 +72,16 @@ class Trend:
             self.raw = {i: w / self.scale for i, w in self.raw.items()}
             self.scale = 1.0
 
+    def recount(self, items: Sequence[str]) -> None:
+        """``add`` for the events of a start that finds no stored counts (every user's recent items, in
+        no known order), each item new to the count taken as there from the first of them: from their
+        end every old item would look brand new, its rate inflated by all its past events. (On
+        validation, the bootstrap added at once: 0.206 from its end, 0.210 from its start, 0.209 one
+        event at a time.)"""
+        began, new = self.clock, [i for i in dict.fromkeys(items) if i not in self.first]
+        self.add(items)
+        self.first.update(dict.fromkeys(new, began))
+
     def weight(self, item: str) -> float:
         return self.raw.get(item, 0.0) / self.scale
 

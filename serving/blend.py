@@ -159,7 +159,7 @@ class BlendKeeper:
             self.pairs = Cooccurrence.count(recents, self.recent_len - 1)
             self.first_seen.old(popularity(recents))
             if not self.trend_counted:
-                self.trend.add([i for r in recents.to_pylist() for i in r or []])
+                self.trend.recount([i for r in recents.to_pylist() for i in r or []])
         else:
             row_of = {u: r for r, u in enumerate(users)}
             recent = {u: recents[row_of[u]].as_py() or [] for u in new}

@@ -83,3 +83,18 @@ def test_restore_takes_back_the_stored_counts():
     back.add(["b"]), trend.add(["b"])
     assert share(back) == pytest.approx(share(trend))
     assert [back.since_first(i) for i in "ab"] == [2, 1]
+
+
+def test_a_recount_takes_its_items_as_there_from_its_start():
+    trend = Trend({"a": "x", "b": "x"}, steady=True)
+    trend.recount(["a"] * 9)  # a start's recent items: all at once, their order unknown
+    trend.add(["b"])
+    # a's 9 events are over the 10 events since the recount began, not over the 1 since it ended
+    assert trend.since_first("a") == 10 and trend.since_first("b") == 0
+    added = Trend(trend.categories, steady=True)
+    added.add(["a"] * 9)
+    added.add(["b"])
+    assert added.since_first("a") == 1
+    assert trend.heat(["a", "b"]) == pytest.approx({"a": 9 / 10 + (9 / 511) / (9 / 511 + 1 / 501),
+                                                    "b": 1 / 10 + (1 / 501) / (9 / 511 + 1 / 501)}, rel=1e-3)
+    assert trend.heat(["a", "b"])["a"] < added.heat(["a", "b"])["a"]
