@@ -73,11 +73,12 @@ class Trend:
             self.scale = 1.0
 
     def recount(self, items: Sequence[str]) -> None:
-        """``add`` for the events of a start that finds no stored counts (every user's recent items, in
-        no known order), each item new to the count taken as there from the first of them: from their
-        end every old item would look brand new, its rate inflated by all its past events. (On
-        validation, the bootstrap added at once: 0.206 from its end, 0.210 from its start, 0.209 one
-        event at a time.)"""
+        """``add`` for the events of a start's backlog (every user's recent items, or all that came before
+        a first count), in no known order: each item new to the count is taken as there from the first
+        of them. From their end every old item would look brand new, its rate inflated by all its past
+        events. (On validation, the bootstrap added at once: 0.206 from its end, 0.210 from its start,
+        0.209 one event at a time. An add's new items are otherwise taken from its end: from its middle,
+        chunks of 500 added at once, 0.204 against 0.209.)"""
         began, new = self.clock, [i for i in dict.fromkeys(items) if i not in self.first]
         self.add(items)
         self.first.update(dict.fromkeys(new, began))
