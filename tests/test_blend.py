@@ -346,7 +346,8 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
         i: float(new.count(i)) for i in new if i not in weights}
     assert {i: runtime.blend.trend.weight(i) for i in expected} == pytest.approx(expected)
     counted_events = {i: per_item[i] + new.count(i) for i in expected}
-    since_first = {i: len(recent) + 12 if i in per_item else 0 for i in expected}  # the start's: from its start
+    # the start's items from its start, the new ones from the middle of the 12 events' add
+    since_first = {i: len(recent) + 12 if i in per_item else 6 for i in expected}
     assert {i: runtime.blend.trend.events[i] for i in expected} == counted_events
     assert {i: runtime.blend.trend.since_first(i) for i in expected} == since_first
     # A restart reads the counts back and goes on from them (no recount of the recent items).

@@ -53,12 +53,12 @@ def test_steady_heat_adds_the_items_share_of_the_rates_by_hand():
     for _ in range(STEADY_PRIOR):
         trend.add(["c"])
     trend.add(["b"])
-    # weights: a 2^-(P+1), c 1/2 + 1/4 + … (P terms: its last event halved once), b 1. Rates: events over the events
-    # since the first + 1 + P: a 1/(P+2+P), c P/(P+1+P), b 1/(1+P).
+    # weights: a 2^-(P+1), c 1/2 + 1/4 + … (P terms: its last event halved once), b 1. Rates: events over
+    # (the events since the first, itself included, + 1 + P): a 1/(P+2+1+P), c P/(P+1+1+P), b 1/(1+1+P).
     p = STEADY_PRIOR
     weight = {"a": 2.0 ** -(p + 1), "b": 1.0, "c": 1.0 - 2.0 ** -p}
-    rate = {"a": 1 / (2 * p + 2), "b": 1 / (p + 1), "c": p / (2 * p + 1)}
-    assert [trend.since_first(i) for i in "abc"] == [p + 1, 0, p]
+    rate = {"a": 1 / (2 * p + 3), "b": 1 / (p + 2), "c": p / (2 * p + 2)}
+    assert [trend.since_first(i) for i in "abc"] == [p + 2, 1, p + 1]
     heat = {i: weight[i] / sum(weight.values()) + rate[i] / sum(rate.values()) for i in "abc"}
     assert trend.heat(list("abc")) == pytest.approx(heat)
     assert trend.shares() == {"a": ("x", pytest.approx(heat["a"] / (heat["a"] + heat["b"]))),
@@ -67,7 +67,7 @@ def test_steady_heat_adds_the_items_share_of_the_rates_by_hand():
     # An item nobody took lately keeps a share by its rate; the plain decayed share all but forgets it.
     plain = Trend(trend.categories, half_life=1)
     plain.raw, plain.scale = trend.raw, trend.scale
-    assert plain.shares()["a"][1] < 1e-100 < 1e-3 < trend.shares()["a"][1]
+    assert plain.shares()["a"][1] < 1e-50 < 1e-3 < trend.shares()["a"][1]
 
 
 def test_restore_takes_back_the_stored_counts():
@@ -82,7 +82,7 @@ def test_restore_takes_back_the_stored_counts():
     assert share(back) == pytest.approx(share(trend))
     back.add(["b"]), trend.add(["b"])
     assert share(back) == pytest.approx(share(trend))
-    assert [back.since_first(i) for i in "ab"] == [2, 1]
+    assert [back.since_first(i) for i in "ab"] == [3, 2]  # a: from the middle of its add of two
 
 
 def test_a_recount_takes_its_items_as_there_from_its_start():
@@ -90,11 +90,12 @@ def test_a_recount_takes_its_items_as_there_from_its_start():
     trend.recount(["a"] * 9)  # a start's recent items: all at once, their order unknown
     trend.add(["b"])
     # a's 9 events are over the 10 events since the recount began, not over the 1 since it ended
-    assert trend.since_first("a") == 10 and trend.since_first("b") == 0
+    assert trend.since_first("a") == 10 and trend.since_first("b") == 1
     added = Trend(trend.categories, steady=True)
     added.add(["a"] * 9)
     added.add(["b"])
-    assert added.since_first("a") == 1
-    assert trend.heat(["a", "b"]) == pytest.approx({"a": 9 / 10 + (9 / 511) / (9 / 511 + 1 / 501),
-                                                    "b": 1 / 10 + (1 / 501) / (9 / 511 + 1 / 501)}, rel=1e-3)
+    assert added.since_first("a") == 6  # from the middle of its add
+    p = STEADY_PRIOR
+    assert trend.heat(["a", "b"]) == pytest.approx({"a": 9 / 10 + (9 / (11 + p)) / (9 / (11 + p) + 1 / (2 + p)),
+                                                    "b": 1 / 10 + (1 / (2 + p)) / (9 / (11 + p) + 1 / (2 + p))}, rel=1e-3)
     assert trend.heat(["a", "b"])["a"] < added.heat(["a", "b"])["a"]
