@@ -142,8 +142,7 @@ class BlendKeeper:
         Follows and co-occurrence are running counts: the first count (a start) takes every user's
         recent items, each later one adds the events since (a user with more new events than
         ``recent_len``: the newest ``recent_len``). So is the trend, but a start takes the recent items
-        only when no trend was stored (all at once, ``Trend.recount``: their order across users is not
-        stored). Popularity
+        only when no trend was stored (all at once: their order across users is not stored). Popularity
         is recounted from the recent items every time, the neighbours solved whenever a history changed."""
         scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
@@ -169,9 +168,7 @@ class BlendKeeper:
             counted = [i for user, n in new.items() for i in recent[user][-n:]]
             whole = self._bursts(new, counts, recent)
             self.pairs.add([whole.get(u, recent[u]) for u in new], list(new.values()))
-        # Until the trend holds an event, what it is given is a start's backlog, in no known order (all of
-        # it at a first count, or what an empty store's first count left to the next one).
-        (self.trend.add if self.trend.events else self.trend.recount)(counted)
+        self.trend.add(counted)
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
         # The neighbours are the count's costly part (a dense inverse): unchanged histories keep the last ones.

@@ -82,20 +82,20 @@ def test_restore_takes_back_the_stored_counts():
     assert share(back) == pytest.approx(share(trend))
     back.add(["b"]), trend.add(["b"])
     assert share(back) == pytest.approx(share(trend))
-    assert [back.since_first(i) for i in "ab"] == [3, 2]  # a: from the middle of its add of two
+    assert [back.since_first(i) for i in "ab"] == [4, 2]
 
 
-def test_a_recount_takes_its_items_as_there_from_its_start():
-    trend = Trend({"a": "x", "b": "x"}, steady=True)
-    trend.recount(["a"] * 9)  # a start's recent items: all at once, their order unknown
+def test_an_add_larger_than_all_before_it_takes_its_new_items_from_its_start():
+    trend = Trend({"a": "x", "b": "x", "c": "x", "d": "x"}, steady=True)
+    trend.add(["a"] * 9)  # a start's recount: all at once, their order unknown, mostly old items
     trend.add(["b"])
-    # a's 9 events are over the 10 events since the recount began, not over the 1 since it ended
     assert trend.since_first("a") == 10 and trend.since_first("b") == 1
-    added = Trend(trend.categories, steady=True)
-    added.add(["a"] * 9)
-    added.add(["b"])
-    assert added.since_first("a") == 6  # from the middle of its add
+    trend.add(["c"] * 4)  # 4 events after 10: the events since a count, new ones taken from its middle
+    assert trend.since_first("c") == 2
+    trend.add(["d"] * 20)  # 20 after 14: a backlog
+    assert trend.since_first("d") == 20 and trend.since_first("a") == 34
     p = STEADY_PRIOR
-    assert trend.heat(["a", "b"]) == pytest.approx({"a": 9 / 10 + (9 / (11 + p)) / (9 / (11 + p) + 1 / (2 + p)),
-                                                    "b": 1 / 10 + (1 / (2 + p)) / (9 / (11 + p) + 1 / (2 + p))}, rel=1e-3)
-    assert trend.heat(["a", "b"])["a"] < added.heat(["a", "b"])["a"]
+    rates = {"a": 9 / (35 + p), "b": 1 / (26 + p), "c": 4 / (23 + p), "d": 20 / (21 + p)}
+    heat = trend.heat(list("abcd"))
+    weights = {i: trend.weight(i) for i in "abcd"}
+    assert heat == pytest.approx({i: weights[i] / sum(weights.values()) + rates[i] / sum(rates.values()) for i in "abcd"})
