@@ -16,7 +16,7 @@ A candidate item i of a user u gets features (``FEATURES``):
 - ``trend``: the user's share of i's category among their newest items × i's share of its category's
   heat (``model.trend``, steady shares): what the stream is taking up now in the categories the user
   takes (session 27; on the synthetic log's validation seed it lifted the signals-only blend from
-  0.169 to 0.194; the steady shares of session 28, 0.196 → 0.209, new items 0.148 → 0.273).
+  0.169 to 0.194; the steady shares of session 28, 0.196 → 0.208, new items 0.148 → 0.271).
 
 **Fresh slots.** An item is *fresh* while its first applied event is among the stream's last
 ``FRESH_EVENTS``. The model has barely trained on it (or not at all) and the counts behind the other
