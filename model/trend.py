@@ -26,8 +26,7 @@ its events over the events since its first one (+ STEADY_PRIOR, so that an item 
 ago is not the stream's favourite); the share is then heat over the category's heat. The rate is
 what the item has drawn since it came, so it holds an old item's long-run popularity and lifts a new
 item as soon as it draws. The counter alone on validation (the same slices), STEADY_PRIOR 500:
-synthetic 0.196 → 0.208 (new items 0.209
-→ 0.306), ml-100k 0.0435 → 0.0438. STEADY_PRIOR chosen there, events one at a time: 200: 0.211 /
+synthetic 0.196 → 0.208 (new items 0.209 → 0.306), ml-100k 0.0435 → 0.0438. STEADY_PRIOR chosen there, events one at a time: 200: 0.211 /
 0.0433; 500: 0.208 / 0.0438; 1,000: 0.207 / 0.0440; 0 (the bare rate): 0.210 / 0.0397. Counted as
 the worker counts (chunks of 500 at once, an item new in one taken from the chunk's middle), the
 signals-only blend: 250: 0.2080 / 0.0585; 200: 0.2067 / 0.0585 (taken from a chunk's end, 500:
