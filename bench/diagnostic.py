@@ -100,20 +100,22 @@ class SignalsOnly:
     name = "signals-only"
     prior = Blend(np.array((0.0, *PRIOR[1:]), dtype=np.float32))  # the worker's prior, the model left out
 
-    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str] = (),
+    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[tuple[str, str]] = (),
                  model: Diagnostic | None = None, *, categories: Mapping[str, str | None]):
-        """``applied``: the items of the events in ``histories``, in the stream's order (which were fresh,
-        and the trend's decay); ``categories``: the items' (the trend's)."""
+        """``applied``: the events (user, item) in ``histories``, in the stream's order (which were fresh,
+        and the trend's decay and offers); ``categories``: the items' (the trend's)."""
         self.recent_len = recent_len
         self.model = model
         self.running = Follows.count(histories.values())  # the worker counts along the bootstrap replay
         self.pairs = Cooccurrence(window=recent_len - 1)
         self.pairs.add(list(histories.values()), [len(h) for h in histories.values()])  # and the co-occurrence
         self.first_seen = FirstSeen()
-        self.first_seen.add(applied)
-        self.trend = Trend(categories, steady=True)  # the keeper's
-        for item in applied:
-            self.trend.add([item])
+        self.first_seen.add(item for _, item in applied)
+        self.trend = Trend(categories, per_offer=True)  # the keeper's
+        taken: dict[str, list[str]] = {}
+        for user, item in applied:
+            taken.setdefault(user, []).append(item)
+            self.trend.add([taken[user]], [1])
         self.signals = self._stored(histories)
         self.blend = self.prior
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
@@ -155,7 +157,7 @@ class SignalsOnly:
         for user, count in new.items():
             self.running.add(histories[user], count)
             self.first_seen.add(histories[user][-count:])
-        self.trend.add([item for user, count in new.items() for item in histories[user][-count:]])
+        self.trend.add([histories[user] for user in new], list(new.values()))
         self.signals = self._stored(histories)
 
 
@@ -166,7 +168,7 @@ class ExactBlend(SignalsOnly):
     name = "exact-blend"
     prior = Blend()  # the worker's
 
-    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[str], model: Diagnostic,
+    def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[tuple[str, str]], model: Diagnostic,
                  name: str = name, *, categories: Mapping[str, str | None]):
         super().__init__(histories, recent_len, applied, model, categories=categories)
         self.name = name

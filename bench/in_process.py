@@ -73,7 +73,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
         records[ORACLE] = ceiling
     exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
-    applied = log["item_id"].iloc[:boot].tolist()
+    applied = list(zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()))
     arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied, categories=categories)], {}
     if model:
         versions = Versions(settings, catalogue, config)

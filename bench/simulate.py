@@ -238,7 +238,8 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         frozen.cycles.append({**first, "switch_s": None})
         trainer.margin, trainer.epochs = config.margin, config.epochs
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
-        exact, diagnosed, applied = exact_histories(log, boot), [], log["item_id"].iloc[:boot].tolist()
+        exact, diagnosed = exact_histories(log, boot), []
+        applied = list(zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()))
         blends = [SignalsOnly(exact, online.settings.recent_len, applied, categories=categories),
                   ExactBlend(exact, online.settings.recent_len, applied, diagnostic, categories=categories)]
         blended = {arm.name: [] for arm in blends}

@@ -274,7 +274,7 @@ class CategoryTrend(StreamingBaseline):
         self.categories: dict[str, dict[str, float]] = {}  # by_category(shares)
 
     def learn(self, history: list[int], item: int) -> None:
-        self.trend.add([self.ids[item]])
+        self.trend.add([[self.ids[item]]], [1])
 
     def changed(self) -> None:
         self.shares = None

@@ -14,9 +14,10 @@ A candidate item i of a user u gets features (``FEATURES``):
   (``model.ease``) over co-occurrence counted along the stream; until then the cosine of the two
   items' columns in the users × items matrix of recent items (now the item-knn baseline's).
 - ``trend``: the user's share of i's category among their newest items × i's share of its category's
-  heat (``model.trend``, steady shares): what the stream is taking up now in the categories the user
+  heat (``model.trend``, take rates): what the stream is taking up now in the categories the user
   takes (session 27; on the synthetic log's validation seed it lifted the signals-only blend from
-  0.169 to 0.194; the steady shares of session 28, 0.196 → 0.208, new items 0.148 → 0.271).
+  0.169 to 0.194; the steady shares of session 28, 0.196 → 0.208, new items 0.148 → 0.271; the take
+  rates of session 29, 0.208 → 0.215).
 
 **Fresh slots.** An item is *fresh* while its first applied event is among the stream's last
 ``FRESH_EVENTS``. The model has barely trained on it (or not at all) and the counts behind the other

@@ -18,23 +18,34 @@ gave 0.044, below popularity's 0.048.
 HALF_LIFE was chosen there (1,000: 0.175; 2,000: 0.197; 3,000: 0.200 but new items 0.173; no decay:
 0.193, new items 0.049). A mix weighted towards the newest items (0.95^age) scored lower (0.190).
 
-**Steady shares** (``steady=True``, what the serving blend reads; session 28). Halving every 2,000
-events keeps ~3,000 events in view, ~150 per category on the synthetic log: too few to rank a
-category's 75 items well, and an old favourite that nobody took this week drops out. So an item's
-*heat* adds to its share of the decayed weight its share of the stream's *rates*, where its rate is
-its events over the events since its first one (+ STEADY_PRIOR, so that an item seen once a moment
-ago is not the stream's favourite); the share is then heat over the category's heat. The rate is
-what the item has drawn since it came, so it holds an old item's long-run popularity and lifts a new
-item as soon as it draws. The counter alone on validation (the same slices), STEADY_PRIOR 500:
-synthetic 0.196 → 0.208 (new items 0.209 → 0.306), ml-100k 0.0435 → 0.0438. STEADY_PRIOR chosen there, events one at a time: 200: 0.211 /
-0.0433; 500: 0.208 / 0.0438; 1,000: 0.207 / 0.0440; 0 (the bare rate): 0.210 / 0.0397. Counted as
-the worker counts (chunks of 500 at once, an item new in one taken from the chunk's middle), the
-signals-only blend: 250: 0.2080 / 0.0585; 200: 0.2067 / 0.0585 (taken from a chunk's end, 500:
-0.2089 / 0.0585, but a backlog's new items would look brand new). A second, slower decay instead of
-the rate (half-lives 10,000 to ∞) gave 0.199 / 0.044. The release date of an item (the catalogue's
-``ts``) as a boost: over the decayed shares, new items 0.44 but 0.190 overall; over the steady ones,
-0.212 at best (× e for a release a day old) — not kept, as it needs the generator's notion of a
-release and ml-100k's films have none. The cat-trend baseline keeps the plain decayed shares.
+**Take rates** (``per_offer=True``, what the serving blend reads; session 29). An item is *offered*
+by every event of its category by a user who has not taken it (from the add it was first seen in):
+the choice the user made was among the items of the category they had not had yet. Its *heat* is its
+decayed events over its decayed offers + OFFER_PRIOR × its category's decayed events (so that an item
+offered a few times and taken once is not the category's favourite), and its share is its heat over
+the category's heat. A share of events counts a popular item's takers once and then goes on counting
+their later events in the category against it, though none of those could have been it: it
+understates how likely a user who has not had it is to take it. Offers leave those events out. On
+validation, the counter alone (events one at a time,
+scored per chunk of 500): synthetic seed 1 0.2076 → 0.2179 (paired +0.0103 ± 0.0020; new items 0.324
+→ 0.379), ml-100k 0.0435 → 0.0438 (+0.0003 ± 0.0019). OFFER_PRIOR chosen there: 0.03: 0.2179 /
+0.0407; 0.06: 0.2192 / 0.0435; 0.1: 0.2179 / 0.0438; 0.2: 0.2172 / 0.0453; as a fixed count of offers
+(1 to 100) no prior suited both logs (their categories see ~150 and ~1,200 decayed events). Half of
+this and half of the steady shares below gave 0.2170 / 0.0456. Taking the user's unseen items of a
+category as its whole (their shares renormalised over them) did not help (0.2145 against 0.2179).
+Weighting each offer by 1 / the user's unseen share of the category (a step towards the choice
+model's maximum likelihood) gave 0.2204 / 0.0448: not kept, small for the state it needs.
+The signals-only blend (counted as the worker counts, chunks of 500 at once): synthetic 0.2080 →
+0.2153 (− cat-trend +0.0117 → +0.0190 ± 0.0023; new items 0.271 → 0.293), ml-100k 0.0585 → 0.0578.
+
+They replace session 28's *steady shares*: the decayed share plus the share of the rates, a rate
+being events over the events since the item's first (+ 250). On the same slices 0.196 → 0.208 and
+0.0435 → 0.0438 over the decayed shares, but the rate needed when an item came, which an add of many
+events at once (a worker's start on a backlog) does not say. Offers need only each user's own order.
+The release date of an item (the catalogue's ``ts``) as a boost gave 0.212 at best over the steady
+shares (new items 0.44 over the decayed ones, 0.190 overall): not kept, as it needs the generator's
+notion of a release and ml-100k's films have none. The cat-trend baseline keeps the plain decayed
+shares.
 Pure python: no numpy, no settings.
 """
 
@@ -46,66 +57,93 @@ from collections.abc import Iterable, Mapping, Sequence
 HALF_LIFE = 2000  # events
 MIX_ITEMS = 50  # a user's mix is over this many of their newest items
 KEEP = 4096  # items with the largest weights kept (the serving table's rows)
-STEADY_PRIOR = 250  # events added to every item's exposure in its rate
+OFFER_PRIOR = 0.1  # offers added to every item's, as a share of its category's decayed events
 RESCALE = 1e100  # weights are stored × a growing scale (no pass over every item per event): renormalise past it
 
 
 class Trend:
-    """Decayed event counts per item (and, steady, all-time counts and first events), and each kept
-    item's category and share."""
+    """Decayed event counts per item (and, per offer, decayed offers), and each kept item's category
+    and share."""
 
-    def __init__(self, categories: Mapping[str, str | None], half_life: float = HALF_LIFE, *, steady: bool = False):
+    def __init__(self, categories: Mapping[str, str | None], half_life: float = HALF_LIFE, *, per_offer: bool = False):
         self.categories = categories
-        self.steady = steady
+        self.per_offer = per_offer
         self.decay = 2.0 ** (1.0 / half_life)  # the scale's growth per event
         self.scale = 1.0
         self.raw: dict[str, float] = {}  # item → weight × scale
-        self.clock = 0  # events added
-        self.events: dict[str, int] = {}  # item → its events
-        # item → when it came: the clock at the start or the middle of the add of its first event (``add``).
-        # An add's order is not known: a worker adds what came since its last count, 30 s of events or a
-        # backlog of thousands, and from the add's end every item new in it would have a rate as if it
-        # had come just now (in a live synthetic run, a worker whose first count held 276 items and its
-        # next the rest of the bootstrap scored 0.161 on the first chunk, its twin 0.220).
-        self.first: dict[str, int] = {}
+        # Offers × scale, without a pass over the category per event: an item's are its category's
+        # events since it came (``offered`` now − ``base``) less those of users who had taken it.
+        self.offered: dict[str, float] = {}  # category → its events' weight × scale
+        self.base: dict[str, float] = {}  # item → its category's ``offered`` before the add it came in
+        self.withheld: dict[str, float] = {}  # item → the weight × scale of the offers its takers did not make
 
-    def add(self, items: Sequence[str]) -> None:
-        """Events of ``items``, taken as simultaneous: every earlier event decays by len(items) events."""
-        self.scale *= self.decay ** len(items)
-        # An add larger than all before it is a start catching up (a recount, a backlog): its items were
-        # mostly there long before, so new ones are taken from its start; otherwise from its middle.
-        began = self.clock if len(items) > self.clock else self.clock + len(items) // 2
-        self.clock += len(items)
-        for item in items:
-            self.raw[item] = self.raw.get(item, 0.0) + self.scale
-            self.events[item] = self.events.get(item, 0) + 1
-            self.first.setdefault(item, began)
+    def add(self, histories: Sequence[Sequence[str]], new: Sequence[int]) -> None:
+        """Each user's ``new`` newest events, ``histories`` being their items (oldest first, the new ones
+        last), taken as simultaneous: every earlier event decays by their number."""
+        added = [h[max(0, len(h) - n):] for h, n in zip(histories, new)]
+        self.scale *= self.decay ** sum(map(len, added))
+        for items in added:
+            for item in items:
+                self.raw[item] = self.raw.get(item, 0.0) + self.scale
+        if self.per_offer:
+            self.offer(histories, added)
         if self.scale > RESCALE:
-            self.raw = {i: w / self.scale for i, w in self.raw.items()}
+            for counts in (self.raw, self.offered, self.base, self.withheld):
+                counts.update((k, v / self.scale) for k, v in counts.items())
             self.scale = 1.0
+
+    def offer(self, histories: Sequence[Sequence[str]], added: list[Sequence[str]]) -> None:
+        """Count the offers of ``add``'s events. Its items came before any of its offers (the order
+        across users is not known; within a user's, it is)."""
+        categories = self.categories
+        for items in added:
+            for item in items:
+                if (category := categories.get(item)) is not None:
+                    self.base.setdefault(item, self.offered.get(category, 0.0))
+        for items in added:
+            for item in items:
+                if (category := categories.get(item)) is not None:
+                    self.offered[category] = self.offered.get(category, 0.0) + self.scale
+        for history, items in zip(histories, added):
+            first: dict[str, int] = {}
+            for position, item in enumerate(history):
+                first.setdefault(item, position)
+            later: Counter = Counter()  # category → the user's new events after the position
+            for position in range(len(history) - 1, -1, -1):
+                item = history[position]
+                category = categories.get(item)
+                if category is None:
+                    continue
+                if first[item] == position and later[category] and item in self.base:
+                    self.withheld[item] = self.withheld.get(item, 0.0) + self.scale * later[category]
+                if position >= len(history) - len(items):
+                    later[category] += 1
 
     def weight(self, item: str) -> float:
         return self.raw.get(item, 0.0) / self.scale
 
-    def since_first(self, item: str) -> int:
-        """Events added since the item came (see ``first``)."""
-        return self.clock - self.first[item]
+    def offers(self, item: str) -> float:
+        """The item's decayed offers (0 for one without a category)."""
+        category = self.categories.get(item)
+        if item not in self.base or category is None:
+            return 0.0
+        return (self.offered.get(category, 0.0) - self.base[item] - self.withheld.get(item, 0.0)) / self.scale
 
-    def restore(self, weights: Mapping[str, float], events: Mapping[str, int], since_first: Mapping[str, int]) -> None:
-        """Take back what a run stored (``weight``, ``events``, ``since_first`` of its kept items)."""
-        self.scale, self.raw, self.events = 1.0, dict(weights), dict(events)
-        self.clock = max(since_first.values(), default=0)
-        self.first = {i: self.clock - n for i, n in since_first.items()}
+    def restore(self, weights: Mapping[str, float], offers: Mapping[str, float]) -> None:
+        """Take back what a run stored (``weight`` and ``offers`` of its kept items)."""
+        self.scale, self.raw, self.offered, self.withheld = 1.0, dict(weights), {}, {}
+        self.base = {i: -n for i, n in offers.items()}
 
     def heat(self, items: list[str]) -> dict[str, float]:
-        """{item: its share of the decayed weight (+ its share of the rates, steady)} of ``items``."""
-        total = sum(self.raw[i] for i in items) or 1.0
-        heat = {i: self.raw[i] / total for i in items}
-        if self.steady:
-            rates = {i: self.events[i] / (self.since_first(i) + 1 + STEADY_PRIOR) for i in items}
-            total = sum(rates.values()) or 1.0
-            heat = {i: h + rates[i] / total for i, h in heat.items()}
-        return heat
+        """{item: its decayed weight (per offer: over its offers + the prior)} of ``items``, each
+        with a category."""
+        if not self.per_offer:
+            return {i: self.raw[i] for i in items}
+        in_category: Counter = Counter()
+        for i in items:
+            in_category[self.categories[i]] += self.raw[i]
+        return {i: self.raw[i] / self.scale / (self.offers(i) + OFFER_PRIOR * in_category[self.categories[i]] / self.scale)
+                for i in items}
 
     def shares(self, keep: int = KEEP) -> dict[str, tuple[str, float]]:
         """{item: (category, share)} of the ``keep`` hottest items (ties by id) that have a category;

@@ -8,10 +8,10 @@ top-k reader.
   co-occurrence counted along the stream (solved again whenever a history changed);
 - ``fresh_items``: the fresh items, when each first came and its events since (read back at a start,
   so that a restart does not make every item old, or new);
-- ``item_trend``: the TREND_KEEP hottest items (``model.trend``, steady shares), with their counts and
-  their category and share of it (read back at a start too: a recount from users' recent items would
-  weigh an event of last month like one of the last minute; a table an older version wrote, without
-  the counts, is recounted);
+- ``item_trend``: the TREND_KEEP hottest items (``model.trend``, take rates), with their decayed
+  events and offers and their category and share of it (read back at a start too: a recount from
+  users' recent items would weigh an event of last month like one of the last minute; a table an
+  older version wrote, with other counts, is recounted);
 - ``serving_blend``: the weights, one row.
 
 ``BlendKeeper.refresh`` (the popularity timer) recounts the signals from every history shard's recent
@@ -129,12 +129,12 @@ class BlendKeeper:
             fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
             self.first_seen.first = dict(zip(fresh["item_id"].to_pylist(), fresh["first_event"].to_pylist()))
             self.first_seen.counts = dict(zip(fresh["item_id"].to_pylist(), fresh["count"].to_pylist()))
-        self.trend = Trend({}, steady=True)
+        self.trend = Trend({}, per_offer=True)
         trend = _stored_trend(store, table_names(store.db))
         self.trend_counted = trend is not None  # the last run's weights go on decaying
         if trend is not None:
             items = trend["item_id"].to_pylist()
-            self.trend.restore(*(dict(zip(items, trend[c].to_pylist())) for c in ("weight", "events", "since_first")))
+            self.trend.restore(*(dict(zip(items, trend[c].to_pylist())) for c in ("weight", "offers")))
 
     def refresh(self, model: ServingModel | None, vectors_table: str | None, dim: int) -> int:
         """Count, refit (with a live ``model`` and its ``vectors_table``), write; returns popular items kept.
@@ -142,8 +142,9 @@ class BlendKeeper:
         Follows and co-occurrence are running counts: the first count (a start) takes every user's
         recent items, each later one adds the events since (a user with more new events than
         ``recent_len``: the newest ``recent_len``). So is the trend, but a start takes the recent items
-        only when no trend was stored (all at once: their order across users is not stored). Popularity
-        is recounted from the recent items every time, the neighbours solved whenever a history changed."""
+        only when no trend was stored (all at once: their order across users is not stored, each user's
+        is). Popularity is recounted from the recent items every time, the neighbours solved whenever a
+        history changed."""
         scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()
@@ -158,17 +159,18 @@ class BlendKeeper:
             self.follows = Follows.count(recents)
             self.pairs = Cooccurrence.count(recents, self.recent_len - 1)
             self.first_seen.old(popularity(recents))
-            counted = [] if self.trend_counted else [i for r in recents.to_pylist() for i in r or []]
+            if not self.trend_counted:
+                taken = [r or [] for r in recents.to_pylist()]
+                self.trend.add(taken, [len(r) for r in taken])
         else:
             row_of = {u: r for r, u in enumerate(users)}
             recent = {u: recents[row_of[u]].as_py() or [] for u in new}
             for user, n in new.items():
                 self.follows.add(recent[user], n)
                 self.first_seen.add(recent[user][-n:])
-            counted = [i for user, n in new.items() for i in recent[user][-n:]]
+            self.trend.add([recent[u] for u in new], list(new.values()))
             whole = self._bursts(new, counts, recent)
             self.pairs.add([whole.get(u, recent[u]) for u in new], list(new.values()))
-        self.trend.add(counted)
         # Numbered by the stream's applied events (every user's event_count): the same after a restart.
         self.first_seen.events = sum(counts.values())
         # The neighbours are the count's costly part (a dense inverse): unchanged histories keep the last ones.
@@ -234,8 +236,8 @@ class BlendKeeper:
         trend = sorted(self.signals.trend.items())
         self._overwrite(TREND, trend_schema(), {
             "item_id": [i for i, _ in trend], "category": [c for _, (c, _) in trend],
-            "weight": [self.trend.weight(i) for i, _ in trend], "events": [self.trend.events[i] for i, _ in trend],
-            "since_first": [self.trend.since_first(i) for i, _ in trend], "share": [share for _, (_, share) in trend],
+            "weight": [self.trend.weight(i) for i, _ in trend], "offers": [self.trend.offers(i) for i, _ in trend],
+            "share": [share for _, (_, share) in trend],
             "updated_at": [now] * len(trend)})
         # Written last, always: its time says a whole count (and fit) is in place.
         self._overwrite(BLEND, blend_schema(), {"blend": [json.dumps(self.blend.to_json())], "model_version": [version],

@@ -179,14 +179,13 @@ def fresh_schema() -> pa.Schema:
 
 
 def trend_schema() -> pa.Schema:
-    """The hottest items of the stream (model.trend): each one's category, decayed weight, events, the
-    events counted since its first and its share of its category's heat."""
+    """The hottest items of the stream (model.trend): each one's category, decayed weight and decayed
+    offers, and its share of its category's heat."""
     return pa.schema([
         key_field("item_id"),
         pa.field("category", pa.string(), nullable=False),
         pa.field("weight", pa.float64(), nullable=False),
-        pa.field("events", pa.int64(), nullable=False),
-        pa.field("since_first", pa.int64(), nullable=False),
+        pa.field("offers", pa.float64(), nullable=False),
         pa.field("share", pa.float64(), nullable=False),
         pa.field("updated_at", TIMESTAMP, nullable=False),
     ])

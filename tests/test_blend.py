@@ -15,7 +15,7 @@ import pytest
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
 import model.blend
 from model.baselines import neighbours
-from model.trend import HALF_LIFE
+from model.trend import HALF_LIFE, OFFER_PRIOR
 from model.blend import (FEATURES, FRESH_EVENTS, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
                          pool_of, rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
@@ -235,7 +235,7 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
     diagnostic = Diagnostic(world["m1"], items)
     log = pd.DataFrame(world["interactions"])
     histories = exact_histories(log, 300)
-    arm = ExactBlend(histories, 50, log["item_id"].iloc[:300].tolist(), diagnostic,
+    arm = ExactBlend(histories, 50, list(zip(log["user_id"].iloc[:300], log["item_id"].iloc[:300])), diagnostic,
                      categories=dict(zip(items["item_id"], items["category"])))
     assert arm.blend.weights[0] > 0 and arm.blend.fitted_on == 0  # the worker's prior
     users = sorted(histories)[:4]
@@ -318,6 +318,17 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
         assert next(s for s in answer.items if s.item_id == fresh).interest is not None  # an exact cosine
 
 
+def offers_by_hand(histories: list[list[str]], new: list[int], category: dict[str, str], known: set[str]) -> Counter:
+    """Each ``known`` item's offers from the users' ``new`` newest events (model.trend's definition, one
+    event at a time): every event of its category by a user who had not taken it."""
+    offers: Counter = Counter()
+    for history, n in zip(histories, new):
+        for end in range(len(history) - n, len(history)):
+            taken = set(history[:end])
+            offers.update(i for i in known if category[i] == category[history[end]] and i not in taken)
+    return offers
+
+
 def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, world_settings):
     store = Store(world_settings)
     publish(world_settings, world["m1"])
@@ -326,13 +337,19 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
     runtime.refresh_popularity()  # the first count, nothing stored: every user's recent items at once
     category = dict(zip(world["items"]["item_id"], world["items"]["category"]))
     rows = pa.concat_tables([store.scan_histories(s, ["recent_item_ids"]) for s in store.shards(HISTORIES)])
-    recent = [i for r in rows["recent_item_ids"].to_pylist() for i in r or []]
-    per_item, per_category = Counter(recent), Counter(category[i] for i in recent)
+    recents = [r or [] for r in rows["recent_item_ids"].to_pylist()]
+    per_item = Counter(i for r in recents for i in r)
+    per_category = Counter(category[i] for r in recents for i in r)
+    offers = offers_by_hand(recents, [len(r) for r in recents], category, set(per_item))
+    heat = {i: n / (offers[i] + OFFER_PRIOR * per_category[category[i]]) for i, n in per_item.items()}
+    heat_of = Counter()
+    for i, h in heat.items():
+        heat_of[category[i]] += h
     first = read_signals(store, []).trend
     assert {i: c for i, (c, _) in first.items()} == {i: category[i] for i in per_item}
-    assert {i: s for i, (_, s) in first.items()} == pytest.approx({i: n / per_category[category[i]] for i, n in per_item.items()})
+    assert {i: s for i, (_, s) in first.items()} == pytest.approx({i: h / heat_of[category[i]] for i, h in heat.items()})
     weights = {i: runtime.blend.trend.weight(i) for i in runtime.blend.trend.raw}
-    # Twelve new events: every weight before decays by 12 events, each new event adds one.
+    # Twelve new events: every weight and offer before decays by 12 events, each new event adds one.
     log = Log(store, world_settings)
     log.offsets = list(world["offsets"])
     items = world["items"]["item_id"].tolist()
@@ -342,20 +359,20 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
                       for n, (u, i) in enumerate(zip(users[:12], new))])
     runtime.refresh()
     runtime.refresh_popularity()
-    expected = {i: w * 2 ** (-12 / HALF_LIFE) + new.count(i) for i, w in weights.items()} | {
+    decay = 2 ** (-12 / HALF_LIFE)
+    expected = {i: w * decay + new.count(i) for i, w in weights.items()} | {
         i: float(new.count(i)) for i in new if i not in weights}
     assert {i: runtime.blend.trend.weight(i) for i in expected} == pytest.approx(expected)
-    counted_events = {i: per_item[i] + new.count(i) for i in expected}
-    # the start's items from its start, the new ones from the middle of the 12 events' add
-    since_first = {i: len(recent) + 12 if i in per_item else 6 for i in expected}
-    assert {i: runtime.blend.trend.events[i] for i in expected} == counted_events
-    assert {i: runtime.blend.trend.since_first(i) for i in expected} == since_first
+    after = store.get_histories(users[:12])
+    recent = [list(after[u]["recent_item_ids"]) for u in users[:12]]
+    assert [r[-1] for r in recent] == new
+    offered = Counter({i: offers[i] * decay for i in per_item}) + offers_by_hand(recent, [1] * 12, category, set(expected))
+    assert {i: runtime.blend.trend.offers(i) for i in expected} == pytest.approx({i: offered[i] for i in expected})
     # A restart reads the counts back and goes on from them (no recount of the recent items).
     restarted = BlendKeeper(store, world_settings.recent_len)
     restarted.refresh(None, None, 0)
     assert {i: restarted.trend.weight(i) for i in expected} == pytest.approx(expected)
-    assert {i: restarted.trend.events[i] for i in expected} == counted_events
-    assert {i: restarted.trend.since_first(i) for i in expected} == since_first
+    assert {i: restarted.trend.offers(i) for i in expected} == pytest.approx({i: offered[i] for i in expected})
     stored, counted = read_signals(store, []).trend, runtime.blend.signals.trend
     assert stored.keys() == counted.keys()
     assert {i: s for i, (_, s) in stored.items()} == pytest.approx({i: s for i, (_, s) in counted.items()})
@@ -364,7 +381,7 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
 def test_a_trend_table_of_an_older_version_is_recounted_not_read(world, world_settings):
     store = Store(world_settings)
     publish(world_settings, world["m1"])
-    old = pa.schema([f for f in trend_schema() if f.name not in ("events", "since_first")])
+    old = pa.schema([f for f in trend_schema() if f.name != "offers"])
     store.db.create_table(TREND, pa.table({"item_id": ["x"], "category": ["c"], "weight": [9.0], "share": [1.0],
                                            "updated_at": [datetime.now(timezone.utc)]}, schema=old))
     assert read_signals(store, []).trend == {}  # not the stale row: nothing until the keeper writes

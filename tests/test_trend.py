@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from model.trend import STEADY_PRIOR, Trend, by_category, user_scores
+from model.trend import OFFER_PRIOR, Trend, by_category, user_scores
 
 
 def test_every_add_halves_the_earlier_weights_after_half_life_events():
     trend = Trend({"a": "x", "b": "x", "c": "y"}, half_life=1)
-    trend.add(["a"])
-    trend.add(["b"])
-    trend.add(["c", "a"])  # two events at once: everything before decays by two
+    trend.add([["a"]], [1])
+    trend.add([["b"]], [1])
+    trend.add([["c"], ["a"]], [1, 1])  # two events at once: everything before decays by two
     # a: 1 halved three times, + 1; b: 1 halved twice; c: 1
     assert [trend.weight(i) for i in "abc"] == [pytest.approx(1 / 8 + 1), pytest.approx(1 / 4), pytest.approx(1)]
     shares = trend.shares()
@@ -20,14 +20,16 @@ def test_every_add_halves_the_earlier_weights_after_half_life_events():
     assert trend.shares(keep=2) == {"a": shares["a"], "c": shares["c"]}  # the shares stay over the whole category
 
 
-def test_weights_survive_the_rescale():
-    trend = Trend({"a": "x", "b": "x"}, half_life=1)
-    trend.add(["a"])
+def test_weights_and_offers_survive_the_rescale():
+    trend = Trend({"a": "x", "b": "x"}, half_life=1, per_offer=True)
+    trend.add([["a"]], [1])
     for _ in range(400):  # 2^400 > RESCALE: the stored weights are renormalised on the way
-        trend.add(["b"])
+        trend.add([["b"]], [1])  # users with nothing before: every event offers both
     assert trend.scale < 2.0 ** 400
     assert trend.weight("a") == pytest.approx(2.0 ** -400, rel=1e-9)
     assert trend.weight("b") == pytest.approx(2.0, rel=1e-9)  # 1 + 1/2 + 1/4 + …
+    assert trend.offers("a") == pytest.approx(2.0, rel=1e-9)
+    assert trend.offers("b") == pytest.approx(2.0, rel=1e-9)
 
 
 def test_a_users_score_is_their_category_mix_times_the_items_share():
@@ -43,59 +45,57 @@ def test_a_users_score_is_their_category_mix_times_the_items_share():
 
 def test_items_without_a_category_are_counted_nowhere():
     trend = Trend({"a": "x", "b": None}, half_life=10)
-    trend.add(["a", "b", "c"])  # c: not in the catalogue
+    trend.add([["a", "b", "c"]], [3])  # c: not in the catalogue
     assert trend.shares() == {"a": ("x", 1.0)}
 
 
-def test_steady_heat_adds_the_items_share_of_the_rates_by_hand():
-    trend = Trend({"a": "x", "b": "x", "c": "y"}, half_life=1, steady=True)
-    trend.add(["a"])
-    for _ in range(STEADY_PRIOR):
-        trend.add(["c"])
-    trend.add(["b"])
-    # weights: a 2^-(P+1), c 1/2 + 1/4 + … (P terms: its last event halved once), b 1. Rates: events over
-    # (the events since the first, itself included, + 1 + P): a 1/(P+2+1+P), c P/(P+1+1+P), b 1/(1+1+P).
-    p = STEADY_PRIOR
-    weight = {"a": 2.0 ** -(p + 1), "b": 1.0, "c": 1.0 - 2.0 ** -p}
-    rate = {"a": 1 / (2 * p + 3), "b": 1 / (p + 2), "c": p / (2 * p + 2)}
-    assert [trend.since_first(i) for i in "abc"] == [p + 2, 1, p + 1]
-    heat = {i: weight[i] / sum(weight.values()) + rate[i] / sum(rate.values()) for i in "abc"}
+def test_an_item_is_offered_by_its_categorys_events_of_users_who_had_not_taken_it():
+    trend = Trend({"a": "x", "b": "x", "c": "x", "d": "y"}, half_life=1e12, per_offer=True)  # no decay
+    trend.add([["a"]], [1])  # u1 takes a
+    assert trend.offers("a") == pytest.approx(1)  # its own event offered it
+    trend.add([["b"], ["a", "c"], ["d"]], [1, 1, 1])  # u2 takes b, u1 c, u3 d: at once, b and c came before any
+    # a: u1's first event and u2's b (not u1's c: u1 had it); b and c: both events of x in the add
+    assert [trend.offers(i) for i in "abcd"] == pytest.approx([2, 2, 2, 1])
+    trend.add([["b", "a"]], [1])  # u2 takes a: a offered; b not (u2 had it); c offered
+    assert [trend.offers(i) for i in "abc"] == pytest.approx([3, 2, 3])
+    # heat: events over offers + OFFER_PRIOR × the category's events (a 2, b 1, c 1: 4)
+    heat = {"a": 2 / (3 + OFFER_PRIOR * 4), "b": 1 / (2 + OFFER_PRIOR * 4), "c": 1 / (3 + OFFER_PRIOR * 4)}
     assert trend.heat(list("abc")) == pytest.approx(heat)
-    assert trend.shares() == {"a": ("x", pytest.approx(heat["a"] / (heat["a"] + heat["b"]))),
-                              "b": ("x", pytest.approx(heat["b"] / (heat["a"] + heat["b"]))),
-                              "c": ("y", pytest.approx(1.0))}
-    # An item nobody took lately keeps a share by its rate; the plain decayed share all but forgets it.
-    plain = Trend(trend.categories, half_life=1)
-    plain.raw, plain.scale = trend.raw, trend.scale
-    assert plain.shares()["a"][1] < 1e-50 < 1e-3 < trend.shares()["a"][1]
+    x = sum(heat.values())
+    assert trend.shares() == {"a": ("x", pytest.approx(heat["a"] / x)), "b": ("x", pytest.approx(heat["b"] / x)),
+                              "c": ("x", pytest.approx(heat["c"] / x)), "d": ("y", pytest.approx(1.0))}
+    # By share of events, b and c tie; b was taken from fewer offers.
+    assert trend.shares()["b"][1] > trend.shares()["c"][1]
+
+
+def test_a_users_events_in_one_add_offer_in_their_order():
+    trend = Trend({"a": "x", "b": "x", "c": "x", "d": "y"}, half_life=1e12, per_offer=True)
+    trend.add([["d", "a", "b", "c"]], [3])  # d taken before; then a, b, c at once, in that order
+    # a: offered by its own event only; b by a's and its own; c by all three (d: none, not counted)
+    assert [trend.offers(i) for i in "abc"] == pytest.approx([1, 2, 3])
+
+
+def test_offers_decay_like_the_events():
+    trend = Trend({"a": "x", "b": "x"}, half_life=1, per_offer=True)
+    trend.add([["a"]], [1])
+    trend.add([["b"]], [1])  # another user: a offered again, its first offer halved
+    assert (trend.offers("a"), trend.offers("b")) == (pytest.approx(1.5), pytest.approx(1.0))
+    assert (trend.weight("a"), trend.weight("b")) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert trend.heat(["a", "b"]) == pytest.approx({"a": 0.5 / (1.5 + OFFER_PRIOR * 1.5), "b": 1 / (1 + OFFER_PRIOR * 1.5)})
 
 
 def test_restore_takes_back_the_stored_counts():
-    trend = Trend({"a": "x", "b": "x"}, steady=True)
-    trend.add(["a", "a"])
-    trend.add(["b"])
-    back = Trend(trend.categories, steady=True)
-    back.restore({i: trend.weight(i) for i in "ab"}, trend.events, {i: trend.since_first(i) for i in "ab"})
+    trend = Trend({"a": "x", "b": "x", "c": "x"}, per_offer=True)
+    trend.add([["a", "a"], ["b"]], [2, 1])
+    trend.add([["b", "c"]], [1])
+    back = Trend(trend.categories, per_offer=True)
+    back.restore({i: trend.weight(i) for i in "abc"}, {i: trend.offers(i) for i in "abc"})
+
     def share(t: Trend) -> dict[str, float]:
         return {i: s for i, (_, s) in t.shares().items()}
 
     assert share(back) == pytest.approx(share(trend))
-    back.add(["b"]), trend.add(["b"])
+    for t in (back, trend):
+        t.add([["a", "c", "b"], ["d", "a"]], [2, 2])  # old items taken and offered again, and a new one (d)
     assert share(back) == pytest.approx(share(trend))
-    assert [back.since_first(i) for i in "ab"] == [4, 2]
-
-
-def test_an_add_larger_than_all_before_it_takes_its_new_items_from_its_start():
-    trend = Trend({"a": "x", "b": "x", "c": "x", "d": "x"}, steady=True)
-    trend.add(["a"] * 9)  # a start's recount: all at once, their order unknown, mostly old items
-    trend.add(["b"])
-    assert trend.since_first("a") == 10 and trend.since_first("b") == 1
-    trend.add(["c"] * 4)  # 4 events after 10: the events since a count, new ones taken from its middle
-    assert trend.since_first("c") == 2
-    trend.add(["d"] * 20)  # 20 after 14: a backlog
-    assert trend.since_first("d") == 20 and trend.since_first("a") == 34
-    p = STEADY_PRIOR
-    rates = {"a": 9 / (35 + p), "b": 1 / (26 + p), "c": 4 / (23 + p), "d": 20 / (21 + p)}
-    heat = trend.heat(list("abcd"))
-    weights = {i: trend.weight(i) for i in "abcd"}
-    assert heat == pytest.approx({i: weights[i] / sum(weights.values()) + rates[i] / sum(rates.values()) for i in "abcd"})
+    assert [back.offers(i) for i in "abc"] == pytest.approx([trend.offers(i) for i in "abc"])
