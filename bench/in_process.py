@@ -19,7 +19,7 @@ import pandas as pd
 
 from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly, exact_histories
-from bench.oracle import ORACLE, oracle_arm
+from bench.oracle import oracle_arms
 from bench.prequential import K
 from bench.simulate_report import gaps, summarise
 from hymirec.settings import Settings
@@ -70,8 +70,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     catalogue = read_items(items)
     categories = categories_of(catalogue)
     records = baseline_arms(log, boot, config, categories)
-    if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
-        records[ORACLE] = ceiling
+    records |= oracle_arms(log, boot, config, interactions.parent)
     exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
     applied = list(zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()))
     arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied, categories=categories)], {}

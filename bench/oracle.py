@@ -14,23 +14,33 @@ learns from the stream can be expected to reach. It leaves out the generator's s
 topic repeats the last one with probability ``STAY_PROB``): one answer serves a user's several events
 of a chunk, and on validation (seed 1, first 20,000 events) the mix alone scored higher (0.285
 against 0.274).
+
+Two half-oracles say which of the two estimates the arms lack (session 29), each knowing one factor and
+counting the other as the serving blend's trend does (``model.trend``):
+
+- ``oracle-mix``: the user's true mix × each item's take-rate share of its topic, counted along the
+  stream (``Trend(per_offer=True)``, the bootstrap one event at a time, then a chunk at a time);
+- ``oracle-items``: the user's mix counted over their newest MIX_ITEMS items × the generator's
+  probabilities within each topic.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from bench.arms import SimConfig
-from bench.diagnostic import exact_histories, extend
+from bench.diagnostic import extend
 from bench.prequential import K, score_chunk
+from model.trend import MIX_ITEMS, Trend
 from stream.datasets import item_logits, planted_catalogue, topic_mix
 from store.logs import read_interactions, read_items
 
-ORACLE = "oracle"
+ORACLE, ORACLE_MIX, ORACLE_ITEMS = "oracle", "oracle-mix", "oracle-items"
 
 
 def _topics(names: list[str]) -> np.ndarray:
@@ -55,47 +65,78 @@ class Generator:
                              np.array(u["end_weights"])) for user, u in truth["users"].items()}
         self.events = read_interactions(directory / "interactions.jsonl")["user_id"].value_counts().to_dict()
 
-    def probabilities(self, user: str, history: list[str], now: int) -> np.ndarray:
-        """P(next item = i) [items] for ``user`` after ``history``, at time ``now`` (ms)."""
+    def mix(self, user: str, history: list[str]) -> np.ndarray:
+        """The user's topic weights [topics] at their next event, after ``history``."""
         start, w_start, end, w_end = self.mixes[user]
         topics, mix = topic_mix(start, w_start / w_start.sum(), end, w_end / w_end.sum(), self.drift,
                                 np.array([len(history)]), self.events[user])
+        out = np.zeros(len(self.members))
+        out[topics] = mix[0]
+        return out
+
+    def within(self, history: list[str], now: int) -> np.ndarray:
+        """P(next item = i | its topic is drawn) [items] after ``history``, at time ``now`` (ms)."""
         seen = np.zeros(len(self.item_ids), dtype=bool)
         seen[[self.index[i] for i in history]] = True
         p = np.zeros(len(self.item_ids))
-        for topic, weight in zip(topics, mix[0]):
-            pool = self.members[topic]
+        for topic, pool in enumerate(self.members):
             released = self.release[pool] <= now
             unseen = released & ~seen[pool]
             allowed = unseen if unseen.any() else released  # the generator's rule when a topic runs out
             logits = np.where(allowed, item_logits(self.log_popularity[topic], self.release[pool], now), -np.inf)
             if allowed.any():
                 w = np.exp(logits - logits.max())
-                p[pool] += weight * w / w.sum()
+                p[pool] = w / w.sum()
         return p
 
+    def probabilities(self, user: str, history: list[str], now: int) -> np.ndarray:
+        """P(next item = i) [items] for ``user`` after ``history``, at time ``now`` (ms)."""
+        return self.mix(user, history)[self.item_topic] * self.within(history, now)
 
-def oracle_arm(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path) -> list[dict] | None:
-    """The oracle's records on ``log`` (position, user_id, item_id, ts), chunk by chunk like every arm;
-    None when ``directory`` holds no generator's truth (not a synthetic dataset)."""
+    def counted_mix(self, history: list[str]) -> np.ndarray:
+        """The topics' shares [topics] of the user's newest MIX_ITEMS items (the trend's mix)."""
+        topics = self.item_topic[[self.index[i] for i in history[-MIX_ITEMS:]]]
+        return np.bincount(topics, minlength=len(self.members)) / max(len(topics), 1)
+
+
+def oracle_arms(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path) -> dict[str, list[dict]]:
+    """{oracle arm: its records} on ``log`` (position, user_id, item_id, ts), chunk by chunk like every
+    arm; empty when ``directory`` holds no generator's truth (not a synthetic dataset)."""
     if not (directory / "truth.json").exists():
-        return None
+        return {}
     generator = Generator(directory)
-    histories = exact_histories(log, boot)
+    categories = dict(zip(generator.item_ids, (f"topic-{t:02d}" for t in generator.item_topic)))
+    trend = Trend(categories, per_offer=True)
+    histories: dict[str, list[str]] = {}
+    for user, item in zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()):
+        histories.setdefault(user, []).append(item)
+        trend.add([histories[user]], [1])
     bootstrap_items = set(log["item_id"].iloc[:boot])
-    records = []
+    records: dict[str, list[dict]] = {ORACLE: [], ORACLE_MIX: [], ORACLE_ITEMS: []}
     for start in range(boot, len(log), config.chunk):
         chunk = log.iloc[start : start + config.chunk]
-        answers = {}
+        counted = np.zeros(len(generator.item_ids))
+        for item, (_, share) in trend.shares().items():
+            counted[generator.index[item]] = share
+        answers: dict[str, dict] = {name: {} for name in records}
         for user, now in zip(chunk["user_id"].tolist(), chunk["ts"].tolist()):
-            if user not in answers:  # one answer per user per chunk, at the time of their first event in it
-                history = histories.get(user)
-                if history is None:
-                    answers[user] = (None, [])
-                    continue
-                p = generator.probabilities(user, history, now)
+            if user in answers[ORACLE]:
+                continue  # one answer per user per chunk, at the time of their first event in it
+            history = histories.get(user)
+            if history is None:
+                for name in records:
+                    answers[name][user] = (None, [])
+                continue
+            mix, within = generator.mix(user, history), generator.within(history, now)
+            counted_mix = generator.counted_mix(history)
+            for name, p in ((ORACLE, mix[generator.item_topic] * within),
+                            (ORACLE_MIX, mix[generator.item_topic] * counted),
+                            (ORACLE_ITEMS, counted_mix[generator.item_topic] * within)):
                 p[[generator.index[i] for i in history]] = -1.0
-                answers[user] = (ORACLE, [generator.item_ids[j] for j in np.argsort(-p, kind="stable")[:K]])
-        records += score_chunk(chunk, answers, histories, start, bootstrap_items)
+                answers[name][user] = (name, [generator.item_ids[j] for j in np.argsort(-p, kind="stable")[:K]])
+        for name in records:
+            records[name] += score_chunk(chunk, answers[name], histories, start, bootstrap_items)
+        new = Counter(chunk["user_id"].tolist())
         extend(histories, chunk)
+        trend.add([histories[user] for user in new], list(new.values()))
     return records

@@ -30,8 +30,10 @@ rules) run in this process on the same log, with no worker: each learns the boot
 chunk is scored against its state before the chunk (the user's applied items left out, a user with no
 applied event cold) by the same ``score_chunk``, and then applied.
 
-**Oracle arm** (synthetic datasets only, ``bench.oracle``): every item ranked by the generator's own
-probability of the user's next item, from its hidden parameters: the ceiling under this protocol.
+**Oracle arms** (synthetic datasets only, ``bench.oracle``): every item ranked by the generator's own
+probability of the user's next item, from its hidden parameters: the ceiling under this protocol; and
+two half-oracles, each knowing one of its two factors (the user's topic mix, the items' odds within a
+topic) and counting the other.
 
 **Diagnostic arm.** The online arm's live version, loaded in this process after each switch, scores every
 chunk straight from the users' exact histories (``bench.diagnostic``: no worker, no stored codes, no ANN,
@@ -64,7 +66,7 @@ from bench import harness
 from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.in_process import run_in_process
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories
-from bench.oracle import ORACLE, oracle_arm
+from bench.oracle import oracle_arms
 from bench.prequential import K, metrics_of, score_chunk, warm
 from bench.simulate_plot import LIVE
 from bench.simulate_report import fmt, summarise, summary_markdown, write_outputs
@@ -206,8 +208,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
     catalogue = read_items(items)
     categories = categories_of(catalogue)
     baselines = baseline_arms(log, boot, config, categories)
-    if (ceiling := oracle_arm(log, boot, config, interactions.parent)) is not None:
-        baselines[ORACLE] = ceiling
+    baselines |= oracle_arms(log, boot, config, interactions.parent)
     say("baselines (in this process, same chunks): " + ", ".join(
         f"{name} R@{K} {fmt(metrics_of(warm(recs))[f'recall@{K}'])}" for name, recs in baselines.items())
         + f" ({time.monotonic() - started:.0f} s)", flush=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly
-from bench.oracle import ORACLE
+from bench.oracle import ORACLE, ORACLE_ITEMS, ORACLE_MIX
 from bench.prequential import K, rolling
 
 LIVE = ("frozen", "online")  # the arms served by a live system
 # computed in the simulation's process
-REFERENCE = (Diagnostic.name, SignalsOnly.name, ExactBlend.name, FROZEN_DIAGNOSTIC, FROZEN_BLEND, ORACLE)
+REFERENCE = (Diagnostic.name, SignalsOnly.name, ExactBlend.name, FROZEN_DIAGNOSTIC, FROZEN_BLEND, ORACLE, ORACLE_MIX,
+             ORACLE_ITEMS)
 
 
 def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int], path: Path, *, window: int,
@@ -29,7 +30,8 @@ def plot(records: dict[str, list[dict]], switches: list[int], rejected: list[int
     colours = {"frozen": "tab:blue", "online": "tab:orange", "pop": "tab:brown", "recent-pop": "tab:green",
                "rules": "tab:purple", "item-knn": "tab:cyan", "ease": "black", "cat-trend": "gold", "diagnostic": "tab:red",
                "signals-only": "tab:grey", "exact-blend": "tab:olive",
-               FROZEN_DIAGNOSTIC: "tab:pink", FROZEN_BLEND: "darkkhaki", ORACLE: "lightgrey"}
+               FROZEN_DIAGNOSTIC: "tab:pink", FROZEN_BLEND: "darkkhaki", ORACLE: "lightgrey",
+               ORACLE_MIX: "silver", ORACLE_ITEMS: "gainsboro"}
     for name, recs in records.items():
         curve = rolling(recs, window)
         style = ({"linewidth": 1.2} if name in LIVE else {"linewidth": 0.9, "linestyle": ":"} if name in REFERENCE

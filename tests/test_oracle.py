@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.arms import SimConfig, read_log
-from bench.oracle import ORACLE, Generator, oracle_arm
+from bench.oracle import ORACLE, ORACLE_ITEMS, ORACLE_MIX, Generator, oracle_arms
 from store.logs import read_interactions
 from stream.datasets import export_synthetic
 
@@ -40,14 +40,32 @@ def test_within_a_topic_the_odds_are_the_popularity_ratio(tmp_path: Path):
     assert p[a] / p[b] == pytest.approx(np.exp(ranks[a] - ranks[b]))
 
 
-def test_the_oracle_arm_scores_every_event_like_the_others_and_only_on_synthetic_logs(tmp_path: Path):
+def test_the_oracle_arms_score_every_event_like_the_others_and_only_on_synthetic_logs(tmp_path: Path):
     export_synthetic(tmp_path, users=30, items=80, interests=4, events_per_user=12, drift=0.5, seed=3, fresh_items=0.3)
     config = SimConfig(chunk=40)
     log, boot = read_log(tmp_path / "interactions.jsonl", None, config)
-    records = oracle_arm(log, boot, config, tmp_path)
-    assert [r["position"] for r in records] == list(range(boot, len(log)))
-    assert {r["model_version"] for r in records if not r["cold"]} == {ORACLE}
-    assert not any(r["in_history"] and r["hit"] for r in records)  # a seen item is never answered
-    assert sum(r["hit"] for r in records) > 0
+    arms = oracle_arms(log, boot, config, tmp_path)
+    assert list(arms) == [ORACLE, ORACLE_MIX, ORACLE_ITEMS]
+    for name, records in arms.items():
+        assert [r["position"] for r in records] == list(range(boot, len(log)))
+        assert {r["model_version"] for r in records if not r["cold"]} == {name}
+        assert not any(r["in_history"] and r["hit"] for r in records)  # a seen item is never answered
+        assert sum(r["hit"] for r in records) > 0
     (tmp_path / "truth.json").unlink()
-    assert oracle_arm(log, boot, config, tmp_path) is None
+    assert oracle_arms(log, boot, config, tmp_path) == {}
+
+
+def test_the_half_oracles_each_know_one_factor_of_the_generators_probability(tmp_path: Path):
+    export_synthetic(tmp_path, users=20, items=60, interests=3, events_per_user=10, drift=0.5, seed=5, fresh_items=0.3)
+    generator = Generator(tmp_path)
+    log = read_interactions(tmp_path / "interactions.jsonl")
+    user, now = log["user_id"].iloc[-1], int(log["ts"].iloc[-1])
+    history = log.loc[log["user_id"] == user, "item_id"].tolist()[:-1]
+    mix, within = generator.mix(user, history), generator.within(history, now)
+    assert mix.sum() == pytest.approx(1.0)
+    for pool in generator.members:  # a distribution over each topic's items
+        assert within[pool].sum() == pytest.approx(1.0)
+    assert generator.probabilities(user, history, now) == pytest.approx(mix[generator.item_topic] * within)
+    # the counted mix: the topics' shares of the user's newest items
+    topics = generator.item_topic[[generator.index[i] for i in history[-50:]]]
+    assert generator.counted_mix(history) == pytest.approx(np.bincount(topics, minlength=3) / len(topics))

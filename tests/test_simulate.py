@@ -19,6 +19,7 @@ from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
 from bench.arms import SimConfig, baseline_arms, categories_of
 from bench.in_process import run_in_process
+from bench.oracle import ORACLE, ORACLE_ITEMS, ORACLE_MIX
 from bench.simulate import run_simulation
 from bench.simulate_report import summarise, summary_markdown
 from bench.simulate_plot import plot
@@ -34,6 +35,7 @@ from trainer.serving_model import HyMiRecServing
 from helpers import model_settings, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 
 BASELINES = ("pop", "recent-pop", "rules", "item-knn", "ease", "cat-trend")
+ORACLES = (ORACLE, ORACLE_MIX, ORACLE_ITEMS)
 
 
 # --- pure parts ------------------------------------------------------------------------------------
@@ -180,8 +182,8 @@ def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_pa
     summary = run_in_process(Settings(), tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
                              dataset="toy")
     arms = summary["arms"]
-    assert list(arms) == [*BASELINES, "oracle", "signals-only"]  # a synthetic log: its oracle too
-    assert arms["signals-only"]["kind"] == arms["oracle"]["kind"] == "reference" and arms["signals-only"]["recall@10"] > 0
+    assert list(arms) == [*BASELINES, *ORACLES, "signals-only"]  # a synthetic log: its oracles too
+    assert {arms[a]["kind"] for a in ("signals-only", *ORACLES)} == {"reference"} and arms["signals-only"]["recall@10"] > 0
     assert len({a["events"] for a in arms.values()}) == 1  # the same warm events for every arm
     best = max(BASELINES, key=lambda a: arms[a]["recall@10"])
     gap = summary["gap"][f"signals-only − {best}"]["recall@10"]
@@ -200,7 +202,7 @@ def test_in_process_runs_the_trainers_cycles_beside_the_frozen_bootstrap(tmp_pat
     summary = run_in_process(settings, tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
                              dataset="toy", model=True)
     arms, boot, n = summary["arms"], summary["bootstrap_events"], summary["log_events"]
-    assert list(arms) == [*BASELINES, "oracle", "diagnostic", "frozen-diagnostic",
+    assert list(arms) == [*BASELINES, *ORACLES, "diagnostic", "frozen-diagnostic",
                           "signals-only", "exact-blend", "frozen-blend"]
     assert {arms[a]["kind"] for a in ("diagnostic", "frozen-diagnostic", "signals-only", "exact-blend", "frozen-blend")} == {"reference"}
     assert len({a["events"] for a in arms.values()}) == 1 and arms["diagnostic"]["recall@10"] > 0
