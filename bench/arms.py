@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.diagnostic import Diagnostic, SignalsOnly, extend
+from bench.diagnostic import Diagnostic, SignalsOnly, events_of, extend
 from bench.prequential import K, score_chunk
 from hymirec.errors import HymirecError
 from model.baselines import streaming_baselines
@@ -54,7 +54,7 @@ def baseline_arms(log: pd.DataFrame, boot: int, config: SimConfig, categories: M
     items' (cat-trend's)."""
     models = streaming_baselines(categories, config.recent_window)
     bootstrap_items = set(log["item_id"].iloc[:boot])
-    events = list(zip(log["user_id"].tolist(), log["item_id"].tolist()))
+    events = events_of(log)
     for m in models:
         m.apply(events[:boot])
     records = {m.name: [] for m in models}

@@ -73,10 +73,15 @@ class Diagnostic:
         return out
 
 
+def events_of(log: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (user, item) of each event of ``log``, in order."""
+    return list(zip(log["user_id"].tolist(), log["item_id"].tolist()))
+
+
 def exact_histories(log: pd.DataFrame, stop: int) -> dict[str, list[str]]:
     """{user: items of the log's first ``stop`` events, in order}."""
     out: dict[str, list[str]] = {}
-    for user, item in zip(log["user_id"].iloc[:stop].tolist(), log["item_id"].iloc[:stop].tolist()):
+    for user, item in events_of(log.iloc[:stop]):
         out.setdefault(user, []).append(item)
     return out
 
@@ -112,10 +117,7 @@ class SignalsOnly:
         self.first_seen = FirstSeen()
         self.first_seen.add(item for _, item in applied)
         self.trend = Trend(categories, per_offer=True)  # the keeper's
-        taken: dict[str, list[str]] = {}
-        for user, item in applied:
-            taken.setdefault(user, []).append(item)
-            self.trend.add([taken[user]], [1])
+        self.trend.replay(applied)
         self.signals = self._stored(histories)
         self.blend = self.prior
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
-from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly, exact_histories
+from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly, events_of, exact_histories
 from bench.oracle import oracle_arms
 from bench.prequential import K
 from bench.simulate_report import gaps, summarise
@@ -72,7 +72,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     records = baseline_arms(log, boot, config, categories)
     records |= oracle_arms(log, boot, config, interactions.parent)
     exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
-    applied = list(zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()))
+    applied = events_of(log.iloc[:boot])
     arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied, categories=categories)], {}
     if model:
         versions = Versions(settings, catalogue, config)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from bench.arms import SimConfig
-from bench.diagnostic import extend
+from bench.diagnostic import events_of, exact_histories, extend
 from bench.prequential import K, score_chunk
 from model.trend import MIX_ITEMS, Trend
 from stream.datasets import item_logits, planted_catalogue, topic_mix
@@ -107,10 +107,8 @@ def oracle_arms(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path
     generator = Generator(directory)
     categories = dict(zip(generator.item_ids, (f"topic-{t:02d}" for t in generator.item_topic)))
     trend = Trend(categories, per_offer=True)
-    histories: dict[str, list[str]] = {}
-    for user, item in zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()):
-        histories.setdefault(user, []).append(item)
-        trend.add([histories[user]], [1])
+    trend.replay(events_of(log.iloc[:boot]))
+    histories = exact_histories(log, boot)
     bootstrap_items = set(log["item_id"].iloc[:boot])
     records: dict[str, list[dict]] = {ORACLE: [], ORACLE_MIX: [], ORACLE_ITEMS: []}
     for start in range(boot, len(log), config.chunk):

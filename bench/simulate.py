@@ -65,7 +65,7 @@ import pandas as pd
 from bench import harness
 from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.in_process import run_in_process
-from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories
+from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, events_of, exact_histories
 from bench.oracle import oracle_arms
 from bench.prequential import K, metrics_of, score_chunk, warm
 from bench.simulate_plot import LIVE
@@ -239,8 +239,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
         frozen.cycles.append({**first, "switch_s": None})
         trainer.margin, trainer.epochs = config.margin, config.epochs
         diagnostic = Diagnostic(ServedHyMiRec.load(online.settings, first["published"]), catalogue)
-        exact, diagnosed = exact_histories(log, boot), []
-        applied = list(zip(log["user_id"].iloc[:boot].tolist(), log["item_id"].iloc[:boot].tolist()))
+        exact, diagnosed, applied = exact_histories(log, boot), [], events_of(log.iloc[:boot])
         blends = [SignalsOnly(exact, online.settings.recent_len, applied, categories=categories),
                   ExactBlend(exact, online.settings.recent_len, applied, diagnostic, categories=categories)]
         blended = {arm.name: [] for arm in blends}

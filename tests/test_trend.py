@@ -99,3 +99,11 @@ def test_restore_takes_back_the_stored_counts():
         t.add([["a", "c", "b"], ["d", "a"]], [2, 2])  # old items taken and offered again, and a new one (d)
     assert share(back) == pytest.approx(share(trend))
     assert [back.offers(i) for i in "abc"] == pytest.approx([trend.offers(i) for i in "abc"])
+
+
+def test_replay_adds_a_logs_events_one_at_a_time_each_after_its_users_earlier_ones():
+    trend = Trend({"a": "x", "b": "x"}, half_life=1e12, per_offer=True)
+    trend.replay([("u", "a"), ("v", "a"), ("u", "b")])
+    # a: offered by u's and v's a, not by u's b (u had it); b: came with the last event, offered by it
+    assert [trend.offers(i) for i in "ab"] == pytest.approx([2, 1])
+    assert [trend.weight(i) for i in "ab"] == pytest.approx([2, 1])
