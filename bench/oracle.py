@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.arms import SimConfig
+from bench.arms import SimConfig, categories_of
 from bench.diagnostic import events_of, exact_histories, extend
 from bench.prequential import K, score_chunk
 from model.trend import MIX_ITEMS, Trend
@@ -55,6 +55,7 @@ class Generator:
         params = truth["params"]
         catalogue = read_items(directory / "items.jsonl")
         self.item_ids = catalogue["item_id"].tolist()
+        self.categories = categories_of(catalogue)  # each item's topic, named as the catalogue names it
         self.index = {item: j for j, item in enumerate(self.item_ids)}
         self.item_topic, log_popularity = planted_catalogue(params["seed"], params["items"], params["interests"])
         self.members = [np.flatnonzero(self.item_topic == t) for t in range(params["interests"])]
@@ -105,8 +106,7 @@ def oracle_arms(log: pd.DataFrame, boot: int, config: SimConfig, directory: Path
     if not (directory / "truth.json").exists():
         return {}
     generator = Generator(directory)
-    categories = dict(zip(generator.item_ids, (f"topic-{t:02d}" for t in generator.item_topic)))
-    trend = Trend(categories, per_offer=True)
+    trend = Trend(generator.categories, per_offer=True)
     trend.replay(events_of(log.iloc[:boot]))
     histories = exact_histories(log, boot)
     bootstrap_items = set(log["item_id"].iloc[:boot])
