@@ -142,9 +142,9 @@ class BlendKeeper:
         Follows and co-occurrence are running counts: the first count (a start) takes every user's
         recent items, each later one adds the events since (a user with more new events than
         ``recent_len``: the newest ``recent_len``). So is the trend, but a start takes the recent items
-        only when no trend was stored (all at once: their order across users is not stored, each user's
-        is). Popularity is recounted from the recent items every time, the neighbours solved whenever a
-        history changed."""
+        only when no trend was stored (interleaved across users, ``model.trend``: their order across users
+        is not stored, each user's is). Popularity is recounted from the recent items every time, the
+        neighbours solved whenever a history changed."""
         scans = [self.store.scan_histories(shard, ["user_id", "recent_item_ids", "event_count"])
                  for shard in self.store.shards(HISTORIES)]
         rows = pa.concat_tables(scans) if scans else histories_schema().empty_table()

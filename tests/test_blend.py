@@ -318,15 +318,31 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
         assert next(s for s in answer.items if s.item_id == fresh).interest is not None  # an exact cosine
 
 
-def offers_by_hand(histories: list[list[str]], new: list[int], category: dict[str, str], known: set[str]) -> Counter:
-    """Each ``known`` item's offers from the users' ``new`` newest events (model.trend's definition, one
-    event at a time): every event of its category by a user who had not taken it."""
+def interleaved(new: list[int]) -> list[tuple[int, int]]:
+    """(user, k) of each of the users' ``new`` events, in the order model.trend counts an add: each user's
+    k-th of n at (k + ½) / n of it, ties in the users' order."""
+    return [(u, k) for _, u, k in sorted(((k + 0.5) / n, u, k) for u, n in enumerate(new) for k in range(n))]
+
+
+def counted_by_hand(histories: list[list[str]], new: list[int], category: dict[str, str],
+                    known: set[str]) -> tuple[Counter, Counter]:
+    """(weights, offers) of the items from the users' ``new`` newest events, counted in one add (model.trend's
+    definition, one event at a time, ``interleaved``, each decayed by the add's events after it): an
+    event's item takes its weight, and it offers every item of its category the user had not taken among
+    the ones ``known`` before and the add's from their first event on."""
+    weights: Counter = Counter()
     offers: Counter = Counter()
-    for history, n in zip(histories, new):
-        for end in range(len(history) - n, len(history)):
-            taken = set(history[:end])
-            offers.update(i for i in known if category[i] == category[history[end]] and i not in taken)
-    return offers
+    counted = set(known)
+    order = interleaved(new)
+    for at, (u, k) in enumerate(order):
+        weight = 2 ** (-(len(order) - 1 - at) / HALF_LIFE)
+        end = len(histories[u]) - new[u] + k
+        item = histories[u][end]
+        counted.add(item)
+        weights[item] += weight
+        taken = set(histories[u][:end])
+        offers.update({i: weight for i in counted if category[i] == category[item] and i not in taken})
+    return weights, offers
 
 
 def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, world_settings):
@@ -334,14 +350,15 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
     publish(world_settings, world["m1"])
     runtime = ServingRuntime(world_settings)
     runtime.start()
-    runtime.refresh_popularity()  # the first count, nothing stored: every user's recent items at once
+    runtime.refresh_popularity()  # the first count, nothing stored: every user's recent items in one add
     category = dict(zip(world["items"]["item_id"], world["items"]["category"]))
     rows = pa.concat_tables([store.scan_histories(s, ["recent_item_ids"]) for s in store.shards(HISTORIES)])
     recents = [r or [] for r in rows["recent_item_ids"].to_pylist()]
-    per_item = Counter(i for r in recents for i in r)
-    per_category = Counter(category[i] for r in recents for i in r)
-    offers = offers_by_hand(recents, [len(r) for r in recents], category, set(per_item))
-    heat = {i: n / (offers[i] + OFFER_PRIOR * per_category[category[i]]) for i, n in per_item.items()}
+    per_item, offers = counted_by_hand(recents, [len(r) for r in recents], category, set())
+    per_category = Counter()
+    for i, w in per_item.items():
+        per_category[category[i]] += w
+    heat = {i: w / (offers[i] + OFFER_PRIOR * per_category[category[i]]) for i, w in per_item.items()}
     heat_of = Counter()
     for i, h in heat.items():
         heat_of[category[i]] += h
@@ -349,7 +366,9 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
     assert {i: c for i, (c, _) in first.items()} == {i: category[i] for i in per_item}
     assert {i: s for i, (_, s) in first.items()} == pytest.approx({i: h / heat_of[category[i]] for i, h in heat.items()})
     weights = {i: runtime.blend.trend.weight(i) for i in runtime.blend.trend.raw}
-    # Twelve new events: every weight and offer before decays by 12 events, each new event adds one.
+    assert weights == pytest.approx(dict(per_item))
+    # Twelve new events: every weight and offer before decays by 12 events, each new event adds one (decayed
+    # by the new events after it: one user's each, counted in the order the keeper reads the users).
     log = Log(store, world_settings)
     log.offsets = list(world["offsets"])
     items = world["items"]["item_id"].tolist()
@@ -359,19 +378,22 @@ def test_keeper_counts_the_trend_along_the_stream_and_a_restart_keeps_it(world, 
                       for n, (u, i) in enumerate(zip(users[:12], new))])
     runtime.refresh()
     runtime.refresh_popularity()
+    scanned = pa.concat_tables([store.scan_histories(s, ["user_id"]) for s in store.shards(HISTORIES)])
+    order = [u for u in scanned["user_id"].to_pylist() if u in users[:12]]
+    took = dict(zip(users[:12], new))
+    after = store.get_histories(order)
+    recent = [list(after[u]["recent_item_ids"]) for u in order]
+    assert [r[-1] for r in recent] == [took[u] for u in order]
     decay = 2 ** (-12 / HALF_LIFE)
-    expected = {i: w * decay + new.count(i) for i, w in weights.items()} | {
-        i: float(new.count(i)) for i in new if i not in weights}
-    assert {i: runtime.blend.trend.weight(i) for i in expected} == pytest.approx(expected)
-    after = store.get_histories(users[:12])
-    recent = [list(after[u]["recent_item_ids"]) for u in users[:12]]
-    assert [r[-1] for r in recent] == new
-    offered = Counter({i: offers[i] * decay for i in per_item}) + offers_by_hand(recent, [1] * 12, category, set(expected))
+    added, offered_now = counted_by_hand(recent, [1] * 12, category, set(per_item))
+    expected = Counter({i: w * decay for i, w in weights.items()}) + added
+    assert {i: runtime.blend.trend.weight(i) for i in expected} == pytest.approx(dict(expected))
+    offered = Counter({i: offers[i] * decay for i in per_item}) + offered_now
     assert {i: runtime.blend.trend.offers(i) for i in expected} == pytest.approx({i: offered[i] for i in expected})
     # A restart reads the counts back and goes on from them (no recount of the recent items).
     restarted = BlendKeeper(store, world_settings.recent_len)
     restarted.refresh(None, None, 0)
-    assert {i: restarted.trend.weight(i) for i in expected} == pytest.approx(expected)
+    assert {i: restarted.trend.weight(i) for i in expected} == pytest.approx(dict(expected))
     assert {i: restarted.trend.offers(i) for i in expected} == pytest.approx({i: offered[i] for i in expected})
     stored, counted = read_signals(store, []).trend, runtime.blend.signals.trend
     assert stored.keys() == counted.keys()

@@ -7,17 +7,24 @@ import pytest
 from model.trend import OFFER_PRIOR, Trend, by_category, user_scores
 
 
-def test_every_add_halves_the_earlier_weights_after_half_life_events():
+def test_every_event_halves_the_earlier_weights_after_half_life_events():
     trend = Trend({"a": "x", "b": "x", "c": "y"}, half_life=1)
     trend.add([["a"]], [1])
     trend.add([["b"]], [1])
-    trend.add([["c"], ["a"]], [1, 1])  # two events at once: everything before decays by two
-    # a: 1 halved three times, + 1; b: 1 halved twice; c: 1
-    assert [trend.weight(i) for i in "abc"] == [pytest.approx(1 / 8 + 1), pytest.approx(1 / 4), pytest.approx(1)]
+    trend.add([["c"], ["a"]], [1, 1])  # two users' events in one add: c, then a (the users' order)
+    # a: 1 halved three times, + 1; b: 1 halved twice; c: 1 halved once
+    assert [trend.weight(i) for i in "abc"] == [pytest.approx(1 / 8 + 1), pytest.approx(1 / 4), pytest.approx(1 / 2)]
     shares = trend.shares()
     assert shares == {"a": ("x", pytest.approx(1.125 / 1.375)), "b": ("x", pytest.approx(0.25 / 1.375)),
                       "c": ("y", pytest.approx(1.0))}
     assert trend.shares(keep=2) == {"a": shares["a"], "c": shares["c"]}  # the shares stay over the whole category
+
+
+def test_an_adds_events_are_spread_evenly_over_it_user_by_user():
+    trend = Trend({i: "x" for i in "abcdef"}, half_life=1)
+    trend.add([["a", "b", "c", "d"], ["e", "f"]], [4, 2])
+    # the first user's at 1/8, 3/8, 5/8, 7/8 of the add, the second's at 1/4, 3/4: a e b c f d
+    assert [trend.weight(i) for i in "aebcfd"] == pytest.approx([2.0 ** -k for k in range(5, -1, -1)])
 
 
 def test_weights_and_offers_survive_the_rescale():
@@ -53,26 +60,30 @@ def test_an_item_is_offered_by_its_categorys_events_of_users_who_had_not_taken_i
     trend = Trend({"a": "x", "b": "x", "c": "x", "d": "y"}, half_life=1e12, per_offer=True)  # no decay
     trend.add([["a"]], [1])  # u1 takes a
     assert trend.offers("a") == pytest.approx(1)  # its own event offered it
-    trend.add([["b"], ["a", "c"], ["d"]], [1, 1, 1])  # u2 takes b, u1 c, u3 d: at once, b and c came before any
-    # a: u1's first event and u2's b (not u1's c: u1 had it); b and c: both events of x in the add
-    assert [trend.offers(i) for i in "abcd"] == pytest.approx([2, 2, 2, 1])
+    trend.add([["b"], ["a", "c"], ["d"]], [1, 1, 1])  # in one add, in the users' order: u2 takes b, u1 c, u3 d
+    # a: u1's first event and u2's b (not u1's c: u1 had it); b: its own event and u1's c; c: its own
+    # (counted from its first event: b's came before it)
+    assert [trend.offers(i) for i in "abcd"] == pytest.approx([2, 2, 1, 1])
     trend.add([["b", "a"]], [1])  # u2 takes a: a offered; b not (u2 had it); c offered
-    assert [trend.offers(i) for i in "abc"] == pytest.approx([3, 2, 3])
+    assert [trend.offers(i) for i in "abc"] == pytest.approx([3, 2, 2])
     # heat: events over offers + OFFER_PRIOR × the category's events (a 2, b 1, c 1: 4)
-    heat = {"a": 2 / (3 + OFFER_PRIOR * 4), "b": 1 / (2 + OFFER_PRIOR * 4), "c": 1 / (3 + OFFER_PRIOR * 4)}
+    heat = {"a": 2 / (3 + OFFER_PRIOR * 4), "b": 1 / (2 + OFFER_PRIOR * 4), "c": 1 / (2 + OFFER_PRIOR * 4)}
     assert trend.heat(list("abc")) == pytest.approx(heat)
     x = sum(heat.values())
     assert trend.shares() == {"a": ("x", pytest.approx(heat["a"] / x)), "b": ("x", pytest.approx(heat["b"] / x)),
                               "c": ("x", pytest.approx(heat["c"] / x)), "d": ("y", pytest.approx(1.0))}
-    # By share of events, b and c tie; b was taken from fewer offers.
-    assert trend.shares()["b"][1] > trend.shares()["c"][1]
+    # a has half of x's events but was offered more often than b and c: less than half of its heat.
+    assert trend.shares()["a"][1] < 0.5
 
 
 def test_a_users_events_in_one_add_offer_in_their_order():
     trend = Trend({"a": "x", "b": "x", "c": "x", "d": "y"}, half_life=1e12, per_offer=True)
-    trend.add([["d", "a", "b", "c"]], [3])  # d taken before; then a, b, c at once, in that order
-    # a: offered by its own event only; b by a's and its own; c by all three (d: none, not counted)
-    assert [trend.offers(i) for i in "abc"] == pytest.approx([1, 2, 3])
+    trend.add([["d", "a", "b", "c"], ["a"]], [3, 1])  # d taken before; then a, b, c; another user's a
+    # Spread over the add: a (1/6), b (1/2, the first user's), the other user's a (1/2), c (5/6).
+    # a: offered by its two events (not by b's or c's: their user had it); b: by its own and the other
+    # user's a; c: by its own only
+    assert [trend.offers(i) for i in "abc"] == pytest.approx([2, 2, 1])
+    assert [trend.weight(i) for i in "abc"] == pytest.approx([2, 1, 1])
 
 
 def test_offers_decay_like_the_events():
