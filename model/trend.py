@@ -67,8 +67,9 @@ Pure python: no numpy, no settings.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 HALF_LIFE = 2000  # events
 MIX_ITEMS = 50  # a user's mix is over this many of their newest items
@@ -98,31 +99,42 @@ class Trend:
         last). Their order across users is not known: each user's are taken as spread evenly over the
         add (the k-th of n at (k + ½) / n, ties in the users' order) and counted one at a time."""
         spans = [min(n, len(h)) for h, n in zip(histories, new)]
-        for _, user, k in sorted(((k + 0.5) / n, user, k) for user, n in enumerate(spans) for k in range(n)):
-            history = histories[user]
-            self.take(history[: len(history) - spans[user] + k + 1])
+        had: list[dict[str, set[str]] | None] = [None] * len(histories)  # a user's: from their first new event
+        # Merged user by user (memory per user, not per event: a start adds every user's recent items).
+        for _, user, k in heapq.merge(*(_spread(user, n) for user, n in enumerate(spans))):
+            history, first = histories[user], len(histories[user]) - spans[user]
+            if had[user] is None:
+                had[user] = self._by_category(history[:first])
+            self._take(history[first + k], had[user])
 
     def replay(self, events: Iterable[tuple[str, str]]) -> None:
         """Add (user, item) events one at a time, in order: a log replayed as it came."""
-        taken: dict[str, list[str]] = {}
+        had: dict[str, dict[str, set[str]]] = {}
         for user, item in events:
-            taken.setdefault(user, []).append(item)
-            self.take(taken[user])
+            self._take(item, had.setdefault(user, {}))
 
-    def take(self, history: Sequence[str]) -> None:
-        """One event, the last of ``history`` (the user's items, oldest first): every earlier event decays
-        by one. Per offer, it offers every counted item of its category the user had not taken, itself
-        included (an item is counted from its first event)."""
-        item = history[-1]
+    def _by_category(self, items: Iterable[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for item in items:
+            if (category := self.categories.get(item)) is not None:
+                out.setdefault(category, set()).add(item)
+        return out
+
+    def _take(self, item: str, had: dict[str, set[str]]) -> None:
+        """One event of ``item`` by a user who had taken ``had`` ({category: items}; updated): every earlier
+        event decays by one. Per offer, it offers every counted item of its category the user had not
+        taken, itself included (an item is counted from its first event)."""
         self.scale *= self.decay
         self.raw[item] = self.raw.get(item, 0.0) + self.scale
         category = self.categories.get(item)
         if self.per_offer and category is not None:
             self.base.setdefault(item, self.offered.get(category, 0.0))
             self.offered[category] = self.offered.get(category, 0.0) + self.scale
-            for had in set(history[:-1]):
-                if had in self.base and self.categories.get(had) == category:
-                    self.withheld[had] = self.withheld.get(had, 0.0) + self.scale
+            earlier = had.setdefault(category, set())
+            for taken in earlier:
+                if taken in self.base:
+                    self.withheld[taken] = self.withheld.get(taken, 0.0) + self.scale
+            earlier.add(item)
         if self.scale > RESCALE:
             for counts in (self.raw, self.offered, self.base, self.withheld):
                 counts.update((k, v / self.scale) for k, v in counts.items())
@@ -163,6 +175,11 @@ class Trend:
             totals[self.categories[item]] += h
         hottest = sorted(heat, key=lambda i: (-heat[i], i))[:keep]
         return {i: (self.categories[i], heat[i] / totals[self.categories[i]]) for i in hottest}
+
+
+def _spread(user: int, n: int) -> Iterator[tuple[float, int, int]]:
+    """(place in the add, user, k) of the user's n new events: the k-th at (k + ½) / n."""
+    return (((k + 0.5) / n, user, k) for k in range(n))
 
 
 def by_category(shares: Mapping[str, tuple[str, float]]) -> dict[str, dict[str, float]]:
