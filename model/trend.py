@@ -57,7 +57,8 @@ signals-only blend: −0.0069 / −0.0026 / −0.0021 against 2,000.
 They replace session 28's *steady shares*: the decayed share plus the share of the rates, a rate
 being events over the events since the item's first (+ 250). On the same slices 0.196 → 0.208 and
 0.0435 → 0.0438 over the decayed shares, but the rate needed when an item came, which an add of many
-events at once (a worker's start on a backlog) does not say. Offers need only each user's own order.
+events at once (a worker's start on a backlog) does not say. Offers need each user's own order, and
+across users the interleaving above.
 The release date of an item (the catalogue's ``ts``) as a boost gave 0.212 at best over the steady
 shares (new items 0.44 over the decayed ones, 0.190 overall): not kept, as it needs the generator's
 notion of a release and ml-100k's films have none. The cat-trend baseline keeps the plain decayed
@@ -99,13 +100,11 @@ class Trend:
         last). Their order across users is not known: each user's are taken as spread evenly over the
         add (the k-th of n at (k + ½) / n, ties in the users' order) and counted one at a time."""
         spans = [min(n, len(h)) for h, n in zip(histories, new)]
-        had: list[dict[str, set[str]] | None] = [None] * len(histories)  # a user's: from their first new event
+        had = [self._by_category(h[: len(h) - n]) for h, n in zip(histories, spans)]  # before each user's new events
         # Merged user by user (memory per user, not per event: a start adds every user's recent items).
         for _, user, k in heapq.merge(*(_spread(user, n) for user, n in enumerate(spans))):
-            history, first = histories[user], len(histories[user]) - spans[user]
-            if had[user] is None:
-                had[user] = self._by_category(history[:first])
-            self._take(history[first + k], had[user])
+            history = histories[user]
+            self._take(history[len(history) - spans[user] + k], had[user])
 
     def replay(self, events: Iterable[tuple[str, str]]) -> None:
         """Add (user, item) events one at a time, in order: a log replayed as it came."""
