@@ -16,7 +16,7 @@ from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_historie
 import model.blend
 from model.baselines import neighbours
 from model.trend import HALF_LIFE, OFFER_PRIOR
-from model.blend import (FEATURES, FRESH_EVENTS, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
+from model.blend import (FEATURES, FRESH_EVENTS, FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
                          pool_of, rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
@@ -100,6 +100,13 @@ def test_the_trend_feature_is_the_users_category_mix_times_the_items_share():
     assert names == ["q", "b", "c"]
     assert x[FEATURES.index("trend")].tolist() == pytest.approx([0.0, TREND_SCALE * 0.15, TREND_SCALE * 0.1])
     assert Signals().trending(["a"]) == {}  # nothing counted yet
+
+
+def test_the_fresh_feature_counts_a_fresh_items_events_so_far():
+    s = Signals(fresh={"f1": 3, "f2": 1})
+    names, x = candidates(s, ["a"], {"q": 0.5, "f2": 0.1}, [], seen={"a"})
+    assert names == ["q", "f2", "f1"]  # the pool, then the fresh candidates
+    assert x[FEATURES.index("fresh")].tolist() == pytest.approx([0.0, np.log(2), np.log(4)])
 
 
 def test_near_sums_the_weights_of_the_users_items():
@@ -208,6 +215,31 @@ def test_fit_gives_fresh_items_slots_when_the_stream_takes_them():
     assert fit([Example(e.features, e.chosen, np.zeros(30, dtype=bool)) for e in examples]).fresh_slots == 0
 
 
+def test_fit_weighs_the_fresh_items_events_when_the_stream_takes_the_hot_ones():
+    """The fresh weight is fitted after the grid, under its best weights: positive when half the users
+    take the fresh item the stream takes most, which no other feature ranks, 0 when nobody takes one."""
+    fresh_row = FEATURES.index("fresh")
+
+    def examples(hot: bool) -> list[Example]:
+        rng = np.random.default_rng(0)
+        out = []
+        for n in range(600):
+            x = np.zeros((len(FEATURES), 30), dtype=np.float32)
+            x[:fresh_row] = rng.random((fresh_row, 30))  # noise, but for the model's cosine
+            x[0] = rng.normal(size=30)
+            x[0, 20:] -= 10.0  # the model ranks every fresh candidate last
+            x[fresh_row, 20:] = np.log1p(rng.integers(1, 50, size=10))
+            chosen = 20 + int(np.argmax(x[fresh_row, 20:])) if n % 2 and hot else int(np.argmax(x[0]))
+            out.append(Example(x, chosen, np.arange(30) >= 20))
+        return out
+
+    learnt = fit(examples(hot=True))
+    assert learnt.weights[0] > 0 and learnt.weights[fresh_row] > 0
+    assert np.mean([e.chosen in np.argsort(-learnt.score(e.features))[:10] for e in examples(hot=True)]) > 0.99
+    assert fit(examples(hot=False)).weights[fresh_row] == 0.0
+    assert GRID[:, fresh_row].max() == 0.0 and 0.0 in FRESH_GRID  # the grid leaves it to the second pass
+
+
 def test_signals_only_arm_learns_after_each_chunk():
     histories = {"u1": ["a", "b"], "u2": ["a", "b"], "u3": ["c"]}
     arm = SignalsOnly(histories, recent_len=50, categories={})
@@ -247,7 +279,7 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
             assert features[0, names.index(name)] == pytest.approx(scores[diagnostic.index[name]], abs=1e-5)
         # The model's weight alone ranks by the model: the answer's cosines are the 10 best unseen ones
         # (up to tie-breaks).
-        arm.blend = Blend(np.array([1.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32))
+        arm.blend = Blend(np.eye(len(FEATURES), dtype=np.float32)[0])
         answer = arm.top({user: histories[user]}, 10)[user]
         assert sorted(scores[[diagnostic.index[i] for i in answer]]) == pytest.approx(
             sorted(scores[[diagnostic.index[i] for i in best[:10]]]), abs=1e-3)
