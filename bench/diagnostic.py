@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import PRIOR, Blend, Example, FirstSeen, Follows, Signals, candidates, fit, model_candidates, top
+from model.blend import PRIOR, Blend, Blends, Example, FirstSeen, Follows, Signals, candidates, fit_blends, model_candidates, top
 from model.ease import Cooccurrence
 from model.trend import Trend
 from model.retrieval import topk_items
@@ -103,7 +103,7 @@ class SignalsOnly:
     the users' exact histories."""
 
     name = "signals-only"
-    prior = Blend(np.array((0.0, *PRIOR[1:]), dtype=np.float32))  # the worker's prior, the model left out
+    prior = Blends(*[Blend(np.array((0.0, *PRIOR[1:]), dtype=np.float32))] * 2)  # the worker's prior, the model left out
 
     def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[tuple[str, str]] = (),
                  model: Diagnostic | None = None, *, categories: Mapping[str, str | None]):
@@ -142,8 +142,12 @@ class SignalsOnly:
 
     def top(self, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
         found = self.candidates_of(list(histories.values()))
-        return {user: [item for item, _ in top(self.blend, names, features, k, fresh)]
-                for user, (names, features, fresh) in zip(histories, found)}
+        return {user: [item for item, _ in top(self.blend.of(self.length(history)), names, features, k, fresh)]
+                for (user, history), (names, features, fresh) in zip(histories.items(), found)}
+
+    def length(self, history: list[str]) -> int:
+        """The user's items as the worker's readers count them: their recent items."""
+        return min(len(history), self.recent_len)
 
     def learn(self, histories: dict[str, list[str]], new: Counter) -> None:
         """After a chunk is applied to ``histories`` (``new``: its events per user): each event an example
@@ -151,10 +155,10 @@ class SignalsOnly:
         count — the worker's order."""
         events = [(histories[user][:end], histories[user][end]) for user, count in new.items()
                   for end in range(max(1, len(histories[user]) - count), len(histories[user]))]
-        for (_, target), (names, features, fresh) in zip(events, self.candidates_of([before for before, _ in events])):
+        for (before, target), (names, features, fresh) in zip(events, self.candidates_of([before for before, _ in events])):
             if target in names:
-                self.examples.append(Example(features, names.index(target), fresh))
-        self.blend = fit(list(self.examples), self.blend, use_model=self.model is not None)
+                self.examples.append(Example(features, names.index(target), fresh, self.length(before)))
+        self.blend = fit_blends(list(self.examples), self.blend, use_model=self.model is not None)
         self.pairs.add([histories[user] for user in new], list(new.values()))
         for user, count in new.items():
             self.running.add(histories[user], count)
@@ -168,7 +172,7 @@ class ExactBlend(SignalsOnly):
     worker, stored codes, ANN or refresh lag. What the live arm would serve if its system lost nothing."""
 
     name = "exact-blend"
-    prior = Blend()  # the worker's
+    prior = Blends()  # the worker's
 
     def __init__(self, histories: dict[str, list[str]], recent_len: int, applied: Sequence[tuple[str, str]], model: Diagnostic,
                  name: str = name, *, categories: Mapping[str, str | None]):

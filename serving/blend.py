@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import (LAST, NEAR, Blend, Example, FirstSeen, Follows, Signals, fit, model_candidates,
+from model.blend import (LAST, NEAR, Blends, Example, FirstSeen, Follows, Signals, fit_blends, model_candidates,
                          popularity)
 from model.ease import Cooccurrence
 from model.trend import KEEP as TREND_KEEP
@@ -62,11 +62,11 @@ def _blend_row(store: Store) -> dict | None:
     return rows[0] if rows else None
 
 
-def read_blend(store: Store) -> Blend | None:
+def read_blend(store: Store) -> Blends | None:
     """The weights (the prior until a first fit), or None before the worker's first count: with no
     signals stored yet, top-k ranks by the model alone."""
     row = _blend_row(store)
-    return Blend.from_json(json.loads(row["blend"])) if row is not None else None
+    return Blends.from_json(json.loads(row["blend"])) if row is not None else None
 
 
 def counted_at(store: Store) -> datetime | None:
@@ -123,7 +123,7 @@ class BlendKeeper:
         self.pairs = Cooccurrence(recent_len - 1)  # the running co-occurrence the neighbours are solved from
         self.events: dict[str, int] = {}  # user → event_count at the previous count
         self.examples: deque[Example] = deque(maxlen=EXAMPLES_KEEP)
-        self.blend = read_blend(store) or Blend()
+        self.blend = read_blend(store) or Blends()
         self.first_seen = FirstSeen()
         if FRESH in table_names(store.db):  # the fresh items of the last run stay fresh
             fresh = open_table(store.db, FRESH, fresh_schema(), create=False).to_arrow()
@@ -211,11 +211,10 @@ class BlendKeeper:
             for (before, target), scores in zip(group, cosine):
                 names, features = model_candidates(self.signals, before, scores, ids, fresh_rows, popular, POOL)
                 if target in names:  # an item no candidate list holds cannot be learnt to rank
-                    self.examples.append(Example(features, names.index(target),
-                                                 self.signals.fresh_flags(names)))
-        self.blend = fit(list(self.examples), self.blend)
-        log.info("serving blend: %d examples, weights %s, %d fresh slot(s)", len(self.examples),
-                 self.blend.to_json()["weights"], self.blend.fresh_slots)
+                    self.examples.append(Example(features, names.index(target), self.signals.fresh_flags(names),
+                                                 min(len(before), self.recent_len)))
+        self.blend = fit_blends(list(self.examples), self.blend)
+        log.info("serving blend: %d examples, weights %s", len(self.examples), self.blend.to_json())
 
     def _write(self, version: str | None) -> None:
         now = datetime.now(timezone.utc)

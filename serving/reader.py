@@ -21,7 +21,7 @@ from kafka.partitioner.default import murmur2
 from lancedb.expr import col
 
 from hymirec.errors import HymirecError
-from model.blend import Blend, Signals, candidates, popularity, top
+from model.blend import Blends, Signals, candidates, popularity, top
 from serving.blend import POOL, POPULAR_CANDIDATES, read_blend, read_signals
 from store.schemas import HISTORIES, POPULAR, VERSIONS, item_vectors_schema, popular_schema, versions_schema
 from store.tables import Store, open_table, table_names
@@ -219,7 +219,7 @@ def _fresh_cosines(ids: list[str], vectors: np.ndarray, queries: list[np.ndarray
     return out
 
 
-def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]],
+def _blended(blend: Blends, signals: Signals, recent: list[str], scores: dict[str, tuple[float, int]],
              fresh: dict[str, tuple[float, int]], seen: set[str], k: int) -> list[Scored]:
     """The top-k of the blend (model.blend) over the model's POOL best items, the rules', the popular, the
     nearest and the ``fresh`` ones (exact cosines); ``interest`` says which interest gave a candidate its
@@ -229,7 +229,7 @@ def _blended(blend: Blend, signals: Signals, recent: list[str], scores: dict[str
                                  {i: c for i, (c, _) in fresh.items()})
     interest = {i: w for i, (_, w) in fresh.items()} | {i: scores[i][1] for i in pool}
     return [Scored(item, score, interest.get(item))
-            for item, score in top(blend, names, features, k, signals.fresh_flags(names))]
+            for item, score in top(blend.of(len(recent)), names, features, k, signals.fresh_flags(names))]
 
 
 def recommend(store: Store, user_id: str, k: int = 10, *, include_seen: bool = False) -> Recommendation:

@@ -16,7 +16,7 @@ from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_historie
 import model.blend
 from model.baselines import neighbours
 from model.trend import HALF_LIFE, OFFER_PRIOR
-from model.blend import (FEATURES, FRESH_EVENTS, FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, Blend, Example, FirstSeen, Follows, Signals, candidates, fit,
+from model.blend import (FEATURES, FRESH_EVENTS, FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, SPLIT, Blend, Blends, Example, FirstSeen, Follows, Signals, candidates, fit, fit_blends,
                          pool_of, rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
@@ -157,6 +157,34 @@ def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
     assert Blend.from_json({"features": ["other"], "weights": [1.0]}).fitted_on == 0  # never misread
 
 
+def test_short_and_long_histories_get_blends_of_their_own():
+    """Short histories' choices follow the rules, long ones' the neighbours: each blend learns its own;
+    a segment with too few examples of its own is fitted on all of them."""
+    rng = np.random.default_rng(1)
+
+    def examples(n: int, feature: int, length: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            x = rng.random((len(FEATURES), 20)).astype(np.float32)
+            out.append(Example(x, int(np.argmax(x[feature])), length=length))
+        return out
+
+    rules, neighbours = FEATURES.index("rules"), FEATURES.index("neighbours")
+    short, long = examples(600, rules, SPLIT - 1), examples(600, neighbours, SPLIT)
+    both = fit_blends(short + long, Blends())
+    assert both.short.fitted_on == both.long.fitted_on == 600
+    assert both.short.weights[rules] > 0 and both.short.weights[neighbours] == 0
+    assert both.long.weights[neighbours] > 0 and both.long.weights[rules] == 0
+    assert both.of(SPLIT - 1) is both.short and both.of(SPLIT) is both.long and both.of(0) is both.short
+    few = fit_blends(short[:MIN_EXAMPLES - 1] + long, Blends())
+    assert few.short.fitted_on == MIN_EXAMPLES - 1 + 600 and few.long.to_json() == both.long.to_json()
+    assert fit_blends(short[:10], both).to_json() == both.to_json()  # too few in all: as they were
+    assert Blends.from_json(both.to_json()).to_json() == both.to_json()
+    # What versions before the split stored, one blend: both segments start from it.
+    single = Blends.from_json(both.long.to_json())
+    assert single.short.to_json() == single.long.to_json() == both.long.to_json()
+
+
 def test_an_item_is_fresh_while_its_first_event_is_among_the_last_ones():
     seen = FirstSeen()
     seen.old(["a"])  # in the stream before counting began
@@ -247,8 +275,9 @@ def test_signals_only_arm_learns_after_each_chunk():
     assert arm.top({"u9": ["a"]}, 1) == {"u9": ["b"]}  # a → b
     histories["u3"].append("a")
     arm.learn(histories, Counter(["u3"]))
-    assert arm.blend.fitted_on == 0  # one event: too few to fit, the prior stays
-    assert arm.examples and arm.blend.weights[0] == 0.0  # the model never enters
+    assert arm.blend.long.fitted_on == arm.blend.short.fitted_on == 0  # one event: too few to fit, the prior stays
+    assert arm.examples and arm.blend.long.weights[0] == arm.blend.short.weights[0] == 0.0  # the model never enters
+    assert arm.examples[-1].length == 1  # u3 had one item before it
     assert arm.signals.popular["a"] == 3
 
 
@@ -269,7 +298,7 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
     histories = exact_histories(log, 300)
     arm = ExactBlend(histories, 50, list(zip(log["user_id"].iloc[:300], log["item_id"].iloc[:300])), diagnostic,
                      categories=dict(zip(items["item_id"], items["category"])))
-    assert arm.blend.weights[0] > 0 and arm.blend.fitted_on == 0  # the worker's prior
+    assert arm.blend.long.weights[0] > 0 and arm.blend.long.fitted_on == 0  # the worker's prior
     users = sorted(histories)[:4]
     cosines = diagnostic.cosines([histories[u] for u in users])
     for user, (names, features, _), scores in zip(users, arm.candidates_of([histories[u] for u in users]), cosines):
@@ -279,13 +308,13 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
             assert features[0, names.index(name)] == pytest.approx(scores[diagnostic.index[name]], abs=1e-5)
         # The model's weight alone ranks by the model: the answer's cosines are the 10 best unseen ones
         # (up to tie-breaks).
-        arm.blend = Blend(np.eye(len(FEATURES), dtype=np.float32)[0])
+        arm.blend = Blends(*[Blend(np.eye(len(FEATURES), dtype=np.float32)[0])] * 2)
         answer = arm.top({user: histories[user]}, 10)[user]
         assert sorted(scores[[diagnostic.index[i] for i in answer]]) == pytest.approx(
             sorted(scores[[diagnostic.index[i] for i in best[:10]]]), abs=1e-3)
     extend(histories, log.iloc[300:360])
     arm.learn(histories, Counter(log["user_id"].iloc[300:360]))
-    assert len(arm.examples) >= 5 and arm.blend.fitted_on == len(arm.examples)
+    assert len(arm.examples) >= 5 and arm.blend.long.fitted_on == len(arm.examples)  # too few short ones: all
     assert len({float(e.features[0, e.chosen]) for e in arm.examples}) > 1  # the model's cosines, not a constant
 
 
@@ -301,8 +330,8 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     assert all(r.ranked_by == "model" for r in Recommender(store).many(users[:3], 10))
     runtime.refresh_popularity()  # the first count: nothing to learn from yet, so the prior serves
     prior = read_blend(store)
-    assert prior is not None and prior.fitted_on == 0 and counted_at(store) is not None
-    assert prior.weights.tolist() == pytest.approx(PRIOR)
+    assert prior is not None and prior.long.fitted_on == prior.short.fitted_on == 0 and counted_at(store) is not None
+    assert prior.long.weights.tolist() == prior.short.weights.tolist() == pytest.approx(PRIOR)
     assert all(r.ranked_by == "blend" for r in Recommender(store).many(users[:3], 10))
     # New events for some users: the next count fits on exactly them.
     log = Log(store, world_settings)
@@ -314,8 +343,8 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     before = counted_at(store)
     runtime.refresh_popularity()
     blend = read_blend(store)
-    assert blend is not None and 0 < blend.fitted_on <= 12 and counted_at(store) > before
-    assert np.isfinite(blend.weights).all()
+    assert blend is not None and 0 < blend.long.fitted_on <= 12 and counted_at(store) > before
+    assert np.isfinite(blend.long.weights).all()
     signals = read_signals(store, [items])
     assert signals.popular and signals.follows and signals.neighbours
     # The fresh items are stored with when they first came: a restarted keeper takes them up again.
@@ -340,14 +369,32 @@ def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, 
     now = datetime.now(timezone.utc).replace(microsecond=0)
     store.db.create_table(FRESH, to_arrow(pa.table({"item_id": [fresh], "first_event": [0], "count": [1],
                                                     "updated_at": [now]}), fresh_schema(), FRESH), mode="overwrite")
-    slotted = {**blend.to_json(), "fresh_slots": 1}
-    store.db.create_table(BLEND, to_arrow(pa.table({"blend": [json.dumps(slotted)], "model_version": [None],
-                                                    "updated_at": [now]}), blend_schema(), BLEND), mode="overwrite")
-    unseen = [u for u in users if fresh not in seen[u]]
+    # The slot in the short histories' blend only: the reader still reads the fresh items' cosines.
+    lengths = {u: len(h["recent_item_ids"] or []) for u, h in store.get_histories(users).items()}
+    write_blend(store, Blends(Blend(blend.short.weights, fresh_slots=1), blend.long))
+    unseen = [u for u in users if fresh not in seen[u] and lengths[u] < SPLIT]
     assert unseen
     for answer in Recommender(store).many(unseen, 10):
         assert fresh in [s.item_id for s in answer.items] and len(answer.items) == 10
         assert next(s for s in answer.items if s.item_id == fresh).interest is not None  # an exact cosine
+    # Each user is ranked by the blend of their history's length.
+    by_model, by_popular = (Blend(np.eye(len(FEATURES), dtype=np.float32)[FEATURES.index(f)]) for f in ("model", "popular"))
+
+    def answers_under(blends: Blends) -> dict[str, dict]:
+        write_blend(store, blends)
+        return {a.user_id: a.to_json() for a in Recommender(store).many(users, 10)}
+
+    models, populars, split = (answers_under(Blends(*b)) for b in ((by_model, by_model), (by_popular, by_popular),
+                                                                   (by_model, by_popular)))
+    for short in (True, False):
+        assert any(models[u] != populars[u] for u in users if (lengths[u] < SPLIT) == short)
+    assert split == {u: (models if lengths[u] < SPLIT else populars)[u] for u in users}
+
+
+def write_blend(store: Store, blends: Blends) -> None:
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    store.db.create_table(BLEND, to_arrow(pa.table({"blend": [json.dumps(blends.to_json())], "model_version": [None],
+                                                    "updated_at": [now]}), blend_schema(), BLEND), mode="overwrite")
 
 
 def interleaved(new: list[int]) -> list[tuple[int, int]]:
