@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.blend import PRIOR, Blend, Blends, Example, FirstSeen, Follows, Signals, candidates, fit_blends, model_candidates, top
+from model.blend import FirstSeen, Follows, Signals, candidates, model_candidates
+from model.blend_weights import PRIOR, Blend, Blends, Example, fit_blends, top
 from model.ease import Cooccurrence
 from model.trend import Trend
 from model.retrieval import topk_items

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import col
 
-from model.blend import (LAST, NEAR, Blends, Example, FirstSeen, Follows, Signals, fit_blends, model_candidates,
-                         popularity)
+from model.blend import LAST, NEAR, FirstSeen, Follows, Signals, model_candidates, popularity
+from model.blend_weights import Blends, Example, fit_blends
 from model.ease import Cooccurrence
 from model.trend import KEEP as TREND_KEEP
 from model.trend import Trend

@@ -21,7 +21,8 @@ from kafka.partitioner.default import murmur2
 from lancedb.expr import col
 
 from hymirec.errors import HymirecError
-from model.blend import Blends, Signals, candidates, popularity, top
+from model.blend import Signals, candidates, popularity
+from model.blend_weights import Blends, top
 from serving.blend import POOL, POPULAR_CANDIDATES, read_blend, read_signals
 from store.schemas import HISTORIES, POPULAR, VERSIONS, item_vectors_schema, popular_schema, versions_schema
 from store.tables import Store, open_table, table_names

@@ -208,7 +208,7 @@ def _per_item_lists(ids: str, weights: str) -> pa.Schema:
 
 
 def blend_schema() -> pa.Schema:
-    """The one row of ``serving_blend``: model.blend.Blends as JSON, refitted on the popularity timer."""
+    """The one row of ``serving_blend``: model.blend_weights.Blends as JSON, refitted on the popularity timer."""
     return pa.schema([
         pa.field("blend", pa.string(), nullable=False),
         pa.field("model_version", pa.string()),  # the version whose scores the weights were fitted with

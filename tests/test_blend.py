@@ -14,10 +14,12 @@ import pytest
 
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, exact_histories, extend
 import model.blend
+import model.blend_weights
 from model.baselines import neighbours
 from model.trend import HALF_LIFE, OFFER_PRIOR
-from model.blend import (FEATURES, FRESH_EVENTS, FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, TIES, TREND_SCALE, SPLIT, Blend, Blends, Example, FirstSeen, Follows, Signals, candidates, fit, fit_blends,
-                         pool_of, rivals_of, slot_hits_of, top)
+from model.blend import FEATURES, FRESH_EVENTS, TREND_SCALE, FirstSeen, Follows, Signals, candidates, pool_of
+from model.blend_weights import (FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, SPLIT, TIES, Blend, Blends, Example, fit, fit_blends,
+                                 rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -124,7 +126,7 @@ def test_fit_counts_only_the_rivals_and_the_counts_stay_exact(monkeypatch):
     pad = np.zeros((50, 40), dtype=bool)
     pad[::3, 30:] = True  # shorter candidate lists
     chosen = rng.integers(30, size=50)
-    monkeypatch.setattr(model.blend, "FIT_EXAMPLE_BLOCK", 16)
+    monkeypatch.setattr(model.blend_weights, "FIT_EXAMPLE_BLOCK", 16)
     blocks = rivals_of(x, pad, chosen)
     assert [len(b) for b in blocks] == [13, 13, 12, 12] and sum(b.shape[2] - 1 for b in blocks) < 4 * 40
     weights = GRID + TIES
@@ -214,7 +216,7 @@ def test_fresh_slots_take_the_best_fresh_items_after_the_blends_best():
 
 
 def test_slot_hits_count_what_top_would_answer(monkeypatch):
-    monkeypatch.setattr(model.blend, "TOP", 3)
+    monkeypatch.setattr(model.blend_weights, "TOP", 3)
     names = ["c0", "c1", "c2", "c3", "c4", "c5"]
     scores = np.array([[5, 4, 3, 2, 1, 0]] * 3, dtype=np.float32)
     fresh = np.array([[False, False, True, False, True, True]] * 3)
@@ -291,7 +293,7 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
     """ExactBlend (simulate --in-process) is the worker's blend on exact histories: the model feature of
     its candidates is the diagnostic's max cosine, its pool the best unseen items, and its fit may weigh
     the model (the signals-only arm's never does)."""
-    monkeypatch.setattr(model.blend, "MIN_EXAMPLES", 5)  # the world is small
+    monkeypatch.setattr(model.blend_weights, "MIN_EXAMPLES", 5)  # the world is small
     items = world["items"][["item_id", "text", "category"]]
     diagnostic = Diagnostic(world["m1"], items)
     log = pd.DataFrame(world["interactions"])
@@ -320,7 +322,7 @@ def test_exact_blend_pools_the_models_best_items_and_learns_with_the_model(world
 
 # --- serving.blend + reader: a real LanceDB directory ----------------------------------------------
 def test_keeper_fits_on_the_events_since_its_last_count_and_topk_uses_it(world, world_settings, monkeypatch):
-    monkeypatch.setattr(model.blend, "MIN_EXAMPLES", 5)  # the world is small
+    monkeypatch.setattr(model.blend_weights, "MIN_EXAMPLES", 5)  # the world is small
     store = Store(world_settings)
     publish(world_settings, world["m1"])
     runtime = ServingRuntime(world_settings)
