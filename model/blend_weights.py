@@ -131,8 +131,8 @@ class Blends:
 
 def fit_blends(examples: Sequence[Example], start: Blends, *, use_model: bool = True) -> Blends:
     """Each of ``start``'s blends ``fit`` on its own users' examples; while one has fewer than
-    MIN_EXAMPLES of them (ml-100k's users come with 20 ratings or more: its short histories are rare),
-    it is fitted on all of them."""
+    MIN_EXAMPLES of them (a stream's first counts, or a stream of few new users), it is fitted on all
+    of them."""
     short = [e for e in examples if e.length < SPLIT]
     long = [e for e in examples if e.length >= SPLIT]
     fitted = [fit(own if len(own) >= MIN_EXAMPLES else examples, blend, use_model=use_model)
