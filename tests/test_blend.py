@@ -19,7 +19,7 @@ from model.baselines import neighbours
 from model.trend import HALF_LIFE, OFFER_PRIOR
 from model.blend import FEATURES, FRESH_EVENTS, TREND_SCALE, FirstSeen, Follows, Signals, candidates, pool_of
 from model.blend_weights import (FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, SPLIT, TIES, Blend, Blends, Example, fit, fit_blends,
-                                 rivals_of, slot_hits_of, top)
+                                 model_earns, rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -157,6 +157,35 @@ def test_fit_learns_the_informative_feature_and_can_leave_the_model_out():
     assert fit([], learnt) is learnt
     assert Blend.from_json(learnt.to_json()).weights.tolist() == pytest.approx(learnt.weights.tolist(), abs=1e-5)
     assert Blend.from_json({"features": ["other"], "weights": [1.0]}).fitted_on == 0  # never misread
+
+
+def test_the_model_keeps_its_weight_only_while_it_earns_it():
+    """The rules decide every choice but a few, where the chosen item ties on the rules with 12 others
+    that popularity ranks above it and only the model's cosine sets it apart. Two such examples in 600
+    are within MODEL_MARGIN standard errors: the fit leaves the model out. Sixty are not: it keeps it."""
+    rng = np.random.default_rng(2)
+    rules, popular = FEATURES.index("rules"), FEATURES.index("popular")
+
+    def examples(tied: int) -> list[Example]:
+        out = []
+        for n in range(600):
+            x = rng.random((len(FEATURES), 30)).astype(np.float32) * 0.001
+            x[rules] = rng.permutation(30)
+            chosen = int(np.argmax(x[rules]))
+            if n < tied:
+                rivals = rng.choice([j for j in range(30) if j != chosen], 12, replace=False)
+                x[rules, rivals], x[popular, rivals], x[0, chosen] = x[rules, chosen], 0.05, 1.0
+            out.append(Example(x, chosen))
+        return out
+
+    assert fit(examples(2)).weights[0] == 0.0 and fit(examples(2)).weights[rules] > 0
+    many = examples(60)
+    assert fit(many).weights[0] > 0
+    x = np.stack([e.features for e in many])
+    blocks = rivals_of(x, np.zeros((600, 30), dtype=bool), np.array([e.chosen for e in many]))
+    rules_alone = np.eye(len(FEATURES), dtype=np.float32)[rules]
+    assert model_earns(rules_alone + np.eye(len(FEATURES), dtype=np.float32)[0], rules_alone, blocks)
+    assert not model_earns(rules_alone, rules_alone, blocks)  # the same hits: no gain
 
 
 def test_short_and_long_histories_get_blends_of_their_own():
