@@ -19,7 +19,7 @@ from model.baselines import neighbours
 from model.trend import HALF_LIFE, OFFER_PRIOR
 from model.blend import FEATURES, FRESH_EVENTS, TREND_SCALE, FirstSeen, Follows, Signals, candidates, pool_of
 from model.blend_weights import (FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, SPLIT, TIES, Blend, Blends, Example, fit, fit_blends,
-                                 model_earns, rivals_of, slot_hits_of, top)
+                                 hits_of, model_earns, rivals_of, slot_hits_of, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -174,15 +174,21 @@ def test_the_model_keeps_its_weight_only_while_it_earns_it():
             chosen = int(np.argmax(x[rules]))
             if n < tied:
                 rivals = rng.choice([j for j in range(30) if j != chosen], 12, replace=False)
+                x[[f for f in range(len(FEATURES)) if f != rules]] = 0.0  # nothing else tells them apart
                 x[rules, rivals], x[popular, rivals], x[0, chosen] = x[rules, chosen], 0.05, 1.0
             out.append(Example(x, chosen))
         return out
 
-    assert fit(examples(2)).weights[0] == 0.0 and fit(examples(2)).weights[rules] > 0
-    many = examples(60)
+    def blocks_of(examples: list[Example]) -> list[np.ndarray]:
+        x = np.stack([e.features for e in examples])
+        return rivals_of(x, np.zeros(x[:, 0].shape, dtype=bool), np.array([e.chosen for e in examples]))
+
+    few, many = examples(2), examples(60)
+    hits, with_model = hits_of(GRID, blocks_of(few)), GRID[:, 0] > 0
+    assert hits[with_model].max() > hits[~with_model].max()  # the plain grid's best has the model in it
+    assert fit(few).weights[0] == 0.0 and fit(few).weights[rules] > 0
     assert fit(many).weights[0] > 0
-    x = np.stack([e.features for e in many])
-    blocks = rivals_of(x, np.zeros((600, 30), dtype=bool), np.array([e.chosen for e in many]))
+    blocks = blocks_of(many)
     rules_alone = np.eye(len(FEATURES), dtype=np.float32)[rules]
     assert model_earns(rules_alone + np.eye(len(FEATURES), dtype=np.float32)[0], rules_alone, blocks)
     assert not model_earns(rules_alone, rules_alone, blocks)  # the same hits: no gain
