@@ -186,7 +186,8 @@ def test_the_model_keeps_its_weight_only_while_it_earns_it():
     few, many = examples(2), examples(60)
     hits, with_model = hits_of(GRID, blocks_of(few)), GRID[:, 0] > 0
     assert hits[with_model].max() > hits[~with_model].max()  # the plain grid's best has the model in it
-    assert fit(few).weights[0] == 0.0 and fit(few).weights[rules] > 0
+    fitted = fit(few)
+    assert fitted.weights[0] == 0.0 and fitted.weights[rules] > 0
     assert fit(many).weights[0] > 0
     blocks = blocks_of(many)
     rules_alone = np.eye(len(FEATURES), dtype=np.float32)[rules]
