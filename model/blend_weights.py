@@ -164,13 +164,7 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
     if len(examples) < MIN_EXAMPLES:
         return start  # a few dozen events pick weights by chance (ml-100k: a chunk is a handful of users)
     grid = GRID if use_model else GRID[GRID[:, 0] == 0]
-    width = max(e.features.shape[1] for e in examples)
-    x = np.zeros((len(examples), len(FEATURES), width), dtype=np.float32)
-    pad = np.ones((len(examples), width), dtype=bool)
-    for row, e in enumerate(examples):
-        x[row, :, : e.features.shape[1]] = e.features
-        pad[row, : e.features.shape[1]] = False
-    chosen = np.array([e.chosen for e in examples])
+    x, pad, chosen = stacked(examples)
     blocks = rivals_of(x, pad, chosen)
     hits = hits_of(grid, blocks)
     best = best_of(grid[:, :-1], hits, start.weights[:-1])
@@ -182,7 +176,7 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
     tried = np.repeat(grid[best : best + 1], len(FRESH_GRID), axis=0)
     tried[:, -1] = FRESH_GRID
     weights = tried[best_of(tried, hits_of(tried, blocks), start.weights)].astype(np.float32)
-    fresh = np.zeros((len(examples), width), dtype=bool)
+    fresh = np.zeros(pad.shape, dtype=bool)
     for row, e in enumerate(examples):
         if e.fresh is not None:
             fresh[row, : len(e.fresh)] = e.fresh
@@ -190,6 +184,18 @@ def fit(examples: Sequence[Example], start: Blend | None = None, *, use_model: b
     scores[pad] = -np.inf
     slot_hits = [slot_hits_of(scores, fresh, chosen, s) for s in SLOTS]
     return Blend(weights, len(examples), SLOTS[int(np.argmax(slot_hits))])
+
+
+def stacked(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Examples as arrays: features x [B, F, C] (zero-padded to the widest), pad [B, C] (no candidate),
+    chosen [B]."""
+    width = max(e.features.shape[1] for e in examples)
+    x = np.zeros((len(examples), len(FEATURES), width), dtype=np.float32)
+    pad = np.ones((len(examples), width), dtype=bool)
+    for row, e in enumerate(examples):
+        x[row, :, : e.features.shape[1]] = e.features
+        pad[row, : e.features.shape[1]] = False
+    return x, pad, np.array([e.chosen for e in examples])
 
 
 def best_of(tried: np.ndarray, hits: np.ndarray, start: np.ndarray) -> int:

@@ -19,7 +19,7 @@ from model.baselines import neighbours
 from model.trend import HALF_LIFE, OFFER_PRIOR
 from model.blend import FEATURES, FRESH_EVENTS, TREND_SCALE, FirstSeen, Follows, Signals, candidates, pool_of
 from model.blend_weights import (FRESH_GRID, GRID, MIN_EXAMPLES, PRIOR, SPLIT, TIES, Blend, Blends, Example, fit, fit_blends,
-                                 hits_of, model_earns, rivals_of, slot_hits_of, top)
+                                 hits_of, model_earns, rivals_of, slot_hits_of, stacked, top)
 from serving.blend import BlendKeeper, counted_at, read_blend, read_signals
 from serving.reader import Recommender, recommend
 from serving.runtime import ServingRuntime
@@ -179,17 +179,13 @@ def test_the_model_keeps_its_weight_only_while_it_earns_it():
             out.append(Example(x, chosen))
         return out
 
-    def blocks_of(examples: list[Example]) -> list[np.ndarray]:
-        x = np.stack([e.features for e in examples])
-        return rivals_of(x, np.zeros(x[:, 0].shape, dtype=bool), np.array([e.chosen for e in examples]))
-
     few, many = examples(2), examples(60)
-    hits, with_model = hits_of(GRID, blocks_of(few)), GRID[:, 0] > 0
+    hits, with_model = hits_of(GRID, rivals_of(*stacked(few))), GRID[:, 0] > 0
     assert hits[with_model].max() > hits[~with_model].max()  # the plain grid's best has the model in it
     fitted = fit(few)
     assert fitted.weights[0] == 0.0 and fitted.weights[rules] > 0
     assert fit(many).weights[0] > 0
-    blocks = blocks_of(many)
+    blocks = rivals_of(*stacked(many))
     rules_alone = np.eye(len(FEATURES), dtype=np.float32)[rules]
     assert model_earns(rules_alone + np.eye(len(FEATURES), dtype=np.float32)[0], rules_alone, blocks)
     assert not model_earns(rules_alone, rules_alone, blocks)  # the same hits: no gain
