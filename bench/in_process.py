@@ -19,7 +19,7 @@ import pandas as pd
 
 from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.diagnostic import FROZEN_BLEND, FROZEN_DIAGNOSTIC, Diagnostic, ExactBlend, SignalsOnly, events_of, exact_histories
-from bench.oracle import oracle_arms
+from bench.oracle import HINDSIGHT, hindsight_arm, oracle_arms
 from bench.prequential import K
 from bench.simulate_report import gaps, summarise
 from hymirec.settings import Settings
@@ -71,6 +71,7 @@ def run_in_process(settings: Settings, interactions: Path, items: Path, *, confi
     categories = categories_of(catalogue)
     records = baseline_arms(log, boot, config, categories)
     records |= oracle_arms(log, boot, config, interactions.parent)
+    records[HINDSIGHT] = hindsight_arm(log, boot, config)
     exact, bootstrap_items = exact_histories(log, boot), set(log["item_id"].iloc[:boot])
     applied = events_of(log.iloc[:boot])
     arms, diagnostics = [SignalsOnly(exact, settings.recent_len, applied, categories=categories)], {}

@@ -66,7 +66,7 @@ from bench import harness
 from bench.arms import SimConfig, baseline_arms, blend_step, categories_of, diagnostic_step, read_log
 from bench.in_process import run_in_process
 from bench.diagnostic import Diagnostic, ExactBlend, SignalsOnly, events_of, exact_histories
-from bench.oracle import oracle_arms
+from bench.oracle import HINDSIGHT, hindsight_arm, oracle_arms
 from bench.prequential import K, metrics_of, score_chunk, warm
 from bench.simulate_plot import LIVE
 from bench.simulate_report import fmt, summarise, summary_markdown, write_outputs
@@ -209,6 +209,7 @@ def run_simulation(settings: Settings, interactions: Path, items: Path, *, confi
     categories = categories_of(catalogue)
     baselines = baseline_arms(log, boot, config, categories)
     baselines |= oracle_arms(log, boot, config, interactions.parent)
+    baselines[HINDSIGHT] = hindsight_arm(log, boot, config)
     say("baselines (in this process, same chunks): " + ", ".join(
         f"{name} R@{K} {fmt(metrics_of(warm(recs))[f'recall@{K}'])}" for name, recs in baselines.items())
         + f" ({time.monotonic() - started:.0f} s)", flush=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.arms import SimConfig, read_log
-from bench.oracle import ORACLE, ORACLE_ITEMS, ORACLE_MIX, Generator, oracle_arms
+from bench.oracle import HINDSIGHT, ORACLE, ORACLE_ITEMS, ORACLE_MIX, Generator, hindsight_arm, oracle_arms
 from store.logs import read_interactions
 from stream.datasets import export_synthetic
 
@@ -69,3 +70,20 @@ def test_the_half_oracles_each_know_one_factor_of_the_generators_probability(tmp
     # the counted mix: the topics' shares of the user's newest items
     topics = generator.item_topic[[generator.index[i] for i in history[-50:]]]
     assert generator.counted_mix(history) == pytest.approx(np.bincount(topics, minlength=3) / len(topics))
+
+
+def test_hindsight_answers_each_warm_user_with_their_own_unseen_items_of_the_chunk():
+    """By hand, one chunk after a bootstrap of 2: u (history a) takes b, b, a, then twelve other items;
+    v, cold, takes c. u's answer: b (taken twice), then the first nine of the twelve, in the order taken
+    — a is seen, c is not u's. So b hits twice, a never, nine of the twelve hit: a top-10 cannot hold
+    twelve items. In the next chunk b is u's already."""
+    rows = [("u", "a"), ("w", "z"), ("u", "b"), ("u", "b"), ("u", "a"), ("v", "c"),
+            *[("u", f"i{n}") for n in range(12)], ("u", "b"), ("u", "d")]
+    log = pd.DataFrame(rows, columns=["user_id", "item_id"]).assign(position=range(len(rows)))
+    records = hindsight_arm(log, 2, SimConfig(chunk=16))
+    assert [r["position"] for r in records] == list(range(2, len(rows)))
+    assert [(r["cold"], r["hit"], r["rank"]) for r in records[:4]] == [(False, 1, 0), (False, 1, 0), (False, 0, -1),
+                                                                       (True, 0, -1)]
+    assert [r["rank"] for r in records[4:16]] == [*range(1, 10), -1, -1, -1]
+    assert [r["rank"] for r in records[16:]] == [-1, 0]  # the next chunk: b is seen by then
+    assert {r["model_version"] for r in records if not r["cold"]} == {HINDSIGHT}

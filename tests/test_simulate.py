@@ -19,7 +19,7 @@ from bench.diagnostic import Diagnostic, exact_histories, extend
 from bench.prequential import paired_gap, rank_of, rolling, score_chunk, score_event, thirds, windows
 from bench.arms import SimConfig, baseline_arms, categories_of
 from bench.in_process import run_in_process
-from bench.oracle import ORACLE, ORACLE_ITEMS, ORACLE_MIX
+from bench.oracle import HINDSIGHT, ORACLE, ORACLE_ITEMS, ORACLE_MIX
 from bench.simulate import run_simulation
 from bench.simulate_report import summarise, summary_markdown
 from bench.simulate_plot import plot
@@ -35,7 +35,7 @@ from trainer.serving_model import HyMiRecServing
 from helpers import model_settings, publish, users_of, world, world_settings  # noqa: F401 — world, world_settings: fixtures
 
 BASELINES = ("pop", "recent-pop", "rules", "item-knn", "ease", "cat-trend")
-ORACLES = (ORACLE, ORACLE_MIX, ORACLE_ITEMS)
+ORACLES = (ORACLE, ORACLE_MIX, ORACLE_ITEMS, HINDSIGHT)
 
 
 # --- pure parts ------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_signals_only_runs_the_arms_that_need_no_model_on_the_same_events(tmp_pa
     summary = run_in_process(Settings(), tmp_path / "interactions.jsonl", tmp_path / "items.jsonl", config=config,
                              dataset="toy")
     arms = summary["arms"]
-    assert list(arms) == [*BASELINES, *ORACLES, "signals-only"]  # a synthetic log: its oracles too
+    assert list(arms) == [*BASELINES, *ORACLES, "signals-only"]  # a synthetic log: its oracles too, and hindsight
     assert {arms[a]["kind"] for a in ("signals-only", *ORACLES)} == {"reference"} and arms["signals-only"]["recall@10"] > 0
     assert len({a["events"] for a in arms.values()}) == 1  # the same warm events for every arm
     best = max(BASELINES, key=lambda a: arms[a]["recall@10"])
