@@ -26,8 +26,10 @@ counting the other as the serving blend's trend does (``model.trend``):
 Any log has one more ceiling (``hindsight``, session 34): the protocol's own. One answer serves all of a
 user's events of a chunk, and a user with 30 events in a chunk can have at most 10 of them in a top-10.
 ``hindsight`` answers each warm user with their own unseen items of the chunk, the most frequent first:
-no arm can score above it. On ml-100k a warm user has 23–26 events in a chunk of 500 on average (their
-rating sessions), and hindsight scores about 0.25; the arms' 0.05 is a fifth of it, not a twentieth.
+no arm can score above it. On ml-100k a warm user has 22–26 events in a chunk of 500 on average (their
+rating sessions) and hindsight scores about 0.25: the arms' 0.05 is a fifth of it, not a twentieth. On
+the synthetic log (5 events) it scores 0.96: there the generator's draws (``oracle``), not the protocol,
+bound what an arm can reach.
 """
 
 from __future__ import annotations
